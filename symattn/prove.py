@@ -1,0 +1,216 @@
+"""Proofs at the chosen sizes.
+
+1. Each indexed formula instantiated at the sizes equals the explicit array (exact).
+2. Each closed-form gradient equals plain symbolic differentiation (SymEngine) of the expanded forward.
+   exp is kept opaque as E(x) (SymEngine would merge exp(a)exp(b) into exp(a+b)); after differentiating,
+   the rule E'(x) = E(x) is applied and each E(S_ij) is replaced by an independent positive symbol e_ij: both sides are
+   then rational functions of (inputs, e), and an identity in independent e_ij implies it at e_ij = exp(S_ij).
+   The identity is shown by exact simplification to zero (SymPy `cancel`) when the sizes are small, else by
+   exact rational evaluation at several random points (Schwartz-Zippel: a nonzero rational function of degree
+   d vanishes at a random point of a grid of N values with probability at most d/N; N ~ 10^6 here).
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import time
+import zlib
+from dataclasses import dataclass
+
+import symengine as se
+import sympy
+
+from .build import TENSORS, flat
+from .derive import Derivation, Progress
+
+#: Exact simplification when n_q·n_k·(d_k+d_v) is at most this; random rational points above.
+EXACT_LIMIT = 16
+POINTS = 3
+
+E = se.Function("E")  # opaque exp: E'(x) = E(x), applied after differentiation by _exp_rule
+FORWARD = ("similarity", "scaling", "softmax", "weighted_values", "sum")
+
+
+@dataclass(frozen=True)
+class Proof:
+    """Outcome of one proof: which step, what was claimed, how it was shown."""
+
+    step: str
+    claim: str
+    method: str  # "exact simplification" | "random rational points"
+    detail: str
+    passed: bool
+    checked: int  # entries compared
+    seconds: float
+    failure: str = ""
+
+
+def _opaque_exp(expr: sympy.Expr):
+    """SymPy expression -> SymEngine, with exp(x) written as the opaque E(x)."""
+    return se.sympify(expr.replace(sympy.exp, sympy.Function("E")))
+
+
+def _exp_nodes(S_ij) -> list:
+    """E(S_ij) and the derivative node SymEngine writes for E'(S_ij); both mean exp(S_ij) (E' = E)."""
+    variable = sorted(S_ij.free_symbols, key=str)[0]
+    derivative = se.diff(E(S_ij), variable)
+    nodes = [n for n in derivative.atoms(se.Subs) | derivative.atoms(se.Derivative) if n.atoms(se.Subs) or
+             n.args[0] == E(S_ij)]
+    return [E(S_ij), *nodes]
+
+
+def _exp_substitution(S: list, e: list) -> dict:
+    """One xreplace rule taking E(S_ij) and its derivative nodes to e_ij."""
+    return {node: e_ij for S_ij, e_ij in zip(S, e) for node in _exp_nodes(S_ij)}
+
+
+class _Chain:
+    """The derivation's explicit steps as SymEngine expressions, composed or evaluated in order."""
+
+    def __init__(self, d: Derivation):
+        self.d, self.table = d, d.table
+        self.entries = {s.key: [(sym, _opaque_exp(expr)) for sym, expr in
+                                zip(self._symbols(s.tensor), flat(s.explicit))] for s in d.steps if not s.is_input}
+        self.S = [se.sympify(x) for x in flat(self.table["S"])]
+
+    def _symbols(self, tensor):
+        return flat(self.table[tensor])
+
+    def leaves(self, *tensors) -> list[se.Symbol]:
+        return [se.sympify(x) for t in tensors for x in self._symbols(t)]
+
+    def compose(self, keys, values=None) -> dict:
+        """Element symbol -> expression after substituting the steps `keys` in order."""
+        values = dict(values or {})
+        for key in keys:
+            for sym, expr in self.entries[key]:
+                values[se.sympify(sym)] = expr.xreplace(values) if values else expr
+        return values
+
+    def evaluate(self, leaves: set[str], stop: str, point: dict, e_values: dict) -> dict:
+        """Exact values of every step up to `stop`, leaf tensors taken from `point`, exp(s_ij) -> e_ij."""
+        values = dict(point)
+        exp_s = {E(s): e_values[k] for k, s in enumerate(self.S)}
+        for step in self.d.steps:
+            if step.is_input or step.tensor in leaves:
+                continue
+            for sym, expr in self.entries[step.key]:
+                values[se.sympify(sym)] = expr.xreplace(exp_s).xreplace(values)
+            if step.key == stop:
+                return values
+        raise KeyError(stop)
+
+
+def _is_zero(expr, exact: bool) -> bool:
+    if exact:
+        return sympy.cancel(sympy.sympify(expr)) == 0
+    return se.expand(expr) == 0
+
+
+def _points(d: Derivation, symbols, count: int, e_count: int):
+    rng = random.Random(zlib.crc32(d.spec.name.encode()))
+    for _ in range(count):
+        point = {x: se.Rational(rng.randint(-10**6, 10**6), rng.randint(1, 10**6)) for x in symbols}
+        yield point, [se.Rational(rng.randint(1, 10**6), rng.randint(1, 10**6)) for _ in range(e_count)]
+
+
+def _gradient(chain: _Chain, key: str, target: str, leaves: tuple[str, ...], forward: tuple[str, ...],
+              exact: bool) -> Proof:
+    """Closed form of step `key` (dL/d target) against SymEngine's diff of L = Σ dO∘O(leaves)."""
+    start = time.perf_counter()
+    spec = chain.d.spec
+    values = chain.compose(forward, {})
+    O = [values[x] for x in chain.leaves("O")]
+    L = sum((do * o for do, o in zip(chain.leaves("dO"), O)), se.Integer(0))
+    S_composed = [values.get(s, s) for s in chain.S]
+    e_syms = [se.Symbol(f"e_{k}") for k in range(len(S_composed))]
+    e_of = _exp_substitution(S_composed, e_syms)
+    variables = chain.leaves(*leaves)
+    wrt = chain.leaves(target)
+    plain = [se.diff(L, x).xreplace(e_of) for x in wrt]
+    closed_syms = chain.leaves(TENSORS[chain.d.step(key).tensor].name)
+    checked, failure = 0, ""
+    if exact:
+        upto = chain.d.steps.index(chain.d.step(key))
+        closed = chain.compose([s.key for n, s in enumerate(chain.d.steps)
+                                if n <= upto and not s.is_input and s.tensor not in leaves])
+        for x, p, sym in zip(wrt, plain, closed_syms):
+            checked += 1
+            if not _is_zero(p - closed[sym].xreplace(e_of), True):
+                failure = failure or f"{sym}: closed form differs from d L / d {x}"
+        method, detail = "exact simplification", "SymPy cancel of (closed - diff) to 0"
+    else:
+        for point, e_values in _points(chain.d, variables, POINTS, len(e_syms)):
+            vals = chain.evaluate(set(leaves), key, point, e_values)
+            at = {**point, **dict(zip(e_syms, e_values))}
+            for x, p, sym in zip(wrt, plain, closed_syms):
+                checked += 1
+                if not _is_zero(p.xreplace(at) - vals[sym], False):
+                    failure = failure or f"{sym}: closed {vals[sym]} != diff {p.xreplace(at)}"
+        method, detail = "random rational points", f"{POINTS} points, seed crc32({spec.name!r})"
+    return Proof(key, f"{chain.d.step(key).tensor} (closed form) = dL/d{target} (plain diff of L over "
+                 f"{', '.join(leaves)})", method, detail, not failure, checked, time.perf_counter() - start, failure)
+
+
+def _jacobian(chain: _Chain) -> Proof:
+    """J_ijl = p_ij(δ_jl - p_il) against SymEngine's diff of the explicit softmax by s_il (exact)."""
+    start = time.perf_counter()
+    spec, table = chain.d.spec, chain.table
+    P = dict(chain.entries["softmax"])
+    e_of = {node: E(S_ij) for S_ij in chain.S for node in _exp_nodes(S_ij)}
+    J = chain.d.step("jacobian").explicit
+    checked, failure = 0, ""
+    for x, y, z in itertools.product(range(spec.n_q), range(spec.n_k), range(spec.n_k)):
+        p = P[table["P"][x, y]]
+        closed = se.sympify(J[x, y, z]).xreplace({se.sympify(k): v for k, v in P.items()})
+        diff = se.diff(p, se.sympify(table["S"][x, z])).xreplace(e_of)
+        checked += 1
+        if not _is_zero(diff - closed, exact=True):
+            failure = failure or f"J[{x},{y},{z}] differs from d p_{x}{y} / d s_{x}{z}"
+    return Proof("jacobian", "J_ijl = p_ij (delta_jl - p_il) = d p_ij / d s_il", "exact simplification",
+                 "SymPy cancel of (closed - diff) to 0", not failure, checked, time.perf_counter() - start, failure)
+
+
+def _indexed(d: Derivation) -> list[Proof]:
+    """Each indexed formula instantiated at the sizes equals the explicit entry, exactly."""
+    proofs = []
+    for step in d.steps:
+        if step.is_input:
+            continue
+        start = time.perf_counter()
+        failure, checked = "", 0
+        for index in itertools.product(*(range(n) for n in step.explicit.shape)):
+            value = d.table.instantiate(step.rhs, dict(zip(step.indices, index)))
+            checked += 1
+            if sympy.expand(value - step.explicit[index]) != 0:
+                failure = failure or f"{step.tensor}{list(index)}: indexed {value} != explicit {step.explicit[index]}"
+        proofs.append(Proof(step.key, f"indexed {step.tensor} formula at the sizes = explicit {step.tensor}",
+                            "exact simplification", "SymPy expand of (indexed - explicit) to 0",
+                            not failure, checked, time.perf_counter() - start, failure))
+    return proofs
+
+
+GRADIENTS = (  # (step, target, leaves, forward steps from the leaves to O)
+    ("dV", "V", ("Q", "K", "V", "dO"), FORWARD),
+    ("dP", "P", ("P", "V", "dO"), ("weighted_values", "sum")),
+    ("dS", "S", ("S", "V", "dO"), ("softmax", "weighted_values", "sum")),
+    ("dQ", "Q", ("Q", "K", "V", "dO"), FORWARD),
+    ("dK", "K", ("Q", "K", "V", "dO"), FORWARD),
+)
+
+
+def prove(d: Derivation, *, progress: Progress | None = None, exact: bool | None = None) -> Derivation:
+    """Return `d` with its proofs attached. exact=None picks exact simplification for small sizes."""
+    if d.table is None:
+        raise ValueError("proofs need the explicit form: derive(spec, explicit=True)")
+    note = progress or (lambda message: None)
+    exact = d.spec.explicit_cost <= EXACT_LIMIT if exact is None else exact
+    chain = _Chain(d)
+    note("prove: indexed formulas = explicit arrays")
+    proofs = _indexed(d)
+    note("prove: softmax Jacobian")
+    proofs.append(_jacobian(chain))
+    for n, (key, target, leaves, forward) in enumerate(GRADIENTS, 1):
+        note(f"prove {n}/{len(GRADIENTS)}: {key} = dL/d{target}")
+        proofs.append(_gradient(chain, key, target, leaves, forward, exact))
+    return d.with_proofs(proofs)
