@@ -71,6 +71,11 @@ TENSORS: dict[str, Tensor] = {t.name: t for t in (
 )}
 
 
+def shape_of(array: sympy.NDimArray) -> tuple[int, ...]:
+    """Shape as Python ints (immutable SymPy arrays keep a SymPy Tuple of Integers)."""
+    return tuple(int(n) for n in array.shape)
+
+
 def flat(array: sympy.NDimArray) -> list:
     """Entries of an array in row-major order (iterating an NDimArray yields sub-arrays)."""
     return list(array.reshape(len(array))) if array.rank() != 1 else list(array)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import symengine as se
 import sympy
 
-from .build import TENSORS, flat
+from .build import TENSORS, flat, shape_of
 from .derive import Derivation, Progress
 
 #: Exact simplification when n_q·n_k·(d_k+d_v) is at most this; random rational points above.
@@ -36,6 +36,7 @@ class Proof:
     """Outcome of one proof: which step, what was claimed, how it was shown."""
 
     step: str
+    kind: str  # "indexed" | "jacobian" | "gradient"
     claim: str
     method: str  # "exact simplification" | "random rational points"
     detail: str
@@ -148,7 +149,7 @@ def _gradient(chain: _Chain, key: str, target: str, leaves: tuple[str, ...], for
                 if not _is_zero(p.xreplace(at) - vals[sym], False):
                     failure = failure or f"{sym}: closed {vals[sym]} != diff {p.xreplace(at)}"
         method, detail = "random rational points", f"{POINTS} points, seed crc32({spec.name!r})"
-    return Proof(key, f"{chain.d.step(key).tensor} (closed form) = dL/d{target} (plain diff of L over "
+    return Proof(key, "gradient", f"{chain.d.step(key).tensor} (closed form) = dL/d{target} (plain diff of L over "
                  f"{', '.join(leaves)})", method, detail, not failure, checked, time.perf_counter() - start, failure)
 
 
@@ -167,7 +168,7 @@ def _jacobian(chain: _Chain) -> Proof:
         checked += 1
         if not _is_zero(diff - closed, exact=True):
             failure = failure or f"J[{x},{y},{z}] differs from d p_{x}{y} / d s_{x}{z}"
-    return Proof("jacobian", "J_ijl = p_ij (delta_jl - p_il) = d p_ij / d s_il", "exact simplification",
+    return Proof("jacobian", "jacobian", "J_ijl = p_ij (delta_jl - p_il) = d p_ij / d s_il", "exact simplification",
                  "SymPy cancel of (closed - diff) to 0", not failure, checked, time.perf_counter() - start, failure)
 
 
@@ -179,12 +180,13 @@ def _indexed(d: Derivation) -> list[Proof]:
             continue
         start = time.perf_counter()
         failure, checked = "", 0
-        for index in itertools.product(*(range(n) for n in step.explicit.shape)):
+        for index in itertools.product(*map(range, shape_of(step.explicit))):
             value = d.table.instantiate(step.rhs, dict(zip(step.indices, index)))
             checked += 1
             if sympy.expand(value - step.explicit[index]) != 0:
-                failure = failure or f"{step.tensor}{list(index)}: indexed {value} != explicit {step.explicit[index]}"
-        proofs.append(Proof(step.key, f"indexed {step.tensor} formula at the sizes = explicit {step.tensor}",
+                failure = failure or (f"{d.table[step.tensor][index]}: indexed {value} != explicit "
+                                      f"{step.explicit[index]}")
+        proofs.append(Proof(step.key, "indexed", f"indexed {step.tensor} formula at the sizes = explicit {step.tensor}",
                             "exact simplification", "SymPy expand of (indexed - explicit) to 0",
                             not failure, checked, time.perf_counter() - start, failure))
     return proofs

@@ -1,0 +1,120 @@
+"""Command line: thin wrappers over the Python API. Errors are one line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import SymattnError
+from .progress import silent, to_stream
+
+FORMATS = ("text", "latex", "markdown", "tex")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"symattn: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _spec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-q", type=int, required=True, help="number of queries")
+    p.add_argument("--n-k", type=int, required=True, help="number of keys/values")
+    p.add_argument("--d-k", type=int, required=True, help="query/key width")
+    p.add_argument("--d-v", type=int, default=None, help="value width (default d_k)")
+    p.add_argument("--causal", action="store_true", help="causal mask: query i sees keys j <= i")
+    p.add_argument("--scale", default=None, help="score scale, e.g. 0.5 or 1/8 (default 1/sqrt(d_k), exact)")
+
+
+def _spec(args):
+    from .spec import AttentionSpec
+    return AttentionSpec(args.n_q, args.n_k, args.d_k, args.d_v, scale=args.scale,
+                         mask="causal" if args.causal else "none")
+
+
+def _check_writable(path: str | None) -> None:
+    """Fail before the long work when the output file cannot be written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise SymattnError(f"cannot write {path!r}: the folder does not exist or is not writable")
+
+
+def _write(path: str | None, text: str) -> None:
+    if path is None:
+        sys.stdout.write(text)
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise SymattnError(f"cannot write {path!r}: {e.strerror}") from None
+    print(f"symattn: wrote {path}", file=sys.stderr)
+
+
+def cmd_derive(args) -> int:
+    from .derive import derive
+    _check_writable(args.output)
+    spec = _spec(args)
+    progress = silent if args.quiet else to_stream()
+    d = derive(spec, explicit=not args.indexed_only, prove=not args.no_prove and not args.indexed_only,
+               progress=progress)
+    limit = None if args.max_entries == 0 else args.max_entries
+    if args.query is not None and not 0 <= args.query < spec.n_q:
+        raise SymattnError(f"--query must be in 0..{spec.n_q - 1}, got {args.query}")
+    render = {"text": d.to_text, "latex": d.to_latex, "markdown": d.to_markdown, "tex": d.to_tex_document}
+    _write(args.output, render[args.format](query=args.query, max_entries=limit))
+    return 0 if not d.proofs or d.proved else 1
+
+
+def cmd_run(args) -> int:
+    from .run import run
+    _check_writable(args.plot)
+    result = run(args.sentence, query=args.query, causal=args.causal, d_model=args.d_model, d_k=args.d_k,
+                 d_v=args.d_v, progress=silent if args.quiet else to_stream(), plot=args.plot)
+    return 0 if result.derivation.proved else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="symattn", description="Derive, explain, generate and check transformer attention.")
+    parser.add_argument("--version", action="version", version=f"symattn {__import__('symattn').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="the worked example: 'The cat sat on the mat'")
+    run.add_argument("--sentence", default=None, help="whitespace-separated tokens (default: The cat sat on the mat)")
+    run.add_argument("--query", default=None, help="token shown in detail (default: sat, or the first token)")
+    run.add_argument("--causal", action="store_true", help="causal mask")
+    run.add_argument("--d-model", type=int, default=4, help="embedding width (default 4)")
+    run.add_argument("--d-k", type=int, default=4, help="query/key width (default 4)")
+    run.add_argument("--d-v", type=int, default=None, help="value width (default d_k)")
+    run.add_argument("--plot", default=None, metavar="PNG", help="also save a heatmap of all weights")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    run.set_defaults(func=cmd_run)
+
+    der = sub.add_parser("derive", help="print every step of the derivation")
+    _spec_options(der)
+    der.add_argument("--format", choices=FORMATS, default="text")
+    der.add_argument("-o", "--output", default=None, help="write to FILE instead of stdout")
+    der.add_argument("--query", type=int, default=None, help="show explicit entries of this query row only")
+    der.add_argument("--max-entries", type=int, default=64, help="explicit entries per step (0 = all)")
+    der.add_argument("--indexed-only", action="store_true", help="indexed formulas only (any size)")
+    der.add_argument("--no-prove", action="store_true", help="skip the proofs")
+    der.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    der.set_defaults(func=cmd_derive)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SymattnError as e:
+        print(f"symattn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("symattn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

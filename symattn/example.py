@@ -1,0 +1,85 @@
+"""The worked example of `symattn run`: a sentence, exact token embeddings and projections.
+
+The shipped default (data/default.json) covers "The cat sat on the mat" with d_model = d_k = d_v = 4.
+Other words and sizes get deterministic embeddings/projections from a SHA-256 of their name, with entries
+in {-1, -1/2, 0, 1/2, 1}, so every run of the same options gives the same numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from importlib import resources
+
+import sympy
+
+from .errors import SymattnError
+
+_STEPS = (-1, Fraction(-1, 2), 0, Fraction(1, 2), 1)
+
+
+def _default() -> dict:
+    return json.loads(resources.files("symattn").joinpath("data/default.json").read_text())
+
+
+def _hashed(name: str, count: int) -> list[sympy.Rational]:
+    """`count` deterministic entries from SHA-256 of `name`."""
+    digest = b""
+    while len(digest) < count:
+        digest += hashlib.sha256(f"{name}/{len(digest)}".encode()).digest()
+    return [sympy.Rational(_STEPS[byte % len(_STEPS)]) for byte in digest[:count]]
+
+
+def _rational_matrix(rows) -> sympy.ImmutableMatrix:
+    return sympy.ImmutableMatrix([[sympy.Rational(Fraction(x)) for x in row] for row in rows])
+
+
+@dataclass(frozen=True)
+class Example:
+    """Tokens, embeddings X (n, d_model) and projections W_Q (d_model, d_k), W_K, W_V (d_model, d_v)."""
+
+    tokens: tuple[str, ...]
+    query: int  # index of the query token shown in detail
+    X: sympy.ImmutableMatrix
+    W_Q: sympy.ImmutableMatrix
+    W_K: sympy.ImmutableMatrix
+    W_V: sympy.ImmutableMatrix
+
+    @property
+    def Q(self) -> sympy.ImmutableMatrix:
+        return self.X * self.W_Q  # (n, d_k)
+
+    @property
+    def K(self) -> sympy.ImmutableMatrix:
+        return self.X * self.W_K  # (n, d_k)
+
+    @property
+    def V(self) -> sympy.ImmutableMatrix:
+        return self.X * self.W_V  # (n, d_v)
+
+
+def example(sentence: str | None = None, *, query: str | None = None, d_model: int = 4, d_k: int = 4,
+            d_v: int | None = None) -> Example:
+    """Build the example for `sentence` (whitespace tokens; default "The cat sat on the mat")."""
+    data = _default()
+    d_v = d_k if d_v is None else d_v
+    tokens = tuple((data["sentence"] if sentence is None else sentence).split())
+    if not tokens:
+        raise SymattnError("the sentence has no tokens: give at least one word")
+    query = data["query"] if query is None and sentence is None else (query or tokens[0])
+    lowered = [t.lower() for t in tokens]
+    if query.lower() not in lowered:
+        raise SymattnError(f"query token {query!r} is not in the sentence {' '.join(tokens)!r}")
+    shipped = d_model == data["d_model"] and d_k == d_v == data["d_model"]
+    vocab = data["embeddings"] if d_model == data["d_model"] else {}
+    X = sympy.ImmutableMatrix([[sympy.Rational(Fraction(x)) for x in vocab[w]] if w in vocab
+                               else _hashed(f"embedding/{w}", d_model) for w in lowered])
+
+    def projection(name: str, width: int):
+        if shipped:
+            return _rational_matrix(data[name])
+        return sympy.ImmutableMatrix(d_model, width, _hashed(f"{name}/{d_model}x{width}", d_model * width))
+
+    return Example(tokens, lowered.index(query.lower()), X, projection("W_Q", d_k), projection("W_K", d_k),
+                   projection("W_V", d_v))

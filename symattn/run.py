@@ -1,0 +1,117 @@
+"""The main job: derive, prove and explain attention on a small sentence (`symattn run`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import sympy
+
+from . import reference
+from .build import shape_of
+from .derive import Derivation, derive
+from .example import Example, example
+from .latex import proof_lines, step_latex
+from .progress import Progress, silent
+from .spec import AttentionSpec
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    example: Example
+    derivation: Derivation
+    P: np.ndarray  # (n, n) weights evaluated from the exact symbolic values
+    P_reference: np.ndarray  # (n, n) NumPy reference
+
+    @property
+    def agreement(self) -> float:
+        return float(np.max(np.abs(self.P - self.P_reference)))
+
+
+def exact_values(d: Derivation, ex: Example) -> dict[sympy.Symbol, sympy.Expr]:
+    """Exact value of every forward element symbol, from the example's Q, K, V."""
+    t = d.table
+    values = {}
+    for name, M in (("Q", ex.Q), ("K", ex.K), ("V", ex.V)):
+        values.update({t[name][r, c]: M[r, c] for r in range(M.rows) for c in range(M.cols)})
+    for step in d.forward():
+        if not step.is_input:
+            for index in np.ndindex(*shape_of(step.explicit)):
+                values[t[step.tensor][index]] = step.explicit[index].xreplace(values)
+    return values
+
+
+def _weights_table(ex: Example, d: Derivation, values: dict) -> list[str]:
+    i = ex.query
+    rows = [f"  {'j':>2}  {'token':<12} {'score s_ij':>12} {'weight p_ij':>12}"]
+    for j, token in enumerate(ex.tokens):
+        s = float(values[d.table["S"][i, j]])
+        p = float(values[d.table["P"][i, j]])
+        mark = "  (masked)" if not d.spec.visible(i, j) else ""
+        rows.append(f"  {j:>2}  {token:<12} {s:>12.4f} {p:>12.4f}{mark}")
+    total = sum(float(values[d.table["P"][i, j]]) for j in range(len(ex.tokens)))
+    rows.append(f"  {'':>2}  {'sum':<12} {'':>12} {total:>12.4f}")
+    return rows
+
+
+def heatmap(result: RunResult, path: str) -> None:
+    """Save the attention weights (queries x keys) as a PNG heatmap."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tokens = result.example.tokens
+    fig, ax = plt.subplots(figsize=(1.1 * len(tokens) + 2, 1.0 * len(tokens) + 1.5))
+    image = ax.imshow(result.P, cmap="viridis", vmin=0.0)
+    ax.set_xticks(range(len(tokens)), tokens, rotation=45, ha="right")
+    ax.set_yticks(range(len(tokens)), tokens)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    for (r, c), p in np.ndenumerate(result.P):
+        ax.text(c, r, f"{p:.2f}", ha="center", va="center", color="white" if p < 0.6 * result.P.max() else "black")
+    ax.set_title(result.derivation.spec.title.replace(" (", "\n("), fontsize=9)
+    fig.colorbar(image, ax=ax, label="weight p_ij")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+
+
+def run(sentence: str | None = None, *, query: str | None = None, causal: bool = False, d_model: int = 4,
+        d_k: int = 4, d_v: int | None = None, say: Say = print, progress: Progress = silent,
+        plot: str | None = None) -> RunResult:
+    """Derive and prove attention for `sentence`, print the forward steps of the query token in LaTeX,
+    its attention weights as a table, and the proofs. Returns the numbers for further use."""
+    ex = example(sentence, query=query, d_model=d_model, d_k=d_k, d_v=d_v)
+    n = len(ex.tokens)
+    spec = AttentionSpec(n, n, ex.W_Q.cols, ex.W_V.cols, mask="causal" if causal else "none")
+    i = ex.query
+    say(f"symattn run: \"{' '.join(ex.tokens)}\" ({n} tokens), d_model = {ex.X.cols}, "
+        f"d_k = {spec.d_k}, d_v = {spec.d_v}, {'causal mask' if causal else 'no mask'}")
+    say(f"Q = X W_Q, K = X W_K, V = X W_V from exact embeddings X ({n} x {ex.X.cols}).\n")
+    d = derive(spec, progress=progress)
+    progress("evaluating the exact forward values")
+    values = exact_values(d, ex)
+    shown = {sym: sympy.Float(v.evalf(12), 4) for sym, v in values.items()}
+    say(f"Forward steps for the query token \"{ex.tokens[i]}\" (i = {i}), LaTeX:\n")
+    for number, step in enumerate(d.forward(), 1):
+        say(f"% {number}. {step.title}: {step.explanation}")
+        for parts in step_latex(d, step, query=i, values=shown):
+            say("  " + " = ".join(parts))
+        say("")
+    P = np.array([[float(values[d.table["P"][r, c]]) for c in range(n)] for r in range(n)])
+    Q, K = (np.array(M, dtype=float) for M in (ex.Q, ex.K))
+    result = RunResult(ex, d, P, reference.weights(Q, K, is_causal=causal, scale=spec.scale_value))
+    say(f"Attention weights of \"{ex.tokens[i]}\" (row {i} of P):")
+    for row in _weights_table(ex, d, values):
+        say(row)
+    say(f"\nExact symbolic weights vs NumPy reference: max |difference| = {result.agreement:.1e}")
+    passed = sum(p.passed for p in d.proofs)
+    say(f"\nProofs at n_q = n_k = {n}, d_k = {spec.d_k}, d_v = {spec.d_v}:")
+    for line in proof_lines(d):
+        say(line)
+    say(f"{passed} of {len(d.proofs)} proofs passed." + ("" if d.proved else " SOME PROOFS FAILED."))
+    if plot:
+        heatmap(result, plot)
+        say(f"Heatmap of all attention weights written to {plot}")
+    return result

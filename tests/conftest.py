@@ -1,0 +1,32 @@
+"""Shared helpers: evaluate a derivation's explicit steps numerically (floats) for comparison with NumPy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy
+
+from symattn.build import shape_of
+
+
+def evaluate_steps(d, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Value of every step's tensor, by substituting numbers into the explicit arrays in step order."""
+    values = {}
+    for name, array in inputs.items():
+        values.update({d.table[name][ix]: sympy.Float(array[ix], 30) for ix in np.ndindex(array.shape)})
+    out = dict(inputs)
+    for step in d.steps:
+        if step.is_input:
+            continue
+        shape = shape_of(step.explicit)
+        result = np.empty(shape)
+        for ix in np.ndindex(shape):
+            value = step.explicit[ix].xreplace(values)
+            values[d.table[step.tensor][ix]] = value
+            result[ix] = float(value)
+        out[step.key] = result
+    return out
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
