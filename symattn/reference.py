@@ -51,7 +51,7 @@ def attention(q, k, v, *, mask=None, is_causal=False, scale=None, masked_rows="z
 
 
 def attention_backward(q, k, v, dO, *, mask=None, is_causal=False, scale=None, masked_rows="zero"):
-    """(dQ, dK, dV) of L = Σ dO∘O; batch dims of the result follow broadcasting."""
+    """(dQ, dK, dV) of L = Σ dO∘O, each with its input's shape (summed over broadcast dims)."""
     q, k, v, dO = map(np.asarray, (q, k, v, dO))
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     P = weights(q, k, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)  # (..., n_q, n_k)
@@ -65,4 +65,14 @@ def attention_backward(q, k, v, dO, *, mask=None, is_causal=False, scale=None, m
         dS = np.where(np.any(visible, axis=-1, keepdims=True), dS, 0.0)
     dQ = scale * dS @ k  # (..., n_q, d_k)
     dK = scale * np.swapaxes(dS, -1, -2) @ q  # (..., n_k, d_k)
-    return dQ, dK, dV
+    return _sum_to(dQ, q.shape), _sum_to(dK, k.shape), _sum_to(dV, v.shape)
+
+
+def _sum_to(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Gradient of a broadcast input: sum over the broadcast dims."""
+    while g.ndim > len(shape):
+        g = g.sum(axis=0)
+    for axis, n in enumerate(shape):
+        if n == 1 and g.shape[axis] != 1:
+            g = g.sum(axis=axis, keepdims=True)
+    return g

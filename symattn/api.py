@@ -1,0 +1,146 @@
+"""Numeric attention with PyTorch `scaled_dot_product_attention` semantics, on the generated loop kernels.
+
+Arrays are positional, options keyword-only. q (..., n_q, d_k), k (..., n_k, d_k), v (..., n_k, d_v); leading
+dims broadcast. float32 or float64 (one dtype for all; float16 and non-float dtypes are refused: cast first).
+mask: boolean (True = may attend) or float (added to the scores), broadcastable to (..., n_q, n_k).
+is_causal: lower-triangular, top-left aligned (query i sees keys j <= i). Rows with no visible key follow
+masked_rows: "zero" (output 0, zero gradients; PyTorch), "uniform" (uniform weights over all keys; JAX-like),
+"nan". NaN or inf in the inputs propagate as in the NumPy reference (symattn.reference): they are not checked.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+from .errors import InputError
+
+DTYPES = (np.float32, np.float64)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Validated, flattened inputs: Q (Bq, n_q, d_k), K (Bk, n_k, d_k), V (Bv, n_k, d_v), bias, batch rows."""
+
+    Q: np.ndarray
+    K: np.ndarray
+    V: np.ndarray
+    bias: np.ndarray
+    batch: np.ndarray  # (B, 4) int64
+    batch_shape: tuple[int, ...]
+    causal: bool
+    scale: float
+    masked_rows: str
+
+
+def _array(name: str, x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype == np.float16:
+        raise InputError(f"{name} has dtype float16, which is not supported: cast to float32 ({name}.astype(np.float32))")
+    if x.dtype.type not in DTYPES:
+        raise InputError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise InputError(f"{name} must have shape (..., n, d) with at least 2 dims, got shape {x.shape}")
+    return x
+
+
+def _rows(shape: tuple[int, ...], batch_shape: tuple[int, ...]) -> np.ndarray:
+    """For every flattened batch element, the row of an array whose batch dims are `shape` (broadcast)."""
+    own = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
+    return np.broadcast_to(own.reshape((1,) * (len(batch_shape) - len(shape)) + shape), batch_shape).ravel()
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.reshape((-1,) + x.shape[-2:]))
+
+
+def _bias(mask, dtype, n_q: int, n_k: int) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim < 2:
+        raise InputError(f"mask must have shape (..., n_q, n_k) = (..., {n_q}, {n_k}), got shape {mask.shape}")
+    try:
+        mask = np.broadcast_to(mask, mask.shape[:-2] + (n_q, n_k))
+    except ValueError:
+        raise InputError(f"mask of shape {mask.shape} does not broadcast to (..., n_q, n_k) = (..., {n_q}, {n_k})") from None
+    if mask.dtype == bool:
+        return np.where(mask, dtype.type(0), dtype.type(-np.inf))
+    if mask.dtype.kind != "f":
+        raise InputError(f"mask must be boolean (True = may attend) or float (added to the scores), got dtype {mask.dtype}")
+    return mask.astype(dtype)
+
+
+def _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=()) -> _Problem:
+    q, k, v = _array("q", q), _array("k", k), _array("v", v)
+    if not q.dtype == k.dtype == v.dtype:
+        raise InputError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (n_q, d_k), (n_k, d_kk), (n_v, d_v) = q.shape[-2:], k.shape[-2:], v.shape[-2:]
+    if d_k != d_kk:
+        raise InputError(f"q and k must have the same last dim d_k, got q {q.shape} and k {k.shape}")
+    if n_k != n_v:
+        raise InputError(f"k and v must have the same number of keys n_k (dim -2), got k {k.shape} and v {v.shape}")
+    if d_k == 0 or n_k == 0:
+        raise InputError(f"attention needs d_k >= 1 and n_k >= 1, got q {q.shape}, k {k.shape}")
+    if masked_rows not in kernels.MASKED_ROWS:
+        raise InputError(f"masked_rows must be one of {', '.join(map(repr, kernels.MASKED_ROWS))}, got {masked_rows!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d_k)
+    elif not (isinstance(scale, (int, float, np.floating)) and math.isfinite(scale) and scale > 0):
+        raise InputError(f"scale must be a positive finite number, got {scale!r}")
+    bias = np.zeros((0, 0, 0), dtype=q.dtype) if mask is None else _bias(mask, q.dtype, n_q, n_k)
+    shapes = {"q": q.shape[:-2], "k": k.shape[:-2], "v": v.shape[:-2], "mask": bias.shape[:-2] if mask is not None else ()}
+    shapes.update({name: x.shape[:-2] for name, x in extra})
+    try:
+        batch_shape = np.broadcast_shapes(*shapes.values())
+    except ValueError:
+        raise InputError("leading (batch) dims do not broadcast: " + ", ".join(f"{n} {s}" for n, s in shapes.items())) from None
+    batch = np.stack([_rows(shapes[n], batch_shape) for n in ("q", "k", "v", "mask")], axis=1) if batch_shape else \
+        np.zeros((1, 4), dtype=np.int64)
+    return _Problem(_flat(q), _flat(k), _flat(v), _flat(bias) if mask is not None else bias,
+                    np.ascontiguousarray(batch, dtype=np.int64), tuple(batch_shape), bool(is_causal), float(scale),
+                    masked_rows)
+
+
+def _run_forward(p: _Problem):
+    return kernels.forward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows)
+
+
+def attention(q, k, v, *, mask=None, is_causal=False, scale=None, masked_rows="zero") -> np.ndarray:
+    """O = softmax(scale·q kᵀ + mask) v, shape (..., n_q, d_v)."""
+    p = _prepare(q, k, v, mask, is_causal, scale, masked_rows)
+    O, _ = _run_forward(p)
+    return O.reshape(p.batch_shape + O.shape[1:])
+
+
+def attention_weights(q, k, *, mask=None, is_causal=False, scale=None, masked_rows="zero") -> np.ndarray:
+    """P = softmax(scale·q kᵀ + mask), shape (..., n_q, n_k), for inspection (runs the forward with V = I)."""
+    k = np.asarray(k)
+    eye = np.eye(k.shape[-2], dtype=k.dtype) if k.ndim >= 2 else k
+    return attention(q, k, eye, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
+
+
+def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum a gradient over the dims its input was broadcast along, back to `shape`."""
+    g = g.sum(axis=tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g
+    axes = tuple(n for n, (have, want) in enumerate(zip(g.shape, shape)) if want == 1 and have != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+def attention_backward(q, k, v, dO, *, mask=None, is_causal=False, scale=None, masked_rows="zero"):
+    """(dq, dk, dv) of L = Σ dO∘attention(q, k, v), each with its input's shape."""
+    q, k, v = _array("q", q), _array("k", k), _array("v", v)
+    dO = _array("dO", dO)
+    p = _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=(("dO", dO),))
+    expected = p.batch_shape + (q.shape[-2], v.shape[-1])
+    if dO.shape != expected:
+        raise InputError(f"dO must have the output's shape {expected}, got {dO.shape}")
+    if dO.dtype != q.dtype:
+        raise InputError(f"dO must have the dtype of q, k, v ({q.dtype}), got {dO.dtype}")
+    O, LSE = _run_forward(p)
+    dQ, dK, dV = kernels.backward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows, O, LSE,
+                                  _flat(dO))
+    full = p.batch_shape
+    return (_unbroadcast(dQ.reshape(full + dQ.shape[1:]), q.shape),
+            _unbroadcast(dK.reshape(full + dK.shape[1:]), k.shape),
+            _unbroadcast(dV.reshape(full + dV.shape[1:]), v.shape))
