@@ -17,7 +17,10 @@ from .spec import AttentionSpec
 
 __version__ = "0.1.0"
 
-_LAZY: dict[str, str] = {}  # numeric API name -> module, filled as those modules land
+_LAZY: dict[str, str] = {  # numeric (Numba) API name -> module, imported on first use
+    "attention": "api", "attention_backward": "api", "attention_weights": "api", "generate": "codegen",
+    "verify": "verify", "VerifyReport": "verify", "gradcheck": "gradcheck", "GradcheckReport": "gradcheck",
+}
 
 __all__ = sorted(["AttentionSpec", "Derivation", "Step", "derive", "Proof", "prove", "InputError",
                   "SizeTooLargeError", "SpecError", "SymattnError", *_LAZY])

@@ -17,23 +17,41 @@ import math
 import numba
 import numpy as np
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+
+
+def _f64_from_bits(bits):
+    """Reinterpret int64 bits as float64 (plain Python; compiled code uses an LLVM bitcast)."""
+    return np.array(bits, dtype=np.int64).view(np.float64)[()]
+
+
+def _f32_from_bits(bits):
+    """Reinterpret int32 bits as float32 (plain Python; compiled code uses an LLVM bitcast)."""
+    return np.array(bits, dtype=np.int32).view(np.float32)[()]
 
 
 @intrinsic
-def _f64_from_bits(typingctx, bits):
-    """Reinterpret int64 bits as float64 (an LLVM bitcast, vectorizable)."""
+def _bitcast_f64(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], context.get_value_type(types.float64))
     return types.float64(types.int64), codegen
 
 
 @intrinsic
-def _f32_from_bits(typingctx, bits):
-    """Reinterpret int32 bits as float32 (an LLVM bitcast, vectorizable)."""
+def _bitcast_f32(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], context.get_value_type(types.float32))
     return types.float32(types.int32), codegen
+
+
+@overload(_f64_from_bits)
+def _f64_from_bits_compiled(bits):
+    return lambda bits: _bitcast_f64(bits)  # vectorizable
+
+
+@overload(_f32_from_bits)
+def _f32_from_bits_compiled(bits):
+    return lambda bits: _bitcast_f32(bits)
 
 
 @numba.njit(error_model="numpy")
@@ -64,6 +82,64 @@ def _exp_f32(x):
 
 
 @numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def _dots_f32(A, az, i, B, bz, stop, out):
+    """out[j] = A[az, i, :] . B[bz, j, :] for j < stop, four keys at a time (one load of A per 4 FMAs)."""
+    width = A.shape[2]
+    j = 0
+    while j + 4 <= stop:
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for a in range(width):
+            x = A[az, i, a]
+            s0 += x * B[bz, j, a]
+            s1 += x * B[bz, j + 1, a]
+            s2 += x * B[bz, j + 2, a]
+            s3 += x * B[bz, j + 3, a]
+        out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
+        j += 4
+    while j < stop:
+        s0 = np.float32(0.0)
+        for a in range(width):
+            s0 += A[az, i, a] * B[bz, j, a]
+        out[j] = s0
+        j += 1
+
+@numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def _gemv_acc_f32(C, cz, i, coef, B, bz, stop):
+    """C[cz, i, :] += sum_{j < stop} coef[j] * B[bz, j, :], four rows of B per pass over C[cz, i]."""
+    width = B.shape[2]
+    j = 0
+    while j + 4 <= stop:
+        c0, c1, c2, c3 = coef[j], coef[j + 1], coef[j + 2], coef[j + 3]
+        for a in range(width):
+            C[cz, i, a] += c0 * B[bz, j, a] + c1 * B[bz, j + 1, a] + c2 * B[bz, j + 2, a] + c3 * B[bz, j + 3, a]
+        j += 4
+    while j < stop:
+        c0 = coef[j]
+        for a in range(width):
+            C[cz, i, a] += c0 * B[bz, j, a]
+        j += 1
+
+
+@numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def _ger_acc_f32(C, cz, coef, rows, A, az, i0, width):
+    """C[cz, j, :] += sum_{t < rows} coef[t, j] * A[az, i0 + t, :] for j < width, four rows of A per pass."""
+    d = A.shape[2]
+    for j in range(width):
+        t = 0
+        while t + 4 <= rows:
+            c0, c1, c2, c3 = coef[t, j], coef[t + 1, j], coef[t + 2, j], coef[t + 3, j]
+            for a in range(d):
+                C[cz, j, a] += (c0 * A[az, i0 + t, a] + c1 * A[az, i0 + t + 1, a] + c2 * A[az, i0 + t + 2, a]
+                                + c3 * A[az, i0 + t + 3, a])
+            t += 4
+        while t < rows:
+            c0 = coef[t, j]
+            for a in range(d):
+                C[cz, j, a] += c0 * A[az, i0 + t, a]
+            t += 1
+
+
+@numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
 def _forward_one_f32(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE):
     """One batch element: O[z] (n_q, d_v), LSE[z] (n_q,)."""
     qz, kz, vz, mz = batch[z, 0], batch[z, 1], batch[z, 2], batch[z, 3]
@@ -73,16 +149,14 @@ def _forward_one_f32(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE
     for i in range(n_q):
         stop = min(i + 1, n_k) if causal else n_k
         m = -np.inf
+        _dots_f32(Q, qz, i, K, kz, stop, row)
         for j in range(stop):
-            acc = np.float32(0.0)
-            for a in range(d_k):
-                acc += Q[qz, i, a] * K[kz, j, a]
+            acc = row[j]
             s = scale*acc
             if has_bias:
                 s += bias[mz, i, j]
             row[j] = s
-            if s > m:
-                m = s
+            m = max(m, s)
         for b in range(d_v):
             O[z, i, b] = 0.0
         if m == -np.inf:  # no visible key: the masked_rows policy
@@ -102,8 +176,8 @@ def _forward_one_f32(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE
         inv = np.float32(1.0) / Z
         for j in range(stop):
             p = row[j] * inv
-            for b in range(d_v):
-                O[z, i, b] += p*V[vz, j, b]
+            row[j] = p
+        _gemv_acc_f32(O, z, i, row, V, vz, stop)  # O_i += sum_j (coefficient) V_j
         LSE[z, i] = m + math.log(Z)
 
 
@@ -127,48 +201,54 @@ def _backward_one_f32(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LS
     qz, kz, vz, mz = batch[z, 0], batch[z, 1], batch[z, 2], batch[z, 3]
     n_q, n_k, d_k, d_v = Q.shape[1], K.shape[1], Q.shape[2], V.shape[2]
     has_bias = bias.shape[0] > 0
-    p_row = np.empty(n_k, dtype=np.float32)  # (n_k,) P_ij of the current row
-    ds_row = np.empty(n_k, dtype=np.float32)  # (n_k,) dS_ij of the current row
+    T = 16  # query tile: dK and dV rows are updated once per tile
+    vc = np.zeros((T, n_k), dtype=np.float32)  # (T, n_k) dV coefficients (P_ij) of the tile
+    kc = np.zeros((T, n_k), dtype=np.float32)  # (T, n_k) dK coefficients of the tile
+    qc = np.empty(n_k, dtype=np.float32)  # (n_k,) dQ coefficients of one row
+    dp_row = np.empty(n_k, dtype=np.float32)  # (n_k,) dP_ij of one row
     dQ[z] = 0.0
     dK[z] = 0.0
     dV[z] = 0.0
-    for i in range(n_q):
-        D_i = np.float32(0.0)
-        for b in range(d_v):
-            D_i += O[z, i, b]*dO[z, i, b]
-        masked = LSE[z, i] == -np.inf
-        if masked and masked_rows == 0:
-            continue
-        stop = n_k if masked else (min(i + 1, n_k) if causal else n_k)
-        if masked:  # uniform or nan rows: P does not depend on S
-            for j in range(stop):
-                p_row[j] = np.float32(1.0 / n_k) if masked_rows == 1 else np.float32(np.nan)
-                ds_row[j] = np.float32(0.0) if masked_rows == 1 else np.float32(np.nan)
-        else:
-            for j in range(stop):  # scores of row i
-                acc = np.float32(0.0)
-                for a in range(d_k):
-                    acc += Q[qz, i, a] * K[kz, j, a]
-                s = scale*acc
-                if has_bias:
-                    s += bias[mz, i, j]
-                p_row[j] = s - LSE[z, i]
-            for j in range(stop):  # P recomputed from the log-sum-exp (vectorized exp)
-                p_row[j] = _exp_f32(p_row[j])
-            for j in range(stop):
-                dp = np.float32(0.0)
-                for b in range(d_v):
-                    dp += dO[z, i, b] * V[vz, j, b]
-                p = p_row[j]
-                ds_row[j] = (-D_i + dp)*p
-        for j in range(stop):
-            p = p_row[j]
-            ds = ds_row[j]
+    for i0 in range(0, n_q, T):
+        rows = min(T, n_q - i0)
+        width = 0  # keys any row of the tile sees
+        for t in range(rows):
+            i = i0 + t
+            D_i = np.float32(0.0)
             for b in range(d_v):
-                dV[z, j, b] += p*dO[z, i, b]
-            for a in range(d_k):
-                dQ[z, i, a] += scale*K[kz, j, a]*ds
-                dK[z, j, a] += scale*Q[qz, i, a]*ds
+                D_i += O[z, i, b]*dO[z, i, b]
+            masked = LSE[z, i] == -np.inf
+            stop = n_k if masked else (min(i + 1, n_k) if causal else n_k)
+            if masked and masked_rows == 0:
+                stop = 0
+            for j in range(stop, n_k):
+                vc[t, j] = 0.0
+                kc[t, j] = 0.0
+            width = max(width, stop)
+            if masked:  # uniform or nan rows: P does not depend on S
+                for j in range(stop):
+                    p = np.float32(1.0 / n_k) if masked_rows == 1 else np.float32(np.nan)
+                    ds = np.float32(0.0) if masked_rows == 1 else np.float32(np.nan)
+                    vc[t, j] = p
+                    kc[t, j] = scale*ds
+                    qc[j] = scale*ds
+            else:
+                _dots_f32(Q, qz, i, K, kz, stop, qc)  # Q_i . K_j
+                _dots_f32(dO, z, i, V, vz, stop, dp_row)  # dP_ij = dO_i . V_j
+                for j in range(stop):  # P recomputed from the log-sum-exp (vectorized exp), then dS
+                    acc = qc[j]
+                    s = scale*acc
+                    if has_bias:
+                        s += bias[mz, i, j]
+                    p = _exp_f32(s - LSE[z, i])
+                    dp = dp_row[j]
+                    ds = (-D_i + dp)*p
+                    vc[t, j] = p
+                    kc[t, j] = scale*ds
+                    qc[j] = scale*ds
+            _gemv_acc_f32(dQ, z, i, qc, K, kz, stop)  # dQ_i += sum_j (coefficient) K_j
+        _ger_acc_f32(dK, z, kc, rows, Q, qz, i0, width)  # dK_j += sum_i (coefficient) Q_i
+        _ger_acc_f32(dV, z, vc, rows, dO, z, i0, width)  # dV_j += sum_i (coefficient) dO_i
 
 @numba.njit(cache=True, error_model='numpy', fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
 def attention_backward_f32(Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE, dO, dQ, dK, dV):
@@ -185,6 +265,64 @@ def attention_backward_parallel_f32(Q, K, V, bias, batch, causal, scale, masked_
 
 
 @numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def _dots_f64(A, az, i, B, bz, stop, out):
+    """out[j] = A[az, i, :] . B[bz, j, :] for j < stop, four keys at a time (one load of A per 4 FMAs)."""
+    width = A.shape[2]
+    j = 0
+    while j + 4 <= stop:
+        s0 = s1 = s2 = s3 = np.float64(0.0)
+        for a in range(width):
+            x = A[az, i, a]
+            s0 += x * B[bz, j, a]
+            s1 += x * B[bz, j + 1, a]
+            s2 += x * B[bz, j + 2, a]
+            s3 += x * B[bz, j + 3, a]
+        out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
+        j += 4
+    while j < stop:
+        s0 = np.float64(0.0)
+        for a in range(width):
+            s0 += A[az, i, a] * B[bz, j, a]
+        out[j] = s0
+        j += 1
+
+@numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def _gemv_acc_f64(C, cz, i, coef, B, bz, stop):
+    """C[cz, i, :] += sum_{j < stop} coef[j] * B[bz, j, :], four rows of B per pass over C[cz, i]."""
+    width = B.shape[2]
+    j = 0
+    while j + 4 <= stop:
+        c0, c1, c2, c3 = coef[j], coef[j + 1], coef[j + 2], coef[j + 3]
+        for a in range(width):
+            C[cz, i, a] += c0 * B[bz, j, a] + c1 * B[bz, j + 1, a] + c2 * B[bz, j + 2, a] + c3 * B[bz, j + 3, a]
+        j += 4
+    while j < stop:
+        c0 = coef[j]
+        for a in range(width):
+            C[cz, i, a] += c0 * B[bz, j, a]
+        j += 1
+
+
+@numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def _ger_acc_f64(C, cz, coef, rows, A, az, i0, width):
+    """C[cz, j, :] += sum_{t < rows} coef[t, j] * A[az, i0 + t, :] for j < width, four rows of A per pass."""
+    d = A.shape[2]
+    for j in range(width):
+        t = 0
+        while t + 4 <= rows:
+            c0, c1, c2, c3 = coef[t, j], coef[t + 1, j], coef[t + 2, j], coef[t + 3, j]
+            for a in range(d):
+                C[cz, j, a] += (c0 * A[az, i0 + t, a] + c1 * A[az, i0 + t + 1, a] + c2 * A[az, i0 + t + 2, a]
+                                + c3 * A[az, i0 + t + 3, a])
+            t += 4
+        while t < rows:
+            c0 = coef[t, j]
+            for a in range(d):
+                C[cz, j, a] += c0 * A[az, i0 + t, a]
+            t += 1
+
+
+@numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
 def _forward_one_f64(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE):
     """One batch element: O[z] (n_q, d_v), LSE[z] (n_q,)."""
     qz, kz, vz, mz = batch[z, 0], batch[z, 1], batch[z, 2], batch[z, 3]
@@ -194,16 +332,14 @@ def _forward_one_f64(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE
     for i in range(n_q):
         stop = min(i + 1, n_k) if causal else n_k
         m = -np.inf
+        _dots_f64(Q, qz, i, K, kz, stop, row)
         for j in range(stop):
-            acc = np.float64(0.0)
-            for a in range(d_k):
-                acc += Q[qz, i, a] * K[kz, j, a]
+            acc = row[j]
             s = scale*acc
             if has_bias:
                 s += bias[mz, i, j]
             row[j] = s
-            if s > m:
-                m = s
+            m = max(m, s)
         for b in range(d_v):
             O[z, i, b] = 0.0
         if m == -np.inf:  # no visible key: the masked_rows policy
@@ -223,8 +359,8 @@ def _forward_one_f64(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE
         inv = np.float64(1.0) / Z
         for j in range(stop):
             p = row[j] * inv
-            for b in range(d_v):
-                O[z, i, b] += p*V[vz, j, b]
+            row[j] = p
+        _gemv_acc_f64(O, z, i, row, V, vz, stop)  # O_i += sum_j (coefficient) V_j
         LSE[z, i] = m + math.log(Z)
 
 
@@ -248,48 +384,54 @@ def _backward_one_f64(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LS
     qz, kz, vz, mz = batch[z, 0], batch[z, 1], batch[z, 2], batch[z, 3]
     n_q, n_k, d_k, d_v = Q.shape[1], K.shape[1], Q.shape[2], V.shape[2]
     has_bias = bias.shape[0] > 0
-    p_row = np.empty(n_k, dtype=np.float64)  # (n_k,) P_ij of the current row
-    ds_row = np.empty(n_k, dtype=np.float64)  # (n_k,) dS_ij of the current row
+    T = 16  # query tile: dK and dV rows are updated once per tile
+    vc = np.zeros((T, n_k), dtype=np.float64)  # (T, n_k) dV coefficients (P_ij) of the tile
+    kc = np.zeros((T, n_k), dtype=np.float64)  # (T, n_k) dK coefficients of the tile
+    qc = np.empty(n_k, dtype=np.float64)  # (n_k,) dQ coefficients of one row
+    dp_row = np.empty(n_k, dtype=np.float64)  # (n_k,) dP_ij of one row
     dQ[z] = 0.0
     dK[z] = 0.0
     dV[z] = 0.0
-    for i in range(n_q):
-        D_i = np.float64(0.0)
-        for b in range(d_v):
-            D_i += O[z, i, b]*dO[z, i, b]
-        masked = LSE[z, i] == -np.inf
-        if masked and masked_rows == 0:
-            continue
-        stop = n_k if masked else (min(i + 1, n_k) if causal else n_k)
-        if masked:  # uniform or nan rows: P does not depend on S
-            for j in range(stop):
-                p_row[j] = np.float64(1.0 / n_k) if masked_rows == 1 else np.float64(np.nan)
-                ds_row[j] = np.float64(0.0) if masked_rows == 1 else np.float64(np.nan)
-        else:
-            for j in range(stop):  # scores of row i
-                acc = np.float64(0.0)
-                for a in range(d_k):
-                    acc += Q[qz, i, a] * K[kz, j, a]
-                s = scale*acc
-                if has_bias:
-                    s += bias[mz, i, j]
-                p_row[j] = s - LSE[z, i]
-            for j in range(stop):  # P recomputed from the log-sum-exp (vectorized exp)
-                p_row[j] = _exp_f64(p_row[j])
-            for j in range(stop):
-                dp = np.float64(0.0)
-                for b in range(d_v):
-                    dp += dO[z, i, b] * V[vz, j, b]
-                p = p_row[j]
-                ds_row[j] = (-D_i + dp)*p
-        for j in range(stop):
-            p = p_row[j]
-            ds = ds_row[j]
+    for i0 in range(0, n_q, T):
+        rows = min(T, n_q - i0)
+        width = 0  # keys any row of the tile sees
+        for t in range(rows):
+            i = i0 + t
+            D_i = np.float64(0.0)
             for b in range(d_v):
-                dV[z, j, b] += p*dO[z, i, b]
-            for a in range(d_k):
-                dQ[z, i, a] += scale*K[kz, j, a]*ds
-                dK[z, j, a] += scale*Q[qz, i, a]*ds
+                D_i += O[z, i, b]*dO[z, i, b]
+            masked = LSE[z, i] == -np.inf
+            stop = n_k if masked else (min(i + 1, n_k) if causal else n_k)
+            if masked and masked_rows == 0:
+                stop = 0
+            for j in range(stop, n_k):
+                vc[t, j] = 0.0
+                kc[t, j] = 0.0
+            width = max(width, stop)
+            if masked:  # uniform or nan rows: P does not depend on S
+                for j in range(stop):
+                    p = np.float64(1.0 / n_k) if masked_rows == 1 else np.float64(np.nan)
+                    ds = np.float64(0.0) if masked_rows == 1 else np.float64(np.nan)
+                    vc[t, j] = p
+                    kc[t, j] = scale*ds
+                    qc[j] = scale*ds
+            else:
+                _dots_f64(Q, qz, i, K, kz, stop, qc)  # Q_i . K_j
+                _dots_f64(dO, z, i, V, vz, stop, dp_row)  # dP_ij = dO_i . V_j
+                for j in range(stop):  # P recomputed from the log-sum-exp (vectorized exp), then dS
+                    acc = qc[j]
+                    s = scale*acc
+                    if has_bias:
+                        s += bias[mz, i, j]
+                    p = _exp_f64(s - LSE[z, i])
+                    dp = dp_row[j]
+                    ds = (-D_i + dp)*p
+                    vc[t, j] = p
+                    kc[t, j] = scale*ds
+                    qc[j] = scale*ds
+            _gemv_acc_f64(dQ, z, i, qc, K, kz, stop)  # dQ_i += sum_j (coefficient) K_j
+        _ger_acc_f64(dK, z, kc, rows, Q, qz, i0, width)  # dK_j += sum_i (coefficient) Q_i
+        _ger_acc_f64(dV, z, vc, rows, dO, z, i0, width)  # dV_j += sum_i (coefficient) dO_i
 
 @numba.njit(cache=True, error_model='numpy', fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
 def attention_backward_f64(Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE, dO, dQ, dK, dV):

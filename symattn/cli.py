@@ -16,10 +16,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"symattn: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _spec_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n-q", type=int, required=True, help="number of queries")
-    p.add_argument("--n-k", type=int, required=True, help="number of keys/values")
-    p.add_argument("--d-k", type=int, required=True, help="query/key width")
+def _spec_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--n-q", type=int, required=required, help="number of queries")
+    p.add_argument("--n-k", type=int, required=required, help="number of keys/values")
+    p.add_argument("--d-k", type=int, required=required, help="query/key width")
     p.add_argument("--d-v", type=int, default=None, help="value width (default d_k)")
     p.add_argument("--causal", action="store_true", help="causal mask: query i sees keys j <= i")
     p.add_argument("--scale", default=None, help="score scale, e.g. 0.5 or 1/8 (default 1/sqrt(d_k), exact)")
@@ -38,6 +38,15 @@ def _check_writable(path: str | None) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise SymattnError(f"cannot write {path!r}: the folder does not exist or is not writable")
+
+
+def _check_folder(path: str) -> None:
+    """A folder we may create: it or its nearest existing ancestor must be a writable folder."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise SymattnError(f"cannot write into {path!r}: {probe!r} is not a writable folder")
 
 
 def _write(path: str | None, text: str) -> None:
@@ -72,7 +81,48 @@ def cmd_run(args) -> int:
     _check_writable(args.plot)
     result = run(args.sentence, query=args.query, causal=args.causal, d_model=args.d_model, d_k=args.d_k,
                  d_v=args.d_v, progress=silent if args.quiet else to_stream(), plot=args.plot)
-    return 0 if result.derivation.proved else 1
+    return 0 if result.passed else 1
+
+
+def cmd_generate(args) -> int:
+    from . import codegen
+    progress = silent if args.quiet else to_stream()
+    if args.check:
+        diffs = codegen.check(progress)
+        for diff in diffs:
+            sys.stdout.write(diff)
+        if diffs:
+            print(f"symattn: {len(diffs)} generated file(s) drifted; regenerate with `symattn generate --all`",
+                  file=sys.stderr)
+            return 1
+        print("symattn: generated files are in sync", file=sys.stderr)
+        return 0
+    if args.all:
+        if not codegen.REPO_GENERATED.parent.joinpath("pyproject.toml").exists():
+            raise SymattnError("--all rewrites the repository's generated files: run it from a source checkout")
+        paths = codegen.regenerate_all(progress)
+    else:
+        if args.n_q is None or args.n_k is None or args.d_k is None:
+            raise SymattnError("generate needs --n-q, --n-k and --d-k (or --all / --check)")
+        _check_folder(args.output)
+        paths = codegen.generate(_spec(args), args.output, progress=progress)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+    report = verify(_spec(args), seed=args.seed, progress=silent if args.quiet else to_stream())
+    print(report)
+    return 0 if report.passed else 1
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    cases = bench.QUICK if args.quick else bench.CASES
+    bench.bench(cases, out_dir=args.output, progress=silent if args.quiet else to_stream())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     der.add_argument("--no-prove", action="store_true", help="skip the proofs")
     der.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     der.set_defaults(func=cmd_derive)
+
+    gen = sub.add_parser("generate", help="write Numba kernels (unrolled for the sizes, loop for any size)")
+    _spec_options(gen, required=False)
+    gen.add_argument("-o", "--output", default="generated", help="output folder (default generated/)")
+    gen.add_argument("--check", action="store_true", help="fail with a diff when committed generated files drift")
+    gen.add_argument("--all", action="store_true", help="regenerate every committed generated file")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    gen.set_defaults(func=cmd_generate)
+
+    ver = sub.add_parser("verify", help="symbolic vs unrolled vs loop kernels vs NumPy, and finite differences")
+    _spec_options(ver)
+    ver.add_argument("--seed", type=int, default=0, help="seed of the random dyadic inputs")
+    ver.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    ver.set_defaults(func=cmd_verify)
+
+    ben = sub.add_parser("bench", help="time NumPy vs unrolled vs loop kernels; table, JSON and PNG plot")
+    ben.add_argument("--quick", action="store_true", help="only (1,5,2) and (8,256,64)")
+    ben.add_argument("-o", "--output", default="bench-results", help="folder for bench.json and bench.png")
+    ben.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    ben.set_defaults(func=cmd_bench)
     return parser
 
 

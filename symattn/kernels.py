@@ -43,3 +43,34 @@ def backward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str,
     kernel = _pick("attention_backward", Q.dtype, batch, 2 * _work(Q, K, V, batch))
     kernel(Q, K, V, bias, batch, causal, scale, MASKED_ROWS[masked_rows], O, LSE, dO, dQ, dK, dV)
     return dQ, dK, dV
+
+
+def cache_dir() -> "Path":
+    """Where verify/bench keep generated unrolled kernels: $SYMATTN_CACHE or ~/.cache/symattn/kernels."""
+    import os
+    from pathlib import Path
+    return Path(os.environ.get("SYMATTN_CACHE") or Path.home() / ".cache" / "symattn") / "kernels"
+
+
+def load_unrolled(spec, folder=None, progress=None):
+    """The module of `spec`'s unrolled kernels, generated into `folder` (default: cache_dir()) if needed.
+
+    Returns None where unrolled kernels do not pay (see codegen.unrolled.UNROLL_LIMIT)."""
+    import importlib.util
+    import sys
+    from .codegen import generate
+    from .codegen.unrolled import pays_for
+    if not pays_for(spec):
+        return None
+    folder = cache_dir() if folder is None else folder
+    path = folder / f"{spec.name}.py"
+    if not path.exists():
+        generate(spec, folder, **({"progress": progress} if progress else {}))
+    name = f"symattn_generated_{spec.name}"
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # Numba's cache pickles the module name: it must resolve on reload
+    module_spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,7 @@
 """The main job: derive, prove and explain attention on a small sentence (`symattn run`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,11 @@ class RunResult:
     derivation: Derivation
     P: np.ndarray  # (n, n) weights evaluated from the exact symbolic values
     P_reference: np.ndarray  # (n, n) NumPy reference
+    report: object = None  # verify.VerifyReport of the generated kernels
+
+    @property
+    def passed(self) -> bool:
+        return self.derivation.proved and (self.report is None or self.report.passed)
 
     @property
     def agreement(self) -> float:
@@ -114,4 +120,10 @@ def run(sentence: str | None = None, *, query: str | None = None, causal: bool =
     if plot:
         heatmap(result, plot)
         say(f"Heatmap of all attention weights written to {plot}")
-    return result
+    from .verify import verify
+    progress("generating and verifying the kernels of this spec")
+    report = verify(spec, progress=progress)
+    say(f"\nGenerated kernels of {spec.name} checked four ways (symbolic, unrolled, loop, NumPy) "
+        f"and against finite differences:")
+    say(str(report))
+    return dataclasses.replace(result, report=report)

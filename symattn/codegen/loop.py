@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sympy
 
+from ..build import INDEX_OF_DIM, TENSORS
 from ..derive import Derivation, derive
 from ..score import SCORE, scale_symbolic
 from ..spec import AttentionSpec
@@ -31,6 +32,15 @@ def _summand(expr: sympy.Expr) -> sympy.Expr:
     return expr.replace(lambda x: isinstance(x, sympy.Sum), lambda x: x.function)
 
 
+def _coefficient(summand: sympy.Expr, read: str) -> sympy.Expr:
+    """The factor of a summand that multiplies the array read `read` (blocked loops read it themselves)."""
+    factor = TENSORS[read].base[tuple(INDEX_OF_DIM[dim] for dim in TENSORS[read].dims)]
+    coefficient = sympy.simplify(summand / factor)
+    if coefficient.has(factor):
+        raise ValueError(f"summand {summand} is not linear in {factor}")
+    return coefficient
+
+
 def pieces(d: Derivation) -> dict[str, str]:
     """The printed per-element formulas the loop template needs."""
     spec = d.spec
@@ -42,6 +52,10 @@ def pieces(d: Derivation) -> dict[str, str]:
         "dQ_term": _code(_summand(d.step("dQ").rhs), spec),
         "dK_term": _code(_summand(d.step("dK").rhs), spec),
         "dV_term": _code(_summand(d.step("dV").rhs), spec),
+        "O_coef": _code(_coefficient(_summand(d.step("output").rhs), "V"), spec),
+        "dQ_coef": _code(_coefficient(_summand(d.step("dQ").rhs), "K"), spec),
+        "dK_coef": _code(_coefficient(_summand(d.step("dK").rhs), "Q"), spec),
+        "dV_coef": _code(_coefficient(_summand(d.step("dV").rhs), "dO"), spec),
     }
 
 

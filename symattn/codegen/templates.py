@@ -65,23 +65,41 @@ import math
 import numba
 import numpy as np
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+
+
+def _f64_from_bits(bits):
+    """Reinterpret int64 bits as float64 (plain Python; compiled code uses an LLVM bitcast)."""
+    return np.array(bits, dtype=np.int64).view(np.float64)[()]
+
+
+def _f32_from_bits(bits):
+    """Reinterpret int32 bits as float32 (plain Python; compiled code uses an LLVM bitcast)."""
+    return np.array(bits, dtype=np.int32).view(np.float32)[()]
 
 
 @intrinsic
-def _f64_from_bits(typingctx, bits):
-    """Reinterpret int64 bits as float64 (an LLVM bitcast, vectorizable)."""
+def _bitcast_f64(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], context.get_value_type(types.float64))
     return types.float64(types.int64), codegen
 
 
 @intrinsic
-def _f32_from_bits(typingctx, bits):
-    """Reinterpret int32 bits as float32 (an LLVM bitcast, vectorizable)."""
+def _bitcast_f32(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], context.get_value_type(types.float32))
     return types.float32(types.int32), codegen
+
+
+@overload(_f64_from_bits)
+def _f64_from_bits_compiled(bits):
+    return lambda bits: _bitcast_f64(bits)  # vectorizable
+
+
+@overload(_f32_from_bits)
+def _f32_from_bits_compiled(bits):
+    return lambda bits: _bitcast_f32(bits)
 
 
 @numba.njit(error_model="numpy")
@@ -114,6 +132,64 @@ $kernels''')
 LOOP_KERNELS = Template('''
 
 @numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def _dots_$dt(A, az, i, B, bz, stop, out):
+    """out[j] = A[az, i, :] . B[bz, j, :] for j < stop, four keys at a time (one load of A per 4 FMAs)."""
+    width = A.shape[2]
+    j = 0
+    while j + 4 <= stop:
+        s0 = s1 = s2 = s3 = np.$dtype(0.0)
+        for a in range(width):
+            x = A[az, i, a]
+            s0 += x * B[bz, j, a]
+            s1 += x * B[bz, j + 1, a]
+            s2 += x * B[bz, j + 2, a]
+            s3 += x * B[bz, j + 3, a]
+        out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
+        j += 4
+    while j < stop:
+        s0 = np.$dtype(0.0)
+        for a in range(width):
+            s0 += A[az, i, a] * B[bz, j, a]
+        out[j] = s0
+        j += 1
+
+@numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def _gemv_acc_$dt(C, cz, i, coef, B, bz, stop):
+    """C[cz, i, :] += sum_{j < stop} coef[j] * B[bz, j, :], four rows of B per pass over C[cz, i]."""
+    width = B.shape[2]
+    j = 0
+    while j + 4 <= stop:
+        c0, c1, c2, c3 = coef[j], coef[j + 1], coef[j + 2], coef[j + 3]
+        for a in range(width):
+            C[cz, i, a] += c0 * B[bz, j, a] + c1 * B[bz, j + 1, a] + c2 * B[bz, j + 2, a] + c3 * B[bz, j + 3, a]
+        j += 4
+    while j < stop:
+        c0 = coef[j]
+        for a in range(width):
+            C[cz, i, a] += c0 * B[bz, j, a]
+        j += 1
+
+
+@numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def _ger_acc_$dt(C, cz, coef, rows, A, az, i0, width):
+    """C[cz, j, :] += sum_{t < rows} coef[t, j] * A[az, i0 + t, :] for j < width, four rows of A per pass."""
+    d = A.shape[2]
+    for j in range(width):
+        t = 0
+        while t + 4 <= rows:
+            c0, c1, c2, c3 = coef[t, j], coef[t + 1, j], coef[t + 2, j], coef[t + 3, j]
+            for a in range(d):
+                C[cz, j, a] += (c0 * A[az, i0 + t, a] + c1 * A[az, i0 + t + 1, a] + c2 * A[az, i0 + t + 2, a]
+                                + c3 * A[az, i0 + t + 3, a])
+            t += 4
+        while t < rows:
+            c0 = coef[t, j]
+            for a in range(d):
+                C[cz, j, a] += c0 * A[az, i0 + t, a]
+            t += 1
+
+
+@numba.njit(inline="always", error_model="numpy", fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
 def _forward_one_$dt(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE):
     """One batch element: O[z] (n_q, d_v), LSE[z] (n_q,)."""
     qz, kz, vz, mz = batch[z, 0], batch[z, 1], batch[z, 2], batch[z, 3]
@@ -123,16 +199,14 @@ def _forward_one_$dt(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE
     for i in range(n_q):
         stop = min(i + 1, n_k) if causal else n_k
         m = -np.inf
+        _dots_$dt(Q, qz, i, K, kz, stop, row)
         for j in range(stop):
-            acc = np.$dtype(0.0)
-            for a in range(d_k):
-                acc += Q[qz, i, a] * K[kz, j, a]
+            acc = row[j]
             s = $score
             if has_bias:
                 s += bias[mz, i, j]
             row[j] = s
-            if s > m:
-                m = s
+            m = max(m, s)
         for b in range(d_v):
             O[z, i, b] = 0.0
         if m == -np.inf:  # no visible key: the masked_rows policy
@@ -152,8 +226,8 @@ def _forward_one_$dt(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE
         inv = np.$dtype(1.0) / Z
         for j in range(stop):
             p = row[j] * inv
-            for b in range(d_v):
-                O[z, i, b] += $O_term
+            row[j] = $O_coef
+        _gemv_acc_$dt(O, z, i, row, V, vz, stop)  # O_i += sum_j (coefficient) V_j
         LSE[z, i] = m + math.log(Z)
 
 
@@ -177,48 +251,54 @@ def _backward_one_$dt(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LS
     qz, kz, vz, mz = batch[z, 0], batch[z, 1], batch[z, 2], batch[z, 3]
     n_q, n_k, d_k, d_v = Q.shape[1], K.shape[1], Q.shape[2], V.shape[2]
     has_bias = bias.shape[0] > 0
-    p_row = np.empty(n_k, dtype=np.$dtype)  # (n_k,) P_ij of the current row
-    ds_row = np.empty(n_k, dtype=np.$dtype)  # (n_k,) dS_ij of the current row
+    T = 16  # query tile: dK and dV rows are updated once per tile
+    vc = np.zeros((T, n_k), dtype=np.$dtype)  # (T, n_k) dV coefficients (P_ij) of the tile
+    kc = np.zeros((T, n_k), dtype=np.$dtype)  # (T, n_k) dK coefficients of the tile
+    qc = np.empty(n_k, dtype=np.$dtype)  # (n_k,) dQ coefficients of one row
+    dp_row = np.empty(n_k, dtype=np.$dtype)  # (n_k,) dP_ij of one row
     dQ[z] = 0.0
     dK[z] = 0.0
     dV[z] = 0.0
-    for i in range(n_q):
-        D_i = np.$dtype(0.0)
-        for b in range(d_v):
-            D_i += $D_term
-        masked = LSE[z, i] == -np.inf
-        if masked and masked_rows == 0:
-            continue
-        stop = n_k if masked else (min(i + 1, n_k) if causal else n_k)
-        if masked:  # uniform or nan rows: P does not depend on S
-            for j in range(stop):
-                p_row[j] = np.$dtype(1.0 / n_k) if masked_rows == 1 else np.$dtype(np.nan)
-                ds_row[j] = np.$dtype(0.0) if masked_rows == 1 else np.$dtype(np.nan)
-        else:
-            for j in range(stop):  # scores of row i
-                acc = np.$dtype(0.0)
-                for a in range(d_k):
-                    acc += Q[qz, i, a] * K[kz, j, a]
-                s = $score
-                if has_bias:
-                    s += bias[mz, i, j]
-                p_row[j] = s - LSE[z, i]
-            for j in range(stop):  # P recomputed from the log-sum-exp (vectorized exp)
-                p_row[j] = _exp_$dt(p_row[j])
-            for j in range(stop):
-                dp = np.$dtype(0.0)
-                for b in range(d_v):
-                    dp += dO[z, i, b] * V[vz, j, b]
-                p = p_row[j]
-                ds_row[j] = $dS
-        for j in range(stop):
-            p = p_row[j]
-            ds = ds_row[j]
+    for i0 in range(0, n_q, T):
+        rows = min(T, n_q - i0)
+        width = 0  # keys any row of the tile sees
+        for t in range(rows):
+            i = i0 + t
+            D_i = np.$dtype(0.0)
             for b in range(d_v):
-                dV[z, j, b] += $dV_term
-            for a in range(d_k):
-                dQ[z, i, a] += $dQ_term
-                dK[z, j, a] += $dK_term
+                D_i += $D_term
+            masked = LSE[z, i] == -np.inf
+            stop = n_k if masked else (min(i + 1, n_k) if causal else n_k)
+            if masked and masked_rows == 0:
+                stop = 0
+            for j in range(stop, n_k):
+                vc[t, j] = 0.0
+                kc[t, j] = 0.0
+            width = max(width, stop)
+            if masked:  # uniform or nan rows: P does not depend on S
+                for j in range(stop):
+                    p = np.$dtype(1.0 / n_k) if masked_rows == 1 else np.$dtype(np.nan)
+                    ds = np.$dtype(0.0) if masked_rows == 1 else np.$dtype(np.nan)
+                    vc[t, j] = $dV_coef
+                    kc[t, j] = $dK_coef
+                    qc[j] = $dQ_coef
+            else:
+                _dots_$dt(Q, qz, i, K, kz, stop, qc)  # Q_i . K_j
+                _dots_$dt(dO, z, i, V, vz, stop, dp_row)  # dP_ij = dO_i . V_j
+                for j in range(stop):  # P recomputed from the log-sum-exp (vectorized exp), then dS
+                    acc = qc[j]
+                    s = $score
+                    if has_bias:
+                        s += bias[mz, i, j]
+                    p = _exp_$dt(s - LSE[z, i])
+                    dp = dp_row[j]
+                    ds = $dS
+                    vc[t, j] = $dV_coef
+                    kc[t, j] = $dK_coef
+                    qc[j] = $dQ_coef
+            _gemv_acc_$dt(dQ, z, i, qc, K, kz, stop)  # dQ_i += sum_j (coefficient) K_j
+        _ger_acc_$dt(dK, z, kc, rows, Q, qz, i0, width)  # dK_j += sum_i (coefficient) Q_i
+        _ger_acc_$dt(dV, z, vc, rows, dO, z, i0, width)  # dV_j += sum_i (coefficient) dO_i
 
 $decorator
 def attention_backward_$dt(Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE, dO, dQ, dK, dV):

@@ -12,6 +12,7 @@ import sympy
 
 from ..build import TENSORS, flat, shape_of
 from ..derive import Derivation
+from ..spec import EXPLICIT_LIMIT
 from .printer import Block, NumbaPrinter, check_identifier, cse_block
 
 FORWARD = ("similarity", "scaling", "softmax", "output")
@@ -24,9 +25,9 @@ STEPS = {"forward": FORWARD, "backward": BACKWARD}
 UNROLL_LIMIT = 64
 
 
-def pays(d: Derivation) -> bool:
-    spec = d.spec
-    return max(spec.n_q, spec.n_k) * max(spec.d_k, spec.d_v) <= UNROLL_LIMIT
+def pays_for(spec) -> bool:
+    """Unrolled kernels pay (and stay compilable) only at small sizes."""
+    return max(spec.n_q, spec.n_k) * max(spec.d_k, spec.d_v) <= UNROLL_LIMIT and spec.explicit_cost <= EXPLICIT_LIMIT
 
 
 def local_name(symbol: sympy.Symbol, table) -> str:

@@ -1,0 +1,109 @@
+"""Generate Numba kernels from a derivation: unrolled (exact sizes) and loop (any size) kernels.
+
+`write_files` is the one function that writes generated code to disk.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from ..derive import derive
+from ..errors import SymattnError
+from ..progress import Progress, silent
+from ..spec import AttentionSpec
+from .loop import LOOP_MODULE, render as render_loops
+from .templates import HEADER, UNROLLED_FILE, UNROLLED_KERNEL, decorator
+from .unrolled import UNROLL_LIMIT, KernelCode, kernel_code, pays_for
+
+#: The specs whose kernels are committed in generated/: the embedded default (plain and causal) and
+#: the benchmark's and tests' small shapes.
+STANDARD_SPECS = (AttentionSpec(6, 6, 4), AttentionSpec(6, 6, 4, mask="causal"), AttentionSpec(5, 5, 2),
+                  AttentionSpec(3, 4, 2, 3))
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+REPO_GENERATED = PACKAGE_DIR.parent / "generated"
+
+
+def command(spec: AttentionSpec, out_dir: str = "generated/") -> str:
+    return f"symattn generate {spec.cli_args()} -o {out_dir}"
+
+
+def _kernel(code: KernelCode, doc: str) -> str:
+    indent = "    "
+    return UNROLLED_KERNEL.substitute(
+        decorator=decorator(), name=code.name, arguments=", ".join(code.arguments), doc=doc, ops=code.block.ops,
+        inputs="\n".join(f"{indent}{local} = {read}" for local, read in code.inputs),
+        terms="\n".join(f"{indent}{lhs} = {rhs}" for lhs, rhs in code.block.statements),
+        outputs="\n".join(f"{indent}{write} = {local}" for write, local in code.outputs))
+
+
+def render_unrolled(spec: AttentionSpec, progress: Progress = silent) -> str:
+    """Source of the unrolled forward and backward kernels of `spec` (deterministic)."""
+    d = derive(spec, prove=False)
+    progress(f"generate: unrolled forward of {spec.name}")
+    forward = kernel_code(d, "forward")
+    progress(f"generate: unrolled backward of {spec.name}")
+    backward = kernel_code(d, "backward")
+    kernels = (_kernel(forward, "Writes O = softmax(scale Q K^T) V for Q, K, V")
+               + _kernel(backward, "Writes dQ, dK, dV of L = sum(dO * O) for Q, K, V, dO"))
+    spec_dict = {**spec.sizes, "mask": spec.mask, "scale": None if spec.scale is None else str(spec.scale)}
+    return UNROLLED_FILE.substitute(
+        header=HEADER.substitute(source=repr(spec), command=command(spec)), title=spec.title, kernels=kernels,
+        spec=repr(spec_dict), forward_ops=forward.block.ops, backward_ops=backward.block.ops, **spec.sizes)
+
+
+def render(spec: AttentionSpec, progress: Progress = silent) -> dict[str, str]:
+    """File name -> source for `spec`: its unrolled kernels where they pay, and the loop kernels."""
+    files = {f"{LOOP_MODULE}.py": render_loops()}
+    if pays_for(spec):
+        files[f"{spec.name}.py"] = render_unrolled(spec, progress)
+    return files
+
+
+def write_files(files: dict[str, str], out_dir: str | Path) -> list[Path]:
+    """The one writer of generated code: `files` (name -> text) into `out_dir`."""
+    out = Path(out_dir)
+    written = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in sorted(files.items()):
+            path = out / name
+            if not path.exists() or path.read_text() != text:  # unchanged files keep Numba's cache valid
+                path.write_text(text)
+            written.append(path)
+    except OSError as e:
+        raise SymattnError(f"cannot write generated code into {str(out)!r}: {e.strerror}") from None
+    return written
+
+
+def generate(spec: AttentionSpec, out_dir: str | Path = "generated", *, progress: Progress = silent) -> list[Path]:
+    """Write the kernels of `spec` into `out_dir`; returns the paths."""
+    return write_files(render(spec, progress), out_dir)
+
+
+def committed_files(progress: Progress = silent) -> dict[Path, str]:
+    """Every generated file the repository commits: generated/ and the package's loop kernels."""
+    files = {PACKAGE_DIR / f"{LOOP_MODULE}.py": render_loops()}
+    for spec in STANDARD_SPECS:
+        for name, text in render(spec, progress).items():
+            files[REPO_GENERATED / name] = text
+    return files
+
+
+def check(progress: Progress = silent) -> list[str]:
+    """Unified diffs of committed generated files against a fresh rendering; empty when in sync."""
+    diffs = []
+    for path, text in committed_files(progress).items():
+        have = path.read_text() if path.exists() else ""
+        if have != text:
+            diffs.append("".join(difflib.unified_diff(have.splitlines(True), text.splitlines(True),
+                                                      f"{path} (committed)", f"{path} (regenerated)")))
+    return diffs
+
+
+def regenerate_all(progress: Progress = silent) -> list[Path]:
+    """Rewrite every committed generated file (from a source checkout)."""
+    files = committed_files(progress)
+    written = []
+    for folder in sorted({p.parent for p in files}):
+        written += write_files({p.name: t for p, t in files.items() if p.parent == folder}, folder)
+    return written
