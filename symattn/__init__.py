@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 _LAZY: dict[str, str] = {  # numeric (Numba) API name -> module, imported on first use
     "attention": "api", "attention_backward": "api", "attention_weights": "api", "generate": "codegen",
-    "verify": "verify", "VerifyReport": "verify", "gradcheck": "gradcheck", "GradcheckReport": "gradcheck",
+    "verify": "verification", "VerifyReport": "verification", "gradcheck": "finite_differences",
+    "GradcheckReport": "finite_differences",
 }
 
 __all__ = sorted(["AttentionSpec", "Derivation", "Step", "derive", "Proof", "prove", "InputError",

@@ -53,7 +53,7 @@ def _rows(shape: tuple[int, ...], batch_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.reshape((-1,) + x.shape[-2:]))
+    return np.ascontiguousarray(x.reshape((math.prod(x.shape[:-2]),) + x.shape[-2:]))
 
 
 def _bias(mask, dtype, n_q: int, n_k: int) -> np.ndarray:

@@ -112,7 +112,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import verify
+    from .verification import verify
     report = verify(_spec(args), seed=args.seed, progress=silent if args.quiet else to_stream())
     print(report)
     return 0 if report.passed else 1

@@ -120,7 +120,7 @@ def run(sentence: str | None = None, *, query: str | None = None, causal: bool =
     if plot:
         heatmap(result, plot)
         say(f"Heatmap of all attention weights written to {plot}")
-    from .verify import verify
+    from .verification import verify
     progress("generating and verifying the kernels of this spec")
     report = verify(spec, progress=progress)
     say(f"\nGenerated kernels of {spec.name} checked four ways (symbolic, unrolled, loop, NumPy) "

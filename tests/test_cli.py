@@ -86,3 +86,11 @@ def test_run_causal_and_other_sentence(capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "symattn.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "derive" in result.stdout
+
+
+def test_public_functions_survive_submodule_imports():
+    code = ("import symattn.verification, symattn.finite_differences, symattn.derive, symattn.prove, symattn.api;"
+            "import symattn; print(all(callable(getattr(symattn, n)) for n in "
+            "('verify', 'gradcheck', 'derive', 'prove', 'attention', 'attention_backward', 'generate')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "True", result.stderr

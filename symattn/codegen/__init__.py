@@ -91,8 +91,13 @@ def committed_files(progress: Progress = silent) -> dict[Path, str]:
 
 def check(progress: Progress = silent) -> list[str]:
     """Unified diffs of committed generated files against a fresh rendering; empty when in sync."""
+    return diff_files(committed_files(progress))
+
+
+def diff_files(files: dict[Path, str]) -> list[str]:
+    """Unified diffs of each file on disk against the text it should have; empty when all match."""
     diffs = []
-    for path, text in committed_files(progress).items():
+    for path, text in files.items():
         have = path.read_text() if path.exists() else ""
         if have != text:
             diffs.append("".join(difflib.unified_diff(have.splitlines(True), text.splitlines(True),

@@ -206,7 +206,7 @@ def _forward_one_$dt(z, Q, K, V, bias, batch, causal, scale, masked_rows, O, LSE
             if has_bias:
                 s += bias[mz, i, j]
             row[j] = s
-            m = max(m, s)
+            m = s if s > m or s != s else m  # a NaN score makes the row NaN (as NumPy), never "masked"
         for b in range(d_v):
             O[z, i, b] = 0.0
         if m == -np.inf:  # no visible key: the masked_rows policy

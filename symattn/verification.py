@@ -14,7 +14,7 @@ from . import reference
 from .api import attention, attention_backward
 from .build import shape_of
 from .derive import derive
-from .gradcheck import Comparison, GradcheckReport, compare, gradcheck
+from .finite_differences import Comparison, GradcheckReport, compare, gradcheck
 from .kernels import load_unrolled
 from .progress import Progress, silent
 from .spec import AttentionSpec
