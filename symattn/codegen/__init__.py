@@ -82,10 +82,9 @@ def generate(spec: AttentionSpec, out_dir: str | Path = "generated", *, progress
 
 def committed_files(progress: Progress = silent) -> dict[Path, str]:
     """Every generated file the repository commits: generated/ and the package's loop kernels."""
-    files = {PACKAGE_DIR / f"{LOOP_MODULE}.py": render_loops()}
+    files = {PACKAGE_DIR / f"{LOOP_MODULE}.py": render_loops()}  # the copy the numeric API imports
     for spec in STANDARD_SPECS:
-        for name, text in render(spec, progress).items():
-            files[REPO_GENERATED / name] = text
+        files[REPO_GENERATED / f"{spec.name}.py"] = render_unrolled(spec, progress)
     return files
 
 
