@@ -12,12 +12,14 @@ from functools import cached_property
 
 import sympy
 
-from .spec import AttentionSpec
 
-# Symbolic sizes and indices used by every indexed formula.
-SIZES = {name: sympy.Symbol(name, integer=True, positive=True) for name in ("n_q", "n_k", "d_k", "d_v")}
-i, j, l, a, b = sympy.symbols("i j l a b", integer=True, nonnegative=True)
-INDEX_OF_DIM = {"n_q": i, "n_k": j, "d_k": a, "d_v": b}
+# Symbolic sizes (atomic) and dims (sizes or products of sizes) used by every indexed formula.
+SIZES = {name: sympy.Symbol(name, integer=True, positive=True)
+         for name in ("n_q", "n_k", "d_k", "d_v", "d_model", "h", "h_kv")}
+DIMS = {**SIZES, "hd_k": SIZES["h"] * SIZES["d_k"], "gd_k": SIZES["h_kv"] * SIZES["d_k"],
+        "gd_v": SIZES["h_kv"] * SIZES["d_v"], "hd_v": SIZES["h"] * SIZES["d_v"], "one": sympy.Integer(1)}
+i, j, l, a, b, m, c = sympy.symbols("i j l a b m c", integer=True, nonnegative=True)
+INDEX_OF_DIM = {"n_q": i, "n_k": j, "d_k": a, "d_v": b, "d_model": m, "hd_k": c, "gd_k": c, "gd_v": c, "hd_v": c}
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,11 @@ class Tensor:
         return sympy.IndexedBase(self.label)
 
     def matrix_symbol(self) -> sympy.MatrixSymbol:
-        rows = SIZES[self.dims[0]]
-        cols = SIZES[self.dims[1]] if len(self.dims) > 1 else 1
+        rows = DIMS[self.dims[0]]
+        cols = DIMS[self.dims[1]] if len(self.dims) > 1 else 1
         return sympy.MatrixSymbol(self.name, rows, cols)
 
-    def shape(self, spec: AttentionSpec) -> tuple[int, ...]:
+    def shape(self, spec) -> tuple[int, ...]:
         return tuple(spec.sizes[d] for d in self.dims)
 
 
@@ -68,6 +70,37 @@ TENSORS: dict[str, Tensor] = {t.name: t for t in (
     _t("dS", r"\mathrm{d}S", "ds", r"\mathrm{d}s", "n_q", "n_k"),
     _t("dQ", r"\mathrm{d}Q", "dq", r"\mathrm{d}q", "n_q", "d_k"),
     _t("dK", r"\mathrm{d}K", "dk", r"\mathrm{d}k", "n_k", "d_k"),
+    # the multi-head layer: inputs, weights, projections, concatenation, output, and their gradients
+    _t("X", "x", "x", "x", "n_q", "d_model"),
+    _t("Yin", "y", "y", "y", "n_k", "d_model"),
+    _t("Wq", "W_Q", "wq", "w^{Q}", "d_model", "hd_k"),
+    _t("Wk", "W_K", "wk", "w^{K}", "d_model", "gd_k"),
+    _t("Wv", "W_V", "wv", "w^{V}", "d_model", "gd_v"),
+    _t("Wo", "W_O", "wo", "w^{O}", "hd_v", "d_model"),
+    _t("bq", "b_Q", "bq", "b^{Q}", "hd_k"),
+    _t("bk", "b_K", "bk", "b^{K}", "gd_k"),
+    _t("bv", "b_V", "bv", "b^{V}", "gd_v"),
+    _t("bo", "b_O", "bo", "b^{O}", "d_model"),
+    _t("Qp", r"\hat{Q}", "qp", r"\hat{q}", "n_q", "hd_k"),
+    _t("Kp", r"\hat{K}", "kp", r"\hat{k}", "n_k", "gd_k"),
+    _t("Vp", r"\hat{V}", "vp", r"\hat{v}", "n_k", "gd_v"),
+    _t("C", "C", "cc", "c", "n_q", "hd_v"),
+    _t("Out", "Z", "z", "z", "n_q", "d_model"),
+    _t("dOut", r"\mathrm{d}Z", "dz", r"\mathrm{d}z", "n_q", "d_model"),
+    _t("dC", r"\mathrm{d}C", "dcc", r"\mathrm{d}c", "n_q", "hd_v"),
+    _t("dQp", r"\mathrm{d}\hat{Q}", "dqp", r"\mathrm{d}\hat{q}", "n_q", "hd_k"),
+    _t("dKp", r"\mathrm{d}\hat{K}", "dkp", r"\mathrm{d}\hat{k}", "n_k", "gd_k"),
+    _t("dVp", r"\mathrm{d}\hat{V}", "dvp", r"\mathrm{d}\hat{v}", "n_k", "gd_v"),
+    _t("dWq", r"\mathrm{d}W_Q", "dwq", r"\mathrm{d}w^{Q}", "d_model", "hd_k"),
+    _t("dWk", r"\mathrm{d}W_K", "dwk", r"\mathrm{d}w^{K}", "d_model", "gd_k"),
+    _t("dWv", r"\mathrm{d}W_V", "dwv", r"\mathrm{d}w^{V}", "d_model", "gd_v"),
+    _t("dWo", r"\mathrm{d}W_O", "dwo", r"\mathrm{d}w^{O}", "hd_v", "d_model"),
+    _t("dbq", r"\mathrm{d}b_Q", "dbq", r"\mathrm{d}b^{Q}", "hd_k"),
+    _t("dbk", r"\mathrm{d}b_K", "dbk", r"\mathrm{d}b^{K}", "gd_k"),
+    _t("dbv", r"\mathrm{d}b_V", "dbv", r"\mathrm{d}b^{V}", "gd_v"),
+    _t("dbo", r"\mathrm{d}b_O", "dbo", r"\mathrm{d}b^{O}", "d_model"),
+    _t("dX", r"\mathrm{d}x", "dx", r"\mathrm{d}x", "n_q", "d_model"),
+    _t("dYin", r"\mathrm{d}y", "dy", r"\mathrm{d}y", "n_k", "d_model"),
 )}
 
 
@@ -82,15 +115,26 @@ def flat(array: sympy.NDimArray) -> list:
 
 
 class SymbolTable:
-    """Explicit element symbols of every tensor at one spec's sizes, and their LaTeX names."""
+    """Explicit element symbols of every tensor at one spec's sizes, and their LaTeX names.
 
-    def __init__(self, spec: AttentionSpec):
+    `tag` distinguishes the tables of several heads (s^{(1)}_{0,2}); `aliases` maps tensor names to arrays of
+    another table's symbols (a head's Q is a slice of the projected queries). `names` is shared between the
+    tables of one derivation so printing sees every symbol.
+    """
+
+    def __init__(self, spec, *, tag: str = "", aliases: dict | None = None, names: dict | None = None,
+                 where: dict | None = None):
         self.spec = spec
-        self.latex_names: dict[sympy.Basic, str] = {}
-        self._arrays: dict[str, sympy.Array] = {}
-        self._where: dict[sympy.Symbol, tuple[str, tuple[int, ...]]] = {}
+        self.tag = tag
+        self.latex_names: dict[sympy.Basic, str] = {} if names is None else names
+        self._arrays: dict[str, sympy.Array] = dict(aliases or {})
+        self._where: dict[sympy.Symbol, tuple[str, tuple[int, ...]]] = {} if where is None else where
         for tensor in TENSORS.values():
             self.latex_names[tensor.label] = tensor.latex
+
+    def child(self, spec, tag: str, aliases: dict) -> "SymbolTable":
+        """A table for one head: own tagged symbols, `aliases` for the tensors it shares, names in common."""
+        return SymbolTable(spec, tag=tag, aliases=aliases, names=self.latex_names, where=self._where)
 
     def __getitem__(self, name: str) -> sympy.ImmutableDenseNDimArray:
         """Array of element symbols of tensor `name` (shape from the spec)."""
@@ -103,24 +147,25 @@ class SymbolTable:
         array = self[name]
         return sympy.ImmutableMatrix(array.tolist() if array.rank() == 2 else [[x] for x in array])
 
-    def where(self, symbol: sympy.Symbol) -> tuple[str, tuple[int, ...]]:
-        """(tensor name, index) of an element symbol."""
+    def where(self, symbol: sympy.Symbol) -> tuple[str, tuple[int, ...], str]:
+        """(tensor name, index, tag) of an element symbol."""
         return self._where[symbol]
 
     def _make(self, tensor: Tensor) -> sympy.ImmutableDenseNDimArray:
         shape = tensor.shape(self.spec)
+        tag = f"^{{({self.tag})}}" if self.tag else ""
         flat = []
         for index in itertools.product(*(range(n) for n in shape)):
             sub = ",".join(map(str, index))
-            symbol = sympy.Symbol(f"{tensor.elem}_{{{sub}}}", real=True)
-            self.latex_names[symbol] = f"{tensor.elem_latex}_{{{sub}}}"
-            self._where[symbol] = (tensor.name, index)
+            symbol = sympy.Symbol(f"{tensor.elem}{tag}_{{{sub}}}", real=True)
+            self.latex_names[symbol] = f"{tensor.elem_latex}{tag}_{{{sub}}}"
+            self._where[symbol] = (tensor.name, index, self.tag)
             flat.append(symbol)
         return sympy.ImmutableDenseNDimArray(flat, shape)
 
     def instantiate(self, expr: sympy.Expr, values: dict[sympy.Symbol, int]) -> sympy.Expr:
         """Indexed formula at concrete sizes and indices, with Indexed[...] replaced by element symbols."""
-        sizes = {SIZES[name]: n for name, n in self.spec.sizes.items()}
+        sizes = {SIZES[name]: n for name, n in self.spec.sizes.items() if name in SIZES}
         concrete = expr.xreplace({**sizes, **values}).doit()
         return concrete.replace(
             lambda x: isinstance(x, sympy.Indexed),

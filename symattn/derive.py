@@ -33,6 +33,7 @@ class Step:
     rhs: sympy.Expr | None  # indexed right-hand side; None for inputs
     explicit: sympy.ImmutableDenseNDimArray | None  # at the spec's sizes; None when explicit=False
     matrix: sympy.Eq | None = None
+    symbols: sympy.ImmutableDenseNDimArray | None = None  # element symbols the explicit entries define
 
     @property
     def lhs(self) -> sympy.Indexed:
@@ -203,23 +204,24 @@ def _step_table(spec: AttentionSpec):
 
 
 def derive(spec: AttentionSpec, *, explicit: bool = True, prove: bool = True,
-           progress: Progress | None = None) -> Derivation:
+           progress: Progress | None = None, table: SymbolTable | None = None) -> Derivation:
     """Build the ordered steps of `spec`; with explicit=True also the arrays at its sizes,
-    with prove=True also the proofs (see symattn.prove)."""
+    with prove=True also the proofs (see symattn.prove). `table` supplies the element symbols
+    (the multi-head layer passes one per head); by default a fresh one."""
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"derive expects an AttentionSpec, got {type(spec).__name__}")
     note = progress or (lambda message: None)
-    table = None
     if explicit:
         spec.check_explicit()
-        table = SymbolTable(spec)
+        table = SymbolTable(spec) if table is None else table
         builders = _explicit(spec, table)
     rows = _step_table(spec)
     steps = []
     for n, (key, phase, tensor, indices, title, text, rhs, matrix) in enumerate(rows, 1):
         note(f"derive {n}/{len(rows)}: {key}")
         values = builders[key]() if explicit else None
-        steps.append(Step(key, title, text, phase, tensor, indices, rhs, values, matrix))
+        symbols = table[tensor] if explicit else None
+        steps.append(Step(key, title, text, phase, tensor, indices, rhs, values, matrix, symbols))
     derivation = Derivation(spec, tuple(steps), table)
     if prove and explicit:
         from .prove import prove as run_proofs

@@ -48,7 +48,7 @@ def _entries(step: Step, query: int | None, max_entries: int | None):
 
 
 def _element(d: Derivation, step: Step, index) -> sympy.Symbol:
-    return d.table[step.tensor][index]
+    return step.symbols[index]
 
 
 def equation_parts(d: Derivation, step: Step, *, query: int | None = None,
@@ -84,11 +84,15 @@ def _input_matrix(d: Derivation, step: Step, query: int | None) -> sympy.Eq:
     """`Q = [q_{0,0} ...]`, or the row of one query."""
     from .build import TENSORS
     tensor = TENSORS[step.tensor]
-    matrix = d.table.matrix(step.tensor)
+    matrix = _as_matrix(step.symbols)
     if query is not None and tensor.dims[0] == "n_q":
         row = sympy.Symbol(f"{tensor.elem}_{query}")
         return sympy.Eq(row, matrix[query, :], evaluate=False)
     return sympy.Eq(tensor.matrix_symbol(), matrix, evaluate=False)
+
+
+def _as_matrix(array) -> sympy.ImmutableMatrix:
+    return sympy.ImmutableMatrix(array.tolist() if array.rank() == 2 else [[x] for x in array])
 
 
 def _latex_parts(p: LatexPrinter, kind: str, parts) -> list[str]:

@@ -71,14 +71,15 @@ class _Chain:
     def __init__(self, d: Derivation):
         self.d, self.table = d, d.table
         self.entries = {s.key: [(sym, _opaque_exp(expr)) for sym, expr in
-                                zip(self._symbols(s.tensor), flat(s.explicit))] for s in d.steps if not s.is_input}
-        self.S = [se.sympify(x) for x in flat(self.table["S"])]
-
-    def _symbols(self, tensor):
-        return flat(self.table[tensor])
+                                zip(flat(s.symbols), flat(s.explicit))] for s in d.steps if not s.is_input}
+        # every softmax argument (one S per head in a multi-head layer)
+        self.S = [se.sympify(x) for s in d.steps if s.tensor == "S" for x in flat(s.symbols)]
+        self.tensor_symbols = {}
+        for s in d.steps:
+            self.tensor_symbols.setdefault(s.tensor, flat(s.symbols))
 
     def leaves(self, *tensors) -> list[se.Symbol]:
-        return [se.sympify(x) for t in tensors for x in self._symbols(t)]
+        return [se.sympify(x) for t in tensors for x in self.tensor_symbols.get(t) or flat(self.table[t])]
 
     def compose(self, keys, values=None) -> dict:
         """Element symbol -> expression after substituting the steps `keys` in order."""

@@ -45,7 +45,7 @@ def exact_values(d: Derivation, ex: Example) -> dict[sympy.Symbol, sympy.Expr]:
     for step in d.forward():
         if not step.is_input:
             for index in np.ndindex(*shape_of(step.explicit)):
-                values[t[step.tensor][index]] = step.explicit[index].xreplace(values)
+                values[step.symbols[index]] = step.explicit[index].xreplace(values)
     return values
 
 

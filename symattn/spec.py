@@ -22,21 +22,22 @@ DTYPES = ("float32", "float64")
 EXPLICIT_LIMIT = 2048
 
 
-def _positive_int(name: str, value) -> int:
+def _positive_int(name: str, value, owner: str = "AttentionSpec") -> int:
+    message = f"{owner}.{name} must be a positive integer, got {value!r}"
     if isinstance(value, bool):
-        raise SpecError(f"AttentionSpec.{name} must be a positive integer, got {value!r}")
+        raise SpecError(message)
     try:
         number = operator.index(value)
     except TypeError:
-        raise SpecError(f"AttentionSpec.{name} must be a positive integer, got {value!r}") from None
+        raise SpecError(message) from None
     if number <= 0:
-        raise SpecError(f"AttentionSpec.{name} must be a positive integer, got {number}")
+        raise SpecError(message)
     return number
 
 
-def _choice(name: str, value, allowed: tuple[str, ...]) -> str:
+def _choice(name: str, value, allowed: tuple[str, ...], owner: str = "AttentionSpec") -> str:
     if value not in allowed:
-        raise SpecError(f"AttentionSpec.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        raise SpecError(f"{owner}.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     return value
 
 
@@ -147,6 +148,123 @@ class AttentionSpec:
         args = f"--n-q {self.n_q} --n-k {self.n_k} --d-k {self.d_k} --d-v {self.d_v}"
         if self.causal:
             args += " --causal"
+        if self.scale is not None:
+            args += f" --scale {self.scale}"
+        return args
+
+
+@dataclass(frozen=True)
+class MultiHeadSpec:
+    """A multi-head attention layer (self- or cross-attention, grouped-query heads).
+
+    x (n_q, d_model) gives queries; y (n_k, d_model) gives keys and values (y = x for self-attention).
+    w_q (d_model, h·d_k), w_k (d_model, h_kv·d_k), w_v (d_model, h_kv·d_v), w_o (h·d_v, d_model), optional
+    biases. Head i uses columns i·d_k:(i+1)·d_k of w_q and key/value group ⌊i·h_kv/h⌋.
+    output = Concat(head_0, ..., head_{h-1}) w_o (+ b_o).
+    """
+
+    n_q: int
+    d_model: int
+    heads: int
+    _: KW_ONLY
+    n_k: int | None = None
+    kv_heads: int | None = None
+    d_k: int | None = None
+    d_v: int | None = None
+    cross: bool = False
+    bias: bool = False
+    scale: Fraction | None = None
+    mask: str = "none"
+
+    def __post_init__(self):
+        name = "MultiHeadSpec"
+        for field_name in ("n_q", "d_model", "heads"):
+            object.__setattr__(self, field_name, _positive_int(field_name, getattr(self, field_name), name))
+        kv = self.heads if self.kv_heads is None else _positive_int("kv_heads", self.kv_heads, name)
+        if self.heads % kv:
+            raise SpecError(f"{name}.kv_heads must divide heads ({self.heads}), got {kv}")
+        object.__setattr__(self, "kv_heads", kv)
+        for width in ("d_k", "d_v"):
+            value = getattr(self, width)
+            if value is None:
+                if self.d_model % self.heads:
+                    raise SpecError(f"{name}.d_model ({self.d_model}) is not divisible by heads ({self.heads}): "
+                                    f"choose heads dividing d_model, or give d_k and d_v per head")
+                value = self.d_model // self.heads
+            object.__setattr__(self, width, _positive_int(width, value, name))
+        n_k = self.n_q if self.n_k is None else _positive_int("n_k", self.n_k, name)
+        if not self.cross and n_k != self.n_q:
+            raise SpecError(f"{name}.n_k ({n_k}) differs from n_q ({self.n_q}) in self-attention: use cross=True")
+        object.__setattr__(self, "n_k", n_k)
+        object.__setattr__(self, "scale", parse_scale(self.scale))
+        _choice("mask", self.mask, MASKS, name)
+
+    def head(self, i: int) -> AttentionSpec:
+        """The single-head spec every head shares."""
+        return AttentionSpec(self.n_q, self.n_k, self.d_k, self.d_v, scale=self.scale, mask=self.mask)
+
+    def group(self, i: int) -> int:
+        """Key/value group of head i: ⌊i·kv_heads/heads⌋."""
+        return i * self.kv_heads // self.heads
+
+    @property
+    def causal(self) -> bool:
+        return self.mask == "causal"
+
+    @property
+    def scale_exact(self) -> sympy.Expr:
+        return self.head(0).scale_exact
+
+    @property
+    def scale_value(self) -> float:
+        return float(self.scale_exact)
+
+    def visible(self, i: int, j: int) -> bool:
+        return j <= i if self.causal else True
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        h, g = self.heads, self.kv_heads
+        return {"n_q": self.n_q, "n_k": self.n_k, "d_k": self.d_k, "d_v": self.d_v, "d_model": self.d_model,
+                "h": h, "h_kv": g, "hd_k": h * self.d_k, "gd_k": g * self.d_k, "gd_v": g * self.d_v,
+                "hd_v": h * self.d_v, "one": 1}
+
+    @property
+    def explicit_cost(self) -> int:
+        """Scalar products of the expanded layer: projections plus every head's attention."""
+        projections = (self.n_q + 2 * self.n_k) * self.d_model * self.heads * max(self.d_k, self.d_v) * 2
+        return projections + self.heads * self.head(0).explicit_cost
+
+    def check_explicit(self) -> None:
+        if self.explicit_cost > 4 * EXPLICIT_LIMIT:
+            raise SizeTooLargeError(
+                f"the multi-head layer at these sizes needs {self.explicit_cost} scalar products, over the "
+                f"explicit-expansion limit {4 * EXPLICIT_LIMIT} (e.g. n = 3, d_model = 4, h = 2); the indexed form "
+                f"holds at any size: use derive_multihead(spec, explicit=False), and symattn.multihead_attention "
+                f"for numbers")
+
+    @property
+    def name(self) -> str:
+        parts = [f"mha_q{self.n_q}" + (f"_k{self.n_k}" if self.cross else ""),
+                 f"dm{self.d_model}_h{self.heads}_kv{self.kv_heads}_dk{self.d_k}_dv{self.d_v}"]
+        parts += [x for x, on in (("cross", self.cross), ("bias", self.bias), ("causal", self.causal)) if on]
+        if self.scale is not None:
+            parts.append(f"scale{self.scale.numerator}o{self.scale.denominator}")
+        return "_".join(parts)
+
+    @property
+    def title(self) -> str:
+        kind = "cross" if self.cross else "self"
+        extras = "".join(f", {x}" for x, on in (("biases", self.bias), ("causal mask", self.causal)) if on)
+        return (f"Multi-head {kind}-attention (n_q={self.n_q}, n_k={self.n_k}, d_model={self.d_model}, "
+                f"heads={self.heads}, kv_heads={self.kv_heads}, d_k={self.d_k}, d_v={self.d_v}{extras})")
+
+    def cli_args(self) -> str:
+        args = f"--n-q {self.n_q} --d-model {self.d_model} --heads {self.heads} --kv-heads {self.kv_heads}"
+        args += f" --d-k {self.d_k} --d-v {self.d_v}"
+        if self.cross:
+            args += f" --cross --n-k {self.n_k}"
+        args += " --bias" * self.bias + " --causal" * self.causal
         if self.scale is not None:
             args += f" --scale {self.scale}"
         return args

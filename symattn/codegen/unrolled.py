@@ -32,8 +32,8 @@ def pays_for(spec) -> bool:
 
 def local_name(symbol: sympy.Symbol, table) -> str:
     """Code name of an element symbol: st_{0,1} -> st_0_1."""
-    tensor, index = table.where(symbol)
-    return check_identifier("_".join([TENSORS[tensor].elem, *map(str, index)]))
+    tensor, index, tag = table.where(symbol)
+    return check_identifier("_".join([TENSORS[tensor].elem, *([f"h{tag}"] if tag else []), *map(str, index)]))
 
 
 def _stable_softmax(d: Derivation) -> list[tuple[sympy.Symbol, sympy.Expr]]:
