@@ -129,12 +129,15 @@ class SymbolTable:
         self.latex_names: dict[sympy.Basic, str] = {} if names is None else names
         self._arrays: dict[str, sympy.Array] = dict(aliases or {})
         self._where: dict[sympy.Symbol, tuple[str, tuple[int, ...]]] = {} if where is None else where
+        self.children: dict[str, SymbolTable] = {}
         for tensor in TENSORS.values():
             self.latex_names[tensor.label] = tensor.latex
 
     def child(self, spec, tag: str, aliases: dict) -> "SymbolTable":
         """A table for one head: own tagged symbols, `aliases` for the tensors it shares, names in common."""
-        return SymbolTable(spec, tag=tag, aliases=aliases, names=self.latex_names, where=self._where)
+        table = SymbolTable(spec, tag=tag, aliases=aliases, names=self.latex_names, where=self._where)
+        self.children[tag] = table
+        return table
 
     def __getitem__(self, name: str) -> sympy.ImmutableDenseNDimArray:
         """Array of element symbols of tensor `name` (shape from the spec)."""
@@ -167,7 +170,11 @@ class SymbolTable:
         """Indexed formula at concrete sizes and indices, with Indexed[...] replaced by element symbols."""
         sizes = {SIZES[name]: n for name, n in self.spec.sizes.items() if name in SIZES}
         concrete = expr.xreplace({**sizes, **values}).doit()
-        return concrete.replace(
-            lambda x: isinstance(x, sympy.Indexed),
-            lambda x: self[x.base.label.name][tuple(int(k) for k in x.indices)],
-        )
+        return concrete.replace(lambda x: isinstance(x, sympy.Indexed), self._element)
+
+    def _element(self, x: sympy.Indexed) -> sympy.Symbol:
+        """Element symbol of a concrete Indexed; one index more than the tensor's rank names the head."""
+        name, index = x.base.label.name, tuple(int(k) for k in x.indices)
+        if len(index) == len(TENSORS[name].dims) + 1:
+            return self.children[str(index[0])][name][index[1:]]
+        return self[name][index]

@@ -34,6 +34,7 @@ class Step:
     explicit: sympy.ImmutableDenseNDimArray | None  # at the spec's sizes; None when explicit=False
     matrix: sympy.Eq | None = None
     symbols: sympy.ImmutableDenseNDimArray | None = None  # element symbols the explicit entries define
+    tag: str = ""  # the head of a multi-head layer this step belongs to ("" for the layer or a single head)
 
     @property
     def lhs(self) -> sympy.Indexed:
@@ -72,6 +73,10 @@ class Derivation:
     @property
     def proved(self) -> bool:
         return bool(self.proofs) and all(p.passed for p in self.proofs)
+
+    def table_for(self, step: Step) -> SymbolTable:
+        """The symbol table a step's indexed formula refers to (its head's, in a multi-head layer)."""
+        return self.table.children[step.tag] if step.tag else self.table
 
     def with_proofs(self, proofs) -> "Derivation":
         return dataclasses.replace(self, proofs=tuple(proofs))

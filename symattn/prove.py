@@ -117,20 +117,20 @@ def _points(d: Derivation, symbols, count: int, e_count: int):
 
 
 def _gradient(chain: _Chain, key: str, target: str, leaves: tuple[str, ...], forward: tuple[str, ...],
-              exact: bool) -> Proof:
-    """Closed form of step `key` (dL/d target) against SymEngine's diff of L = Σ dO∘O(leaves)."""
+              exact: bool, output: str = "O", upstream: str = "dO") -> Proof:
+    """Closed form of step `key` (dL/d target) against SymEngine's diff of L = Σ upstream∘output(leaves)."""
     start = time.perf_counter()
     spec = chain.d.spec
     values = chain.compose(forward, {})
-    O = [values[x] for x in chain.leaves("O")]
-    L = sum((do * o for do, o in zip(chain.leaves("dO"), O)), se.Integer(0))
+    O = [values[x] for x in chain.leaves(output)]
+    L = sum((do * o for do, o in zip(chain.leaves(upstream), O)), se.Integer(0))
     S_composed = [values.get(s, s) for s in chain.S]
     e_syms = [se.Symbol(f"e_{k}") for k in range(len(S_composed))]
     e_of = _exp_substitution(S_composed, e_syms)
     variables = chain.leaves(*leaves)
     wrt = chain.leaves(target)
     plain = [se.diff(L, x).xreplace(e_of) for x in wrt]
-    closed_syms = chain.leaves(TENSORS[chain.d.step(key).tensor].name)
+    closed_syms = [se.sympify(x) for x in flat(chain.d.step(key).symbols)]
     checked, failure = 0, ""
     if exact:
         upto = chain.d.steps.index(chain.d.step(key))
@@ -182,10 +182,10 @@ def _indexed(d: Derivation) -> list[Proof]:
         start = time.perf_counter()
         failure, checked = "", 0
         for index in itertools.product(*map(range, shape_of(step.explicit))):
-            value = d.table.instantiate(step.rhs, dict(zip(step.indices, index)))
+            value = d.table_for(step).instantiate(step.rhs, dict(zip(step.indices, index)))
             checked += 1
             if sympy.expand(value - step.explicit[index]) != 0:
-                failure = failure or (f"{d.table[step.tensor][index]}: indexed {value} != explicit "
+                failure = failure or (f"{step.symbols[index]}: indexed {value} != explicit "
                                       f"{step.explicit[index]}")
         proofs.append(Proof(step.key, "indexed", f"indexed {step.tensor} formula at the sizes = explicit {step.tensor}",
                             "exact simplification", "SymPy expand of (indexed - explicit) to 0",
@@ -202,6 +202,16 @@ GRADIENTS = (  # (step, target, leaves, forward steps from the leaves to O)
 )
 
 
+def _layer_gradients(d: Derivation):
+    """A multi-head layer: every weight, bias and input gradient against plain diff of the whole layer."""
+    inputs = tuple(s.tensor for s in d.steps if s.is_input and s.phase == "forward")
+    forward = tuple(s.key for s in d.steps if s.phase == "forward" and not s.is_input)
+    targets = {"dWq": "Wq", "dWk": "Wk", "dWv": "Wv", "dWo": "Wo", "dbq": "bq", "dbk": "bk", "dbv": "bv",
+               "dbo": "bo", "dX": "X", "dY": "Yin"}
+    keys = {s.key for s in d.steps}
+    return [(key, target, inputs + ("dOut",), forward, "Out", "dOut") for key, target in targets.items() if key in keys]
+
+
 def prove(d: Derivation, *, progress: Progress | None = None, exact: bool | None = None) -> Derivation:
     """Return `d` with its proofs attached. exact=None picks exact simplification for small sizes."""
     if d.table is None:
@@ -211,9 +221,12 @@ def prove(d: Derivation, *, progress: Progress | None = None, exact: bool | None
     chain = _Chain(d)
     note("prove: indexed formulas = explicit arrays")
     proofs = _indexed(d)
-    note("prove: softmax Jacobian")
-    proofs.append(_jacobian(chain))
-    for n, (key, target, leaves, forward) in enumerate(GRADIENTS, 1):
-        note(f"prove {n}/{len(GRADIENTS)}: {key} = dL/d{target}")
-        proofs.append(_gradient(chain, key, target, leaves, forward, exact))
+    if any(s.key == "jacobian" for s in d.steps):
+        note("prove: softmax Jacobian")
+        proofs.append(_jacobian(chain))
+    single = d.table.children == {}
+    gradients = [(*g, "O", "dO") for g in GRADIENTS] if single else _layer_gradients(d)
+    for n, (key, target, leaves, forward, output, upstream) in enumerate(gradients, 1):
+        note(f"prove {n}/{len(gradients)}: {key} = dL/d{target}")
+        proofs.append(_gradient(chain, key, target, leaves, forward, exact, output, upstream))
     return d.with_proofs(proofs)
