@@ -76,3 +76,58 @@ def _sum_to(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if n == 1 and g.shape[axis] != 1:
             g = g.sum(axis=axis, keepdims=True)
     return g
+
+
+def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
+                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None):
+    """The layer, one head at a time: head i reads its column block of Q̂ and group ⌊i·kv_heads/heads⌋."""
+    return _multihead(x, w_q, w_k, w_v, w_o, None, heads, kv_heads, y, mask, is_causal, scale, b_q, b_k, b_v, b_o)
+
+
+def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_heads=None, y=None, mask=None,
+                                 is_causal=False, scale=None, b_q=None, b_k=None, b_v=None, b_o=None) -> dict:
+    """Gradients of L = Σ d_out∘layer(...) keyed by argument name."""
+    return _multihead(x, w_q, w_k, w_v, w_o, d_out, heads, kv_heads, y, mask, is_causal, scale, b_q, b_k, b_v, b_o)
+
+
+def _multihead(x, w_q, w_k, w_v, w_o, d_out, heads, kv_heads, y, mask, is_causal, scale, b_q, b_k, b_v, b_o):
+    kv_heads = heads if kv_heads is None else kv_heads
+    src = x if y is None else y
+    d_k, d_v = w_q.shape[1] // heads, w_v.shape[1] // kv_heads
+    Qp = x @ w_q + (0 if b_q is None else b_q)  # (..., n_q, h·d_k)
+    Kp = src @ w_k + (0 if b_k is None else b_k)  # (..., n_k, h_kv·d_k)
+    Vp = src @ w_v + (0 if b_v is None else b_v)  # (..., n_k, h_kv·d_v)
+    kw = dict(mask=mask, is_causal=is_causal, scale=scale)
+
+    def head(i):
+        g = i * kv_heads // heads
+        return (Qp[..., i * d_k:(i + 1) * d_k], Kp[..., g * d_k:(g + 1) * d_k], Vp[..., g * d_v:(g + 1) * d_v])
+
+    C = np.concatenate([attention(*head(i), **kw) for i in range(heads)], axis=-1)  # (..., n_q, h·d_v)
+    out = C @ w_o + (0 if b_o is None else b_o)  # (..., n_q, d_model)
+    if d_out is None:
+        return out
+    dC = d_out @ w_o.T  # (..., n_q, h·d_v)
+    dQp, dKp, dVp = np.zeros_like(Qp), np.zeros_like(Kp), np.zeros_like(Vp)
+    for i in range(heads):
+        g = i * kv_heads // heads
+        dq, dk, dv = attention_backward(*head(i), dC[..., i * d_v:(i + 1) * d_v], **kw)
+        dQp[..., i * d_k:(i + 1) * d_k] += dq
+        dKp[..., g * d_k:(g + 1) * d_k] += dk
+        dVp[..., g * d_v:(g + 1) * d_v] += dv
+
+    def weight_grad(a, g):  # a (..., n, p), g (..., n, q) -> (p, q), summed over the batch
+        return _sum_to(np.swapaxes(a, -1, -2) @ g, g.shape[-1:] and (a.shape[-1], g.shape[-1]))
+
+    grads = {"w_q": weight_grad(x, dQp), "w_k": weight_grad(src, dKp), "w_v": weight_grad(src, dVp),
+             "w_o": weight_grad(C, d_out)}
+    dx = dQp @ w_q.T
+    dy = dKp @ w_k.T + dVp @ w_v.T
+    if y is None:
+        grads["x"] = _sum_to(dx + dy, x.shape)
+    else:
+        grads["x"], grads["y"] = _sum_to(dx, x.shape), _sum_to(dy, y.shape)
+    for name, value, g in (("b_q", b_q, dQp), ("b_k", b_k, dKp), ("b_v", b_v, dVp), ("b_o", b_o, d_out)):
+        if value is not None:
+            grads[name] = g.reshape(-1, g.shape[-1]).sum(axis=0)
+    return grads

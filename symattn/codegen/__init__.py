@@ -10,9 +10,9 @@ from pathlib import Path
 from ..derive import derive
 from ..errors import SymattnError
 from ..progress import Progress, silent
-from ..spec import AttentionSpec
+from ..spec import AttentionSpec, MultiHeadSpec
 from .loop import LOOP_MODULE, render as render_loops
-from .templates import HEADER, UNROLLED_FILE, UNROLLED_KERNEL, decorator
+from .templates import HEADER, LAYER_FILE, LAYER_KERNEL, UNROLLED_FILE, UNROLLED_KERNEL, decorator
 from .unrolled import UNROLL_LIMIT, KernelCode, kernel_code, pays_for
 
 #: The specs whose kernels are committed in generated/: the embedded default (plain and causal) and
@@ -23,17 +23,21 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REPO_GENERATED = PACKAGE_DIR.parent / "generated"
 
 
-def command(spec: AttentionSpec, out_dir: str = "generated/") -> str:
+def command(spec, out_dir: str = "generated/") -> str:
     return f"symattn generate {spec.cli_args()} -o {out_dir}"
 
 
-def _kernel(code: KernelCode, doc: str) -> str:
-    indent = "    "
-    return UNROLLED_KERNEL.substitute(
+def _kernel(code: KernelCode, doc: str, batched: bool = False) -> str:
+    indent = " " * (8 if batched else 4)
+    fields = dict(
         decorator=decorator(), name=code.name, arguments=", ".join(code.arguments), doc=doc, ops=code.block.ops,
         inputs="\n".join(f"{indent}{local} = {read}" for local, read in code.inputs),
         terms="\n".join(f"{indent}{lhs} = {rhs}" for lhs, rhs in code.block.statements),
-        outputs="\n".join(f"{indent}{write} = {local}" for write, local in code.outputs))
+        outputs="\n".join(f"{indent}{write} {op} {local}" for write, op, local in code.outputs))
+    if not batched:
+        return UNROLLED_KERNEL.substitute(fields)
+    zero = "\n".join(f"    {name}[...] = 0.0" for name in code.accumulated) or "    pass"
+    return LAYER_KERNEL.substitute(fields, zero=zero, first=code.arguments[0])
 
 
 def render_unrolled(spec: AttentionSpec, progress: Progress = silent) -> str:
@@ -51,10 +55,31 @@ def render_unrolled(spec: AttentionSpec, progress: Progress = silent) -> str:
         spec=repr(spec_dict), forward_ops=forward.block.ops, backward_ops=backward.block.ops, **spec.sizes)
 
 
-def render(spec: AttentionSpec, progress: Progress = silent) -> dict[str, str]:
+def render_layer(spec: MultiHeadSpec, progress: Progress = silent) -> str:
+    """Source of the unrolled forward and backward kernels of a multi-head layer (deterministic)."""
+    from ..multihead import derive_multihead
+    d = derive_multihead(spec, prove=False)
+    progress(f"generate: unrolled layer forward of {spec.name}")
+    forward = kernel_code(d, "forward")
+    progress(f"generate: unrolled layer backward of {spec.name}")
+    backward = kernel_code(d, "backward")
+    kernels = (_kernel(forward, "Writes Z (batch, n_q, d_model) of the layer", batched=True)
+               + _kernel(backward, "Writes dx (and dy), dW_Q, dW_K, dW_V, dW_O (and bias gradients) of "
+                                   "L = sum(dZ * Z)", batched=True))
+    spec_dict = {"n_q": spec.n_q, "n_k": spec.n_k, "d_model": spec.d_model, "heads": spec.heads,
+                 "kv_heads": spec.kv_heads, "d_k": spec.d_k, "d_v": spec.d_v, "cross": spec.cross, "bias": spec.bias,
+                 "mask": spec.mask, "scale": None if spec.scale is None else str(spec.scale)}
+    return LAYER_FILE.substitute(
+        header=HEADER.substitute(source=repr(spec), command=command(spec)), title=spec.title, kernels=kernels,
+        spec=repr(spec_dict), forward_ops=forward.block.ops, backward_ops=backward.block.ops, **spec.sizes)
+
+
+def render(spec, progress: Progress = silent) -> dict[str, str]:
     """File name -> source for `spec`: its unrolled kernels where they pay, and the loop kernels."""
     files = {f"{LOOP_MODULE}.py": render_loops()}
-    if pays_for(spec):
+    if isinstance(spec, MultiHeadSpec):
+        files[f"{spec.name}.py"] = render_layer(spec, progress)
+    elif pays_for(spec):
         files[f"{spec.name}.py"] = render_unrolled(spec, progress)
     return files
 

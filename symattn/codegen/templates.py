@@ -47,6 +47,40 @@ $terms
 $outputs
 ''')
 
+LAYER_FILE = Template('''\
+$header"""$title: unrolled layer kernels.
+
+Forward:  Q^ = x W_Q (+ b_Q), K^ = y W_K (+ b_K), V^ = y W_V (+ b_V) (y = x in self-attention); head h attends
+          with its column block of Q^ and key/value group floor(h * kv_heads / heads); Z = Concat(O^(h)) W_O (+ b_O).
+Backward: for L = sum(dZ * Z): dW_O, dC, each head's dV, dP, D, dS, dQ, dK, then dQ^, dK^, dV^, dW_Q, dW_K,
+          dW_V, biases and dx (and dy).
+Shapes: x (batch, $n_q, $d_model), y (batch, $n_k, $d_model), W_Q ($d_model, $hd_k), W_K ($d_model, $gd_k),
+        W_V ($d_model, $gd_v), W_O ($hd_v, $d_model). Weight gradients are summed over the batch.
+"""
+import math
+
+import numba
+
+SPEC = $spec
+FORWARD_OPS = $forward_ops
+BACKWARD_OPS = $backward_ops
+$kernels''')
+
+LAYER_KERNEL = Template('''
+
+$decorator
+def $name($arguments):
+    """$doc ($ops ops after CSE per batch element)."""
+$zero
+    for z in range(${first}.shape[0]):
+        # Inputs
+$inputs
+        # Intermediate terms
+$terms
+        # Outputs
+$outputs
+''')
+
 LOOP_FILE = Template('''\
 $header"""Loop kernels of scaled dot-product attention, valid for any sequence length.
 

@@ -36,37 +36,63 @@ def local_name(symbol: sympy.Symbol, table) -> str:
     return check_identifier("_".join([TENSORS[tensor].elem, *([f"h{tag}"] if tag else []), *map(str, index)]))
 
 
-def _stable_softmax(d: Derivation) -> list[tuple[sympy.Symbol, sympy.Expr]]:
-    """Row maxima m_i and the max-subtracted softmax entries."""
-    spec, s = d.spec, d.table["S"]
-    P = d.step("softmax").explicit
+def _stable_softmax(d: Derivation, key: str) -> list[tuple[sympy.Symbol, sympy.Expr]]:
+    """Row maxima m_i and the max-subtracted softmax entries of softmax step `key`."""
+    step = d.step(key)
+    spec, s = d.spec, d.table_for(step)["S"]
+    P, symbols = step.explicit, step.symbols
+    tag = f"h{step.tag}_" if step.tag else ""
     out = []
     for i in range(spec.n_q):
         visible = [s[i, j] for j in range(spec.n_k) if spec.visible(i, j)]
-        m = sympy.Symbol(f"m_{i}")
+        m = sympy.Symbol(f"m_{tag}{i}")
         if len(visible) > 1:
             out.append((m, sympy.Max(*visible)))
             shift = {sympy.exp(x): sympy.exp(x - m) for x in visible}
         else:
             shift = {}
-        out.extend((d.table["P"][i, j], P[i, j].xreplace(shift)) for j in range(spec.n_k))
+        out.extend((symbols[i, j], P[i, j].xreplace(shift)) for j in range(spec.n_k))
     return out
 
 
-def assignments(d: Derivation, kind: str) -> list[tuple[sympy.Symbol, sympy.Expr]]:
+@dataclass(frozen=True)
+class Plan:
+    """What one kernel reads, writes and computes. Batched tensors carry a leading batch index z; outputs that
+    are not batched (weight gradients) accumulate over the batch."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    keys: tuple[str, ...]
+    batched: frozenset = frozenset()
+
+
+def plan(d: Derivation, kind: str) -> Plan:
+    if not d.table.children:  # one attention head
+        return Plan(INPUTS[kind], OUTPUTS[kind], STEPS[kind])
+    inputs = tuple(s.tensor for s in d.steps if s.is_input and s.phase == "forward")
+    forward = tuple(s.key for s in d.steps if s.phase == "forward" and not s.is_input)
+    batched = frozenset({"X", "Yin", "Out", "dOut", "dX", "dYin"})
+    if kind == "forward":
+        return Plan(inputs, ("Out",), forward, batched)
+    backward = tuple(s.key for s in d.steps if s.phase == "backward" and not s.is_input)
+    grads = tuple("d" + name for name in inputs)  # one gradient per input, in the inputs' order
+    return Plan(inputs + ("dOut",), grads, forward + backward, batched)
+
+
+def assignments(d: Derivation, p: Plan) -> list[tuple[sympy.Symbol, sympy.Expr]]:
     """(symbol, expression) for every entry of the kernel's steps, constants folded forward."""
     out, constants = [], {}
-    for key in STEPS[kind]:
+    for key in p.keys:
         step = d.step(key)
-        pairs = _stable_softmax(d) if key == "softmax" else [
-            (d.table[step.tensor][ix], step.explicit[ix]) for ix in itertools.product(*map(range, shape_of(step.explicit)))]
+        pairs = _stable_softmax(d, key) if step.tensor == "P" else [
+            (step.symbols[ix], step.explicit[ix]) for ix in itertools.product(*map(range, shape_of(step.explicit)))]
         for symbol, expr in pairs:
             expr = expr.xreplace(constants)
             if expr.is_number:
                 constants[symbol] = expr
             else:
                 out.append((symbol, expr))
-    needed = {x for name in OUTPUTS[kind] for x in flat(d.table[name])}
+    needed = {x for name in p.outputs for x in flat(d.table[name])}
     return out + [(x, constants[x]) for x in sorted(needed & set(constants), key=str)]
 
 
@@ -78,20 +104,27 @@ class KernelCode:
     arguments: tuple[str, ...]
     inputs: tuple[tuple[str, str], ...]  # (local, array read)
     block: Block
-    outputs: tuple[tuple[str, str], ...]  # (array write, local)
+    outputs: tuple[tuple[str, str, str], ...]  # (array write, "=" or "+=", local)
+    accumulated: tuple[str, ...] = ()  # outputs summed over the batch: zeroed before the batch loop
 
 
 def kernel_code(d: Derivation, kind: str) -> KernelCode:
-    t = d.table
-    tensors = {*INPUTS[kind], *(d.step(key).tensor for key in STEPS[kind])}
-    names = {x: local_name(x, t) for name in sorted(tensors) for x in flat(t[name])}
+    t, p = d.table, plan(d, kind)
+    steps = [d.step(key) for key in p.keys]
+    names = {x: local_name(x, t) for name in p.inputs for x in flat(t[name])}
+    names.update({x: local_name(x, t) for step in steps for x in flat(step.symbols)})
     printer = NumbaPrinter({"symbol_map": names})
-    inputs = tuple((names[x], _read(n, t.where(x)[1])) for n in INPUTS[kind] for x in flat(t[n]))
-    outputs = tuple((_read(n, t.where(x)[1]), names[x]) for n in OUTPUTS[kind] for x in flat(t[n]))
-    name = check_identifier(f"{d.spec.name}_{kind}")
-    return KernelCode(name, INPUTS[kind] + OUTPUTS[kind], inputs, cse_block(assignments(d, kind), printer,
-                                                                            {x for n in OUTPUTS[kind] for x in flat(t[n])}), outputs)
+
+    def array(n: str, index) -> str:
+        return _read(n, (("z",) if n in p.batched else ()) + tuple(index))
+    accumulated = tuple(n for n in p.outputs if p.batched and n not in p.batched)
+    inputs = tuple((names[x], array(n, t.where(x)[1])) for n in p.inputs for x in flat(t[n]))
+    outputs = tuple((array(n, t.where(x)[1]), "+=" if n in accumulated else "=", names[x])
+                    for n in p.outputs for x in flat(t[n]))
+    keep = {x for n in p.outputs for x in flat(t[n])}
+    return KernelCode(check_identifier(f"{d.spec.name}_{kind}"), p.inputs + p.outputs, inputs,
+                      cse_block(assignments(d, p), printer, keep), outputs, accumulated)
 
 
-def _read(array: str, index: tuple[int, ...]) -> str:
+def _read(array: str, index: tuple) -> str:
     return f"{array}[{', '.join(map(str, index))}]"

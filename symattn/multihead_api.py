@@ -1,0 +1,139 @@
+"""Numeric multi-head attention: projections with NumPy's matmul (BLAS), heads on the generated loop kernels.
+
+x (..., n_q, d_model); y (..., n_k, d_model) for cross-attention (default y = x); w_q (d_model, h·d_k),
+w_k (d_model, h_kv·d_k), w_v (d_model, h_kv·d_v), w_o (h·d_v, d_model); biases b_q (h·d_k,), b_k (h_kv·d_k,),
+b_v (h_kv·d_v,), b_o (d_model,). Heads are laid out (..., h_kv, h/h_kv, n, d) so a key/value group broadcasts
+over its heads (grouped-query attention) and its gradients sum over them. mask / is_causal / scale as in
+symattn.attention, shared by all heads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .api import _array, _unbroadcast, attention, attention_backward
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class _Layer:
+    heads: int
+    kv_heads: int
+    d_k: int
+    d_v: int
+
+
+def _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases) -> _Layer:
+    if isinstance(heads, bool) or not isinstance(heads, (int, np.integer)) or heads <= 0:
+        raise InputError(f"heads must be a positive integer, got {heads!r}")
+    kv_heads = heads if kv_heads is None else kv_heads
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, (int, np.integer)) or kv_heads <= 0 or heads % kv_heads:
+        raise InputError(f"kv_heads must be a positive integer dividing heads ({heads}), got {kv_heads!r}")
+    d_model = x.shape[-1]
+    if y is not None and y.shape[-1] != d_model:
+        raise InputError(f"y must have shape (..., n_k, d_model) with d_model = {d_model}, got {y.shape}")
+    for name, w in (("w_q", w_q), ("w_k", w_k), ("w_v", w_v), ("w_o", w_o)):
+        if w.ndim != 2:
+            raise InputError(f"{name} must be a 2-D matrix, got shape {w.shape}")
+    if w_q.shape[0] != d_model or w_q.shape[1] % heads:
+        raise InputError(f"w_q must have shape (d_model, heads·d_k) = ({d_model}, {heads}·d_k), got {w_q.shape}")
+    d_k = w_q.shape[1] // heads
+    if w_k.shape != (d_model, kv_heads * d_k):
+        raise InputError(f"w_k must have shape (d_model, kv_heads·d_k) = {(d_model, kv_heads * d_k)}, got {w_k.shape}")
+    if w_v.shape[0] != d_model or w_v.shape[1] % kv_heads:
+        raise InputError(f"w_v must have shape (d_model, kv_heads·d_v) = ({d_model}, {kv_heads}·d_v), got {w_v.shape}")
+    d_v = w_v.shape[1] // kv_heads
+    if w_o.shape != (heads * d_v, d_model):
+        raise InputError(f"w_o must have shape (heads·d_v, d_model) = {(heads * d_v, d_model)}, got {w_o.shape}")
+    widths = {"b_q": heads * d_k, "b_k": kv_heads * d_k, "b_v": kv_heads * d_v, "b_o": d_model}
+    for name, b in biases.items():
+        if b is not None and b.shape != (widths[name],):
+            raise InputError(f"{name} must have shape ({widths[name]},), got {b.shape}")
+    dtypes = {a.dtype for a in (x, w_q, w_k, w_v, w_o, *(b for b in biases.values() if b is not None))
+              } | ({y.dtype} if y is not None else set())
+    if len(dtypes) > 1:
+        raise InputError(f"x, y, weights and biases must share one dtype, got {sorted(map(str, dtypes))}")
+    return _Layer(heads, kv_heads, d_k, d_v)
+
+
+def _arrays(x, y, w_q, w_k, w_v, w_o, biases):
+    x, w_q, w_k, w_v, w_o = (_array(n, a) for n, a in (("x", x), ("w_q", w_q), ("w_k", w_k), ("w_v", w_v), ("w_o", w_o)))
+    y = None if y is None else _array("y", y)
+    biases = {n: None if b is None else np.asarray(b) for n, b in biases.items()}
+    return x, y, w_q, w_k, w_v, w_o, biases
+
+
+def _split(A: np.ndarray, groups: int, per_group: int, width: int) -> np.ndarray:
+    """(..., n, groups·per_group·width) -> (..., groups, per_group, n, width)."""
+    return np.moveaxis(A.reshape(A.shape[:-1] + (groups, per_group, width)), -4, -2)
+
+
+def _merge(A: np.ndarray) -> np.ndarray:
+    """(..., groups, per_group, n, width) -> (..., n, groups·per_group·width)."""
+    moved = np.moveaxis(A, -2, -4)  # (..., n, groups, per_group, width)
+    return moved.reshape(moved.shape[:-3] + (-1,))
+
+
+def _heads(x, y, w_q, w_k, w_v, layer: _Layer, biases):
+    """Per-head Q (..., h_kv, h/h_kv, n_q, d_k), K (..., h_kv, 1, n_k, d_k), V (..., h_kv, 1, n_k, d_v)."""
+    src = x if y is None else y
+    G, R = layer.kv_heads, layer.heads // layer.kv_heads
+    Qp = x @ w_q + (0 if biases["b_q"] is None else biases["b_q"])  # (..., n_q, h·d_k)
+    Kp = src @ w_k + (0 if biases["b_k"] is None else biases["b_k"])  # (..., n_k, h_kv·d_k)
+    Vp = src @ w_v + (0 if biases["b_v"] is None else biases["b_v"])  # (..., n_k, h_kv·d_v)
+    return _split(Qp, G, R, layer.d_k), _split(Kp, G, 1, layer.d_k), _split(Vp, G, 1, layer.d_v)
+
+
+def _mask(mask):
+    return None if mask is None else np.asarray(mask)[..., None, None, :, :]  # shared by every head
+
+
+def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
+                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None) -> np.ndarray:
+    """Concat(head_0..head_{h-1}) w_o (+ b_o), shape (..., n_q, d_model)."""
+    biases = dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
+    x, y, w_q, w_k, w_v, w_o, biases = _arrays(x, y, w_q, w_k, w_v, w_o, biases)
+    layer = _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases)
+    Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
+    C = _merge(attention(Q, K, V, mask=_mask(mask), is_causal=is_causal, scale=scale))  # (..., n_q, h·d_v)
+    return C @ w_o + (0 if biases["b_o"] is None else biases["b_o"])
+
+
+def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_heads=None, y=None, mask=None,
+                                 is_causal=False, scale=None, b_q=None, b_k=None, b_v=None, b_o=None) -> dict:
+    """Gradients of L = Σ d_out∘multihead_attention(...), keyed by argument name (x, y, w_*, b_* given)."""
+    biases = dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
+    x, y, w_q, w_k, w_v, w_o, biases = _arrays(x, y, w_q, w_k, w_v, w_o, biases)
+    layer = _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases)
+    d_out = _array("d_out", d_out)
+    expected = np.broadcast_shapes(x.shape[:-2], () if y is None else y.shape[:-2]) + (x.shape[-2], x.shape[-1])
+    if d_out.shape != expected:
+        raise InputError(f"d_out must have the output's shape {expected}, got {d_out.shape}")
+    if d_out.dtype != x.dtype:
+        raise InputError(f"d_out must have the dtype of x ({x.dtype}), got {d_out.dtype}")
+    Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
+    kw = dict(mask=_mask(mask), is_causal=is_causal, scale=scale)
+    C = _merge(attention(Q, K, V, **kw))  # (..., n_q, h·d_v)
+    dC = d_out @ w_o.T  # (..., n_q, h·d_v)
+    dO = _split(dC, layer.kv_heads, layer.heads // layer.kv_heads, layer.d_v)
+    dQ, dK, dV = attention_backward(Q, K, V, dO, **kw)  # dK, dV summed over each group's heads
+    dQp, dKp, dVp = _merge(dQ), _merge(dK), _merge(dV)
+    src = x if y is None else y
+
+    def weight_grad(a, g):  # (..., n, p), (..., n, q) -> (p, q) summed over the batch: one GEMM
+        a = np.broadcast_to(a, g.shape[:-2] + a.shape[-2:])
+        return a.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+
+    grads = {"x": dQp @ w_q.T, "w_q": weight_grad(x, dQp), "w_k": weight_grad(src, dKp),
+             "w_v": weight_grad(src, dVp), "w_o": weight_grad(C, d_out)}
+    dy = dKp @ w_k.T + dVp @ w_v.T
+    if y is None:
+        grads["x"] = grads["x"] + dy
+    else:
+        grads["y"] = _unbroadcast(dy, y.shape)
+    grads["x"] = _unbroadcast(grads["x"], x.shape)
+    for name, g in (("b_q", dQp), ("b_k", dKp), ("b_v", dVp), ("b_o", d_out)):
+        if biases[name] is not None:
+            grads[name] = g.reshape(-1, g.shape[-1]).sum(axis=0)
+    return grads
