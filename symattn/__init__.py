@@ -13,17 +13,20 @@ import importlib
 from .derive import Derivation, Step, derive
 from .errors import InputError, SizeTooLargeError, SpecError, SymattnError
 from .prove import Proof, prove
-from .spec import AttentionSpec
+from .multihead import derive_multihead
+from .spec import AttentionSpec, MultiHeadSpec
 
 __version__ = "0.1.0"
 
 _LAZY: dict[str, str] = {  # numeric (Numba) API name -> module, imported on first use
     "attention": "api", "attention_backward": "api", "attention_weights": "api", "generate": "codegen",
     "verify": "verification", "VerifyReport": "verification", "gradcheck": "finite_differences",
-    "GradcheckReport": "finite_differences",
+    "GradcheckReport": "finite_differences", "verify_multihead": "verification",
+    "multihead_attention": "multihead_api", "multihead_attention_backward": "multihead_api",
 }
 
-__all__ = sorted(["AttentionSpec", "Derivation", "Step", "derive", "Proof", "prove", "InputError",
+__all__ = sorted(["AttentionSpec", "MultiHeadSpec", "Derivation", "Step", "derive", "derive_multihead", "Proof", "prove",
+                  "InputError",
                   "SizeTooLargeError", "SpecError", "SymattnError", *_LAZY])
 
 

@@ -2,7 +2,8 @@
 
 Cases (batch*heads, n, d); forward and forward+backward; float32 and float64; PyTorch and JAX columns when
 installed. Targets (2 cores): (1,5,2) unrolled forward within 5x of an empty njit call and >= 8x NumPy;
-(8,256,64) and larger: loop kernels >= 1.5x NumPy, forward and forward+backward.
+(8,256,64) and larger: loop kernels >= 1.5x NumPy, forward and forward+backward. The multi-head layer at
+(batch 4, n 256, d_model 512, h 8) and (batch 1, n 1024, d_model 512, h 8, kv_heads 2), float32: >= 1.3x.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from .progress import Progress, silent
 from .spec import AttentionSpec
 
 CASES = ((1, 5, 2), (1, 16, 16), (8, 64, 64), (8, 256, 64), (8, 1024, 64))
+LAYER_CASES = ((4, 256, 512, 8, 8), (1, 1024, 512, 8, 2))  # (batch, n, d_model, heads, kv_heads), float32
+LAYER_TARGET = 1.3
 QUICK = ((1, 5, 2), (8, 256, 64))
 BIG = 8 * 256 * 256 * 64  # from here on the >= 1.5x target applies
 
@@ -113,6 +116,29 @@ def run_case(batch: int, n: int, d: int, dtype, progress: Progress = silent) -> 
     return rows
 
 
+def run_layer_case(batch: int, n: int, d_model: int, heads: int, kv_heads: int, dtype=np.float32,
+                   progress: Progress = silent) -> list[Row]:
+    """The multi-head layer: NumPy reference (head by head) vs symattn.multihead_attention."""
+    from .multihead_api import multihead_attention, multihead_attention_backward
+    rng = np.random.default_rng(0)
+    d_k = d_model // heads
+    x, d_out = (rng.standard_normal((batch, n, d_model)).astype(dtype) for _ in range(2))
+    w = [(rng.standard_normal(shape) / np.sqrt(d_model)).astype(dtype) for shape in
+         ((d_model, heads * d_k), (d_model, kv_heads * d_k), (d_model, kv_heads * d_k), (heads * d_k, d_model))]
+    kw = dict(heads=heads, kv_heads=kv_heads)
+    fwd = {"NumPy": lambda: reference.multihead_attention(x, *w, **kw),
+           "loop kernel": lambda: multihead_attention(x, *w, **kw)}
+    both = {"NumPy": lambda: (reference.multihead_attention(x, *w, **kw),
+                              reference.multihead_attention_backward(x, *w, d_out, **kw)),
+            "loop kernel": lambda: (multihead_attention(x, *w, **kw), multihead_attention_backward(x, *w, d_out, **kw))}
+    rows = []
+    for mode, paths in (("forward", fwd), ("forward+backward", both)):
+        progress(f"bench layer ({batch}, {n}, {d_model}, h={heads}, kv={kv_heads}) {mode}")
+        rows.append(Row(batch, n, d_model, np.dtype(dtype).name, f"layer h={heads} kv={kv_heads} {mode}",
+                        {p: _time(f) for p, f in paths.items()}))
+    return rows
+
+
 def empty_call_seconds() -> float:
     """An empty njit call with the unrolled forward's four array arguments: the floor of call overhead."""
     import numba
@@ -133,7 +159,11 @@ def targets(rows: list[Row], empty: float) -> list[tuple[str, bool]]:
                         f"(target <= 5x)", s["unrolled kernel"] <= 5 * empty))
             out.append((f"(1,5,2) {r.dtype} unrolled forward {s['NumPy'] / s['unrolled kernel']:.1f}x faster than "
                         f"NumPy (target >= 8x)", s["NumPy"] >= 8 * s["unrolled kernel"]))
-        if r.batch * r.n * r.n * r.d >= BIG:
+        if r.mode.startswith("layer"):
+            ratio = s["NumPy"] / s["loop kernel"]
+            out.append((f"({r.batch},{r.n},{r.d}) {r.dtype} {r.mode}: {ratio:.2f}x NumPy (target >= {LAYER_TARGET}x)",
+                        ratio >= LAYER_TARGET))
+        elif r.batch * r.n * r.n * r.d >= BIG:
             ratio = s["NumPy"] / s["loop kernel"]
             out.append((f"({r.batch},{r.n},{r.d}) {r.dtype} {r.mode}: loop kernel {ratio:.2f}x NumPy (target >= 1.5x)",
                         ratio >= 1.5))
@@ -142,14 +172,14 @@ def targets(rows: list[Row], empty: float) -> list[tuple[str, bool]]:
 
 def table(rows: list[Row]) -> str:
     paths = sorted({p for r in rows for p in r.seconds}, key=lambda p: (p != "NumPy", p))
-    head = f"{'case':<14} {'dtype':<8} {'mode':<17}" + "".join(f"{p:>16}" for p in paths) + "   (time; ratio = NumPy/path)"
+    head = f"{'case':<14} {'dtype':<8} {'mode':<32}" + "".join(f"{p:>16}" for p in paths) + "   (time; ratio = NumPy/path)"
     lines = [head]
     for r in rows:
         cells = []
         for p in paths:
             t = r.seconds.get(p)
             cells.append(f"{'-':>16}" if t is None else f"{_fmt(t):>9} {r.seconds['NumPy'] / t:5.1f}x")
-        lines.append(f"{str((r.batch, r.n, r.d)):<14} {r.dtype:<8} {r.mode:<17}" + "".join(cells))
+        lines.append(f"{str((r.batch, r.n, r.d)):<14} {r.dtype:<8} {r.mode:<32}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -166,9 +196,13 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = sorted({p for r in rows for p in r.seconds if p != "NumPy"})
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    for ax, mode in zip(axes, ("forward", "forward+backward")):
-        sel = [r for r in rows if r.mode == mode]
+    panels = [("forward", lambda r: r.mode == "forward"), ("forward+backward", lambda r: r.mode == "forward+backward"),
+              ("multi-head layer", lambda r: r.mode.startswith("layer"))]
+    panels = [(title, keep) for title, keep in panels if any(keep(r) for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (mode, keep) in zip(axes, panels):
+        sel = [r for r in rows if keep(r)]
         x = np.arange(len(sel))
         width = 0.8 / max(1, len(paths))
         for n, p in enumerate(paths):
@@ -176,7 +210,9 @@ def plot(rows: list[Row], path: Path) -> None:
             ax.bar(x + n * width, ratios, width, label=p)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axhline(1.5, color="grey", lw=0.8, ls="--")
-        ax.set_xticks(x + width * (len(paths) - 1) / 2, [f"{r.batch},{r.n},{r.d}\n{r.dtype}" for r in sel], fontsize=7)
+        labels = [f"{r.batch},{r.n},{r.d}\n{r.dtype}" + (f"\n{r.mode[6:].replace(' forward', chr(10) + 'forward')}"
+                                                        if r.mode.startswith("layer") else "") for r in sel]
+        ax.set_xticks(x + width * (len(paths) - 1) / 2, labels, fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{mode}: speed-up over NumPy (higher is better)")
     axes[0].set_ylabel("NumPy time / path time")
@@ -186,14 +222,15 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def bench(cases=CASES, dtypes=(np.float32, np.float64), *, out_dir: str | Path | None = "bench-results",
-          progress: Progress = silent, say=print) -> dict:
+def bench(cases=CASES, dtypes=(np.float32, np.float64), *, layer_cases=LAYER_CASES,
+          out_dir: str | Path | None = "bench-results", progress: Progress = silent, say=print) -> dict:
     env = environment()
     say("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     if env.get("OPENBLAS_CORETYPE"):
         say(f"note: OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']} is set; it can slow OpenBLAS (NumPy's matmul).")
     empty = empty_call_seconds()
     rows = [row for b, n, d in cases for dt in dtypes for row in run_case(b, n, d, dt, progress)]
+    rows += [row for case in layer_cases for row in run_layer_case(*case, progress=progress)]
     say(table(rows))
     say(f"empty njit call: {_fmt(empty)}")
     checks = targets(rows, empty)

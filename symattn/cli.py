@@ -18,17 +18,34 @@ class _Parser(argparse.ArgumentParser):
 
 def _spec_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--n-q", type=int, required=required, help="number of queries")
-    p.add_argument("--n-k", type=int, required=required, help="number of keys/values")
-    p.add_argument("--d-k", type=int, required=required, help="query/key width")
+    p.add_argument("--n-k", type=int, default=None, help="number of keys/values (single head: required)")
+    p.add_argument("--d-k", type=int, default=None, help="query/key width (per head; single head: required)")
     p.add_argument("--d-v", type=int, default=None, help="value width (default d_k)")
     p.add_argument("--causal", action="store_true", help="causal mask: query i sees keys j <= i")
     p.add_argument("--scale", default=None, help="score scale, e.g. 0.5 or 1/8 (default 1/sqrt(d_k), exact)")
+    layer = p.add_argument_group("multi-head layer (any of these makes it a layer)")
+    layer.add_argument("--d-model", type=int, default=None, help="model width")
+    layer.add_argument("--heads", type=int, default=None, help="number of heads h")
+    layer.add_argument("--kv-heads", type=int, default=None, help="key/value heads (grouped-query; default h)")
+    layer.add_argument("--cross", action="store_true", help="cross-attention: keys and values from y (--n-k rows)")
+    layer.add_argument("--bias", action="store_true", help="projection biases b_Q, b_K, b_V, b_O")
+
+
+def _is_layer(args) -> bool:
+    return any(x is not None for x in (args.d_model, args.heads, args.kv_heads)) or args.cross or args.bias
 
 
 def _spec(args):
-    from .spec import AttentionSpec
-    return AttentionSpec(args.n_q, args.n_k, args.d_k, args.d_v, scale=args.scale,
-                         mask="causal" if args.causal else "none")
+    from .spec import AttentionSpec, MultiHeadSpec
+    mask = "causal" if args.causal else "none"
+    if _is_layer(args):
+        if args.d_model is None or args.heads is None:
+            raise SymattnError("a multi-head layer needs --d-model and --heads")
+        return MultiHeadSpec(args.n_q, args.d_model, args.heads, n_k=args.n_k, kv_heads=args.kv_heads, d_k=args.d_k,
+                             d_v=args.d_v, cross=args.cross, bias=args.bias, scale=args.scale, mask=mask)
+    if args.n_k is None or args.d_k is None:
+        raise SymattnError("give --n-k and --d-k (one head), or --d-model and --heads (a multi-head layer)")
+    return AttentionSpec(args.n_q, args.n_k, args.d_k, args.d_v, scale=args.scale, mask=mask)
 
 
 def _check_writable(path: str | None) -> None:
@@ -66,6 +83,8 @@ def cmd_derive(args) -> int:
     _check_writable(args.output)
     spec = _spec(args)
     progress = silent if args.quiet else to_stream()
+    if _is_layer(args):
+        from .multihead import derive_multihead as derive
     d = derive(spec, explicit=not args.indexed_only, prove=not args.no_prove and not args.indexed_only,
                progress=progress)
     limit = None if args.max_entries == 0 else args.max_entries
@@ -102,8 +121,9 @@ def cmd_generate(args) -> int:
             raise SymattnError("--all rewrites the repository's generated files: run it from a source checkout")
         paths = codegen.regenerate_all(progress)
     else:
-        if args.n_q is None or args.n_k is None or args.d_k is None:
-            raise SymattnError("generate needs --n-q, --n-k and --d-k (or --all / --check)")
+        if args.n_q is None:
+            raise SymattnError("generate needs --n-q with --n-k and --d-k, or --d-model and --heads "
+                               "(or --all / --check)")
         _check_folder(args.output)
         paths = codegen.generate(_spec(args), args.output, progress=progress)
     for path in paths:
@@ -112,8 +132,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verification import verify
-    report = verify(_spec(args), seed=args.seed, progress=silent if args.quiet else to_stream())
+    from .verification import verify, verify_multihead
+    check = verify_multihead if _is_layer(args) else verify
+    report = check(_spec(args), seed=args.seed, progress=silent if args.quiet else to_stream())
     print(report)
     return 0 if report.passed else 1
 
@@ -121,7 +142,8 @@ def cmd_verify(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
     cases = bench.QUICK if args.quick else bench.CASES
-    bench.bench(cases, out_dir=args.output, progress=silent if args.quiet else to_stream())
+    layers = bench.LAYER_CASES[:1] if args.quick else bench.LAYER_CASES
+    bench.bench(cases, layer_cases=layers, out_dir=args.output, progress=silent if args.quiet else to_stream())
     return 0
 
 

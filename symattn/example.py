@@ -37,7 +37,7 @@ def _rational_matrix(rows) -> sympy.ImmutableMatrix:
 
 @dataclass(frozen=True)
 class Example:
-    """Tokens, embeddings X (n, d_model) and projections W_Q (d_model, d_k), W_K, W_V (d_model, d_v)."""
+    """Tokens, embeddings X (n, d_model), projections W_Q (d_model, d_k), W_K, W_V (d_model, d_v), W_O."""
 
     tokens: tuple[str, ...]
     query: int  # index of the query token shown in detail
@@ -45,6 +45,7 @@ class Example:
     W_Q: sympy.ImmutableMatrix
     W_K: sympy.ImmutableMatrix
     W_V: sympy.ImmutableMatrix
+    W_O: sympy.ImmutableMatrix  # (h·d_v, d_model) output projection of the multi-head layer
 
     @property
     def Q(self) -> sympy.ImmutableMatrix:
@@ -81,5 +82,7 @@ def example(sentence: str | None = None, *, query: str | None = None, d_model: i
             return _rational_matrix(data[name])
         return sympy.ImmutableMatrix(d_model, width, _hashed(f"{name}/{d_model}x{width}", d_model * width))
 
+    W_O = _rational_matrix(data["W_O"]) if shipped else sympy.ImmutableMatrix(
+        d_v, d_model, _hashed(f"W_O/{d_v}x{d_model}", d_v * d_model))
     return Example(tokens, lowered.index(query.lower()), X, projection("W_Q", d_k), projection("W_K", d_k),
-                   projection("W_V", d_v))
+                   projection("W_V", d_v), W_O)

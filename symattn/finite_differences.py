@@ -61,7 +61,7 @@ def compare(tensor: str, path: str, value, expected, rtol: float, atol: float) -
         err = np.where(value == expected, 0.0, err)  # equal infinities agree
         ratio = np.where(np.isnan(err), np.inf, err / (atol + rtol * np.abs(np.nan_to_num(expected))))
     worst = np.unravel_index(int(np.argmax(ratio)), err.shape)
-    rel = err / np.maximum(np.abs(expected), np.finfo(np.float64).tiny)
+    rel = err / np.maximum(np.abs(expected), atol)  # relative to |expected|, floored at atol (true zeros)
     return Comparison(tensor, path, float(err[worst]), float(rel[worst]), rtol, atol, tuple(map(int, worst)),
                       float(value[worst]), float(expected[worst]), float(ratio[worst]))
 

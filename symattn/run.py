@@ -25,22 +25,24 @@ class RunResult:
     derivation: Derivation
     P: np.ndarray  # (n, n) weights evaluated from the exact symbolic values
     P_reference: np.ndarray  # (n, n) NumPy reference
-    report: object = None  # verify.VerifyReport of the generated kernels
+    report: object = None  # verification.VerifyReport of the generated kernels
+    layer: Derivation | None = None  # the two-head layer, with its proofs
 
     @property
     def passed(self) -> bool:
-        return self.derivation.proved and (self.report is None or self.report.passed)
+        return (self.derivation.proved and (self.report is None or self.report.passed)
+                and (self.layer is None or self.layer.proved))
 
     @property
     def agreement(self) -> float:
         return float(np.max(np.abs(self.P - self.P_reference)))
 
 
-def exact_values(d: Derivation, ex: Example) -> dict[sympy.Symbol, sympy.Expr]:
-    """Exact value of every forward element symbol, from the example's Q, K, V."""
+def exact_values(d: Derivation, inputs: dict[str, sympy.Matrix]) -> dict[sympy.Symbol, sympy.Expr]:
+    """Exact value of every forward element symbol, from exact input matrices keyed by tensor name."""
     t = d.table
     values = {}
-    for name, M in (("Q", ex.Q), ("K", ex.K), ("V", ex.V)):
+    for name, M in inputs.items():
         values.update({t[name][r, c]: M[r, c] for r in range(M.rows) for c in range(M.cols)})
     for step in d.forward():
         if not step.is_input:
@@ -60,6 +62,38 @@ def _weights_table(ex: Example, d: Derivation, values: dict) -> list[str]:
     total = sum(float(values[d.table["P"][i, j]]) for j in range(len(ex.tokens)))
     rows.append(f"  {'':>2}  {'sum':<12} {'':>12} {total:>12.4f}")
     return rows
+
+
+def two_heads(ex: Example, causal: bool, say: Say, progress: Progress) -> Derivation:
+    """The same sentence through a two-head layer: each head's weights for the query token, the output."""
+    from .multihead import derive_multihead
+    from .spec import MultiHeadSpec
+    n, i = len(ex.tokens), ex.query
+    if ex.W_Q.cols % 2 or ex.W_V.cols % 2:
+        say("\n(two-head layer skipped: d_k and d_v must be even to split into two heads)")
+        return None
+    spec = MultiHeadSpec(n, ex.X.cols, 2, d_k=ex.W_Q.cols // 2, d_v=ex.W_V.cols // 2,
+                         mask="causal" if causal else "none")
+    say(f"\nTwo heads: {spec.title}")
+    say(f"Head h uses columns {spec.d_k}h:{spec.d_k}(h+1) of W_Q, W_K, W_V; Z = Concat(head 0, head 1) W_O.")
+    d = derive_multihead(spec, progress=progress)
+    values = exact_values(d, {"X": ex.X, "Wq": ex.W_Q, "Wk": ex.W_K, "Wv": ex.W_V, "Wo": ex.W_O})
+    heads = [d.table.children[str(h)] for h in range(spec.heads)]
+    say(f"  {'j':>2}  {'token':<12}" + "".join(f" {'head ' + str(h) + ' p_ij':>14}" for h in range(spec.heads)))
+    for j, token in enumerate(ex.tokens):
+        cells = "".join(f" {float(values[t['P'][i, j]]):>14.4f}" for t in heads)
+        say(f"  {j:>2}  {token:<12}{cells}")
+    out = np.array([[float(values[d.table["Out"][r, m]]) for m in range(spec.d_model)] for r in range(n)])
+    say(f"Layer output z for \"{ex.tokens[i]}\": [" + ", ".join(f"{x:.4f}" for x in out[i]) + "]")
+    from .multihead_api import multihead_attention
+    x, wq, wk, wv, wo = (np.array(M, dtype=float) for M in (ex.X, ex.W_Q, ex.W_K, ex.W_V, ex.W_O))
+    numeric = multihead_attention(x, wq, wk, wv, wo, heads=2, is_causal=causal)
+    say(f"Exact symbolic layer vs numeric layer (symattn.multihead_attention): max |difference| = "
+        f"{np.max(np.abs(out - numeric)):.1e}")
+    passed = sum(p.passed for p in d.proofs)
+    say(f"{passed} of {len(d.proofs)} layer proofs passed (every weight and input gradient = plain "
+        f"differentiation of the whole layer)." + ("" if d.proved else " SOME PROOFS FAILED."))
+    return d
 
 
 def heatmap(result: RunResult, path: str) -> None:
@@ -97,7 +131,7 @@ def run(sentence: str | None = None, *, query: str | None = None, causal: bool =
     say(f"Q = X W_Q, K = X W_K, V = X W_V from exact embeddings X ({n} x {ex.X.cols}).\n")
     d = derive(spec, progress=progress)
     progress("evaluating the exact forward values")
-    values = exact_values(d, ex)
+    values = exact_values(d, {"Q": ex.Q, "K": ex.K, "V": ex.V})
     shown = {sym: sympy.Float(v.evalf(12), 4) for sym, v in values.items()}
     say(f"Forward steps for the query token \"{ex.tokens[i]}\" (i = {i}), LaTeX:\n")
     for number, step in enumerate(d.forward(), 1):
@@ -120,6 +154,7 @@ def run(sentence: str | None = None, *, query: str | None = None, causal: bool =
     if plot:
         heatmap(result, plot)
         say(f"Heatmap of all attention weights written to {plot}")
+    result = dataclasses.replace(result, layer=two_heads(ex, causal, say, progress))
     from .verification import verify
     progress("generating and verifying the kernels of this spec")
     report = verify(spec, progress=progress)

@@ -39,7 +39,7 @@ class VerifyReport:
     def __str__(self) -> str:
         head = f"  {'':<4} {'path vs symbolic':<22} {'max abs':>10} {'max rel':>10} {'rtol':>8} {'atol':>8}"
         lines = [f"verify {self.spec.name}", head]
-        for name in QUANTITIES:
+        for name in dict.fromkeys(c.tensor for c in self.comparisons):
             lines += [c.row() for c in self.comparisons if c.tensor == name]
         lines += [c.row() for c in self.gradcheck.comparisons]
         lines += ["FAILED: " + f for f in self.failures()]
@@ -53,22 +53,28 @@ def _inputs(spec: AttentionSpec, seed: int) -> dict[str, np.ndarray]:
     return {name: rng.integers(-16, 17, size=shape) / 8.0 for name, shape in shapes.items()}
 
 
-def symbolic_values(spec: AttentionSpec, inputs: dict[str, np.ndarray], digits: int = 40) -> dict[str, np.ndarray]:
-    """O, dQ, dK, dV from the explicit derivation at exact rational inputs, evaluated to `digits` digits."""
+def evaluate(d, inputs: dict[str, np.ndarray], keys, digits: int = 40) -> dict[str, np.ndarray]:
+    """Values of the steps `keys` of derivation `d` at dyadic inputs (k/8, exact), to `digits` digits.
+    Returns arrays keyed by tensor name (a layer's own tensors; a head's are keyed 'name^h')."""
     import sympy
-    d = derive(spec, prove=False)
     values = {d.table[name][ix]: sympy.Rational(int(round(x[ix] * 8)), 8)
               for name, x in inputs.items() for ix in np.ndindex(x.shape)}
     out = {}
-    for key in ("similarity", "scaling", "softmax", "output", "dV", "dP", "D", "dS", "dQ", "dK"):
+    for key in keys:
         step = d.step(key)
         array = np.empty(shape_of(step.explicit))
         for ix in np.ndindex(array.shape):
             value = step.explicit[ix].xreplace(values).evalf(digits)
-            values[d.table[step.tensor][ix]] = value
+            values[step.symbols[ix]] = value
             array[ix] = float(value)
-        out[step.tensor] = array
+        out[step.tensor + (f"^{step.tag}" if step.tag else "")] = array
     return out
+
+
+def symbolic_values(spec: AttentionSpec, inputs: dict[str, np.ndarray], digits: int = 40) -> dict[str, np.ndarray]:
+    """O, dQ, dK, dV from the explicit derivation at exact rational inputs, evaluated to `digits` digits."""
+    keys = ("similarity", "scaling", "softmax", "output", "dV", "dP", "D", "dS", "dQ", "dK")
+    return evaluate(derive(spec, prove=False), inputs, keys, digits)
 
 
 def _unrolled(spec, x, progress):
@@ -111,4 +117,88 @@ def verify(spec: AttentionSpec, *, seed: int = 0, progress: Progress = silent) -
     progress("verify: finite differences")
     fd = gradcheck(lambda q, k, v: attention(q, k, v, **kw), {"Q": x["Q"], "K": x["K"], "V": x["V"]},
                    lambda q, k, v, dO: attention_backward(q, k, v, dO, **kw), dO=x["dO"])
+    return VerifyReport(spec, comparisons, fd)
+
+
+# -- the multi-head layer ----------------------------------------------------------------------------------------
+
+LAYER_ARGS = {"X": "x", "Yin": "y", "Wq": "w_q", "Wk": "w_k", "Wv": "w_v", "Wo": "w_o", "bq": "b_q", "bk": "b_k",
+              "bv": "b_v", "bo": "b_o"}
+
+
+def _layer_inputs(spec, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    s = spec.sizes
+    shapes = {"X": (spec.n_q, spec.d_model), "Yin": (spec.n_k, spec.d_model), "Wq": (spec.d_model, s["hd_k"]),
+              "Wk": (spec.d_model, s["gd_k"]), "Wv": (spec.d_model, s["gd_v"]), "Wo": (s["hd_v"], spec.d_model),
+              "bq": (s["hd_k"],), "bk": (s["gd_k"],), "bv": (s["gd_v"],), "bo": (spec.d_model,),
+              "dOut": (spec.n_q, spec.d_model)}
+    used = ["X"] + ["Yin"] * spec.cross + ["Wq", "Wk", "Wv", "Wo"] + ["bq", "bk", "bv", "bo"] * spec.bias + ["dOut"]
+    return {name: rng.integers(-8, 9, size=shapes[name]) / 8.0 for name in used}
+
+
+def _layer_call(spec, x, dtype):
+    from .multihead_api import multihead_attention, multihead_attention_backward
+    args = {LAYER_ARGS[n]: v.astype(dtype) for n, v in x.items() if n != "dOut"}
+    a, kw = [args.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")], dict(heads=spec.heads, kv_heads=spec.kv_heads,
+                                                                          is_causal=spec.causal, scale=spec.scale_value)
+    out = multihead_attention(*a, **args, **kw)
+    return {"Out": out, **{"d" + n: g for n, g in _by_tensor(
+        multihead_attention_backward(*a, x["dOut"].astype(dtype), **args, **kw)).items()}}
+
+
+def _by_tensor(grads: dict) -> dict:
+    names = {v: k for k, v in LAYER_ARGS.items()}
+    return {names[k]: v for k, v in grads.items()}
+
+
+def verify_multihead(spec, *, seed: int = 0, progress: Progress = silent) -> VerifyReport:
+    """The layer four ways (symbolic, unrolled layer kernel, numeric API f64/f32, NumPy reference) and finite
+    differences of the numeric API for every input, weight and bias."""
+    from . import reference as ref
+    from .multihead import derive_multihead
+    x = _layer_inputs(spec, seed)
+    progress(f"verify: symbolic values of {spec.name}")
+    d = derive_multihead(spec, prove=False)
+    grads = ["d" + n for n in x if n != "dOut"]
+    keys = [s.key for s in d.steps if not s.is_input]
+    exact = evaluate(d, x, keys)
+    truth = {name: exact[name] for name in ["Out", *grads]}
+    paths = {}
+    progress("verify: unrolled layer kernels (generate and compile)")
+    module = load_unrolled(spec, progress=progress)
+    if module is not None:
+        inputs = [x[n][None] if n in ("X", "Yin") else x[n] for n in x if n != "dOut"]
+        out = np.empty((1, spec.n_q, spec.d_model))
+        getattr(module, f"{spec.name}_forward")(*inputs, out)
+        gs = [np.empty_like(a) for a in inputs]
+        getattr(module, f"{spec.name}_backward")(*inputs, x["dOut"][None], *gs)
+        values = {"Out": out[0], **{g: v[0] if g in ("dX", "dYin") else v for g, v in zip(grads, gs)}}
+        paths["unrolled kernel f64"] = (values, "float64")
+    progress("verify: numeric layer (loop kernels)")
+    paths["loop kernel f64"] = (_layer_call(spec, x, np.float64), "float64")
+    paths["loop kernel f32"] = (_layer_call(spec, x, np.float32), "float32")
+    args = {LAYER_ARGS[n]: v for n, v in x.items() if n != "dOut"}
+    a = [args.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")]
+    kw = dict(heads=spec.heads, kv_heads=spec.kv_heads, is_causal=spec.causal, scale=spec.scale_value)
+    paths["NumPy reference f64"] = ({"Out": ref.multihead_attention(*a, **args, **kw), **{
+        "d" + n: g for n, g in _by_tensor(ref.multihead_attention_backward(*a, x["dOut"], **args, **kw)).items()}},
+        "float64")
+    comparisons = tuple(compare(name, path, values[name], truth[name], *TOLERANCE[dtype])
+                        for path, (values, dtype) in paths.items() for name in truth)
+    progress("verify: finite differences")
+    from .multihead_api import multihead_attention, multihead_attention_backward
+    names = [n for n in x if n != "dOut"]
+
+    def f(*arrays):
+        named = {LAYER_ARGS[n]: v for n, v in zip(names, arrays)}
+        return multihead_attention(*[named.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")], **named, **kw)
+
+    def g(*arrays):
+        *arrays, dO = arrays
+        named = {LAYER_ARGS[n]: v for n, v in zip(names, arrays)}
+        got = multihead_attention_backward(*[named.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")], dO, **named,
+                                           **kw)
+        return [got[LAYER_ARGS[n]] for n in names]
+    fd = gradcheck(f, {n: x[n] for n in names}, g, dO=x["dOut"])
     return VerifyReport(spec, comparisons, fd)

@@ -12,7 +12,7 @@ import sympy
 
 from ..build import TENSORS, flat, shape_of
 from ..derive import Derivation
-from ..spec import EXPLICIT_LIMIT
+from ..spec import EXPLICIT_LIMIT, MultiHeadSpec
 from .printer import Block, NumbaPrinter, check_identifier, cse_block
 
 FORWARD = ("similarity", "scaling", "softmax", "output")
@@ -26,7 +26,9 @@ UNROLL_LIMIT = 64
 
 
 def pays_for(spec) -> bool:
-    """Unrolled kernels pay (and stay compilable) only at small sizes."""
+    """Unrolled kernels pay (and stay compilable) only at small sizes; a layer's only where it can be derived."""
+    if isinstance(spec, MultiHeadSpec):
+        return spec.explicit_cost <= 4 * EXPLICIT_LIMIT
     return max(spec.n_q, spec.n_k) * max(spec.d_k, spec.d_v) <= UNROLL_LIMIT and spec.explicit_cost <= EXPLICIT_LIMIT
 
 
