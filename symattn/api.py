@@ -71,6 +71,15 @@ def _bias(mask, dtype, n_q: int, n_k: int) -> np.ndarray:
     return mask.astype(dtype)
 
 
+def bias_rows(mask, dtype, n_q: int, n_k: int, batch_shape: tuple[int, ...]):
+    """Additive bias (Bm, n_q, n_k) of a mask (or an empty (0, 0, 0) array) and the bias row of every
+    flattened batch element of `batch_shape`."""
+    if mask is None:
+        return np.zeros((0, 0, 0), dtype=dtype), np.zeros(math.prod(batch_shape), dtype=np.int64)
+    bias = _bias(mask, dtype, n_q, n_k)
+    return _flat(bias), _rows(bias.shape[:-2], batch_shape)
+
+
 def _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=()) -> _Problem:
     q, k, v = _array("q", q), _array("k", k), _array("v", v)
     if not q.dtype == k.dtype == v.dtype:

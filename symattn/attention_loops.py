@@ -11,6 +11,8 @@ Shapes: Q (Bq, n_q, d_k), K (Bk, n_k, d_k), V (Bv, n_k, d_v), bias (Bm, n_q, n_k
     batch (B, 4) int64 rows [q, k, v, bias] of each flattened batch element, O and dO (B, n_q, d_v),
     LSE (B, n_q). masked_rows: 0 zero, 1 uniform, 2 nan (policy for rows with no visible key).
 Every kernel exists for float32 and float64 and as a serial and a prange-parallel driver.
+Row kernels softmax_rows / softmax_backward_rows work in place on score tiles that BLAS computed (the multi-head
+layer's path: S = QK^T and PV by BLAS, the softmax and dS = P * (dP - D) here, serially).
 """
 import math
 
@@ -186,6 +188,61 @@ def attention_forward_f32(Q, K, V, bias, batch, causal, scale, masked_rows, O, L
     """Serial driver over the batch elements."""
     for z in range(batch.shape[0]):
         _forward_one_f32(z, Q, K, V, bias, batch, causal, np.float32(scale), masked_rows, O, LSE)
+
+
+@numba.njit(cache=True, error_model='numpy', fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def softmax_rows_f32(S, bias, rows, causal, scale, masked_rows, LSE):
+    """In place: S (B, n_q, n_k) of dot products q_i . k_j becomes P; LSE (B, n_q) the row log-sum-exp.
+    bias (Bm, n_q, n_k) additive, row rows[z] for batch element z (Bm = 0: none). Serial: it runs between
+    BLAS calls, whose threads keep spinning on the other cores."""
+    n_q, n_k = S.shape[1], S.shape[2]
+    has_bias = bias.shape[0] > 0
+    for z in range(S.shape[0]):
+        for i in range(n_q):
+            stop = min(i + 1, n_k) if causal else n_k
+            m = -np.inf
+            for j in range(stop):
+                acc = S[z, i, j]
+                s = scale*acc
+                if has_bias:
+                    s += bias[rows[z], i, j]
+                S[z, i, j] = s
+                m = s if s > m or s != s else m
+            if m == -np.inf:  # no visible key: the masked_rows policy
+                LSE[z, i] = -np.inf
+                fill = np.float32(0.0) if masked_rows == 0 else (np.float32(1.0 / n_k) if masked_rows == 1 else np.float32(np.nan))
+                for j in range(n_k):
+                    S[z, i, j] = fill
+                continue
+            Z = np.float32(0.0)
+            for j in range(stop):
+                e = _exp_f32(S[z, i, j] - m)
+                S[z, i, j] = e
+                Z += e
+            inv = np.float32(1.0) / Z
+            for j in range(stop):
+                S[z, i, j] *= inv
+            for j in range(stop, n_k):
+                S[z, i, j] = 0.0
+            LSE[z, i] = m + math.log(Z)
+
+
+@numba.njit(cache=True, error_model='numpy', fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def softmax_backward_rows_f32(P, dP, D, LSE, scale, masked_rows):
+    """In place: dP (B, n_q, n_k) becomes the dQ/dK coefficient of dS = P * (dP - D), D (B, n_q) = rowsum(dO * O).
+    Rows with no visible key: 0 (zero or uniform policy: P does not depend on S) or NaN."""
+    for z in range(P.shape[0]):
+        for i in range(P.shape[1]):
+            D_i = D[z, i]
+            masked = LSE[z, i] == -np.inf
+            for j in range(P.shape[2]):
+                if masked:
+                    dP[z, i, j] = np.float32(np.nan) if masked_rows == 2 else np.float32(0.0)
+                else:
+                    p = P[z, i, j]
+                    dp = dP[z, i, j]
+                    ds = (-D_i + dp)*p
+                    dP[z, i, j] = scale*ds
 
 
 @numba.njit(cache=True, error_model='numpy', fastmath={'nsz', 'arcp', 'contract', 'reassoc'}, parallel=True)
@@ -369,6 +426,61 @@ def attention_forward_f64(Q, K, V, bias, batch, causal, scale, masked_rows, O, L
     """Serial driver over the batch elements."""
     for z in range(batch.shape[0]):
         _forward_one_f64(z, Q, K, V, bias, batch, causal, np.float64(scale), masked_rows, O, LSE)
+
+
+@numba.njit(cache=True, error_model='numpy', fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def softmax_rows_f64(S, bias, rows, causal, scale, masked_rows, LSE):
+    """In place: S (B, n_q, n_k) of dot products q_i . k_j becomes P; LSE (B, n_q) the row log-sum-exp.
+    bias (Bm, n_q, n_k) additive, row rows[z] for batch element z (Bm = 0: none). Serial: it runs between
+    BLAS calls, whose threads keep spinning on the other cores."""
+    n_q, n_k = S.shape[1], S.shape[2]
+    has_bias = bias.shape[0] > 0
+    for z in range(S.shape[0]):
+        for i in range(n_q):
+            stop = min(i + 1, n_k) if causal else n_k
+            m = -np.inf
+            for j in range(stop):
+                acc = S[z, i, j]
+                s = scale*acc
+                if has_bias:
+                    s += bias[rows[z], i, j]
+                S[z, i, j] = s
+                m = s if s > m or s != s else m
+            if m == -np.inf:  # no visible key: the masked_rows policy
+                LSE[z, i] = -np.inf
+                fill = np.float64(0.0) if masked_rows == 0 else (np.float64(1.0 / n_k) if masked_rows == 1 else np.float64(np.nan))
+                for j in range(n_k):
+                    S[z, i, j] = fill
+                continue
+            Z = np.float64(0.0)
+            for j in range(stop):
+                e = _exp_f64(S[z, i, j] - m)
+                S[z, i, j] = e
+                Z += e
+            inv = np.float64(1.0) / Z
+            for j in range(stop):
+                S[z, i, j] *= inv
+            for j in range(stop, n_k):
+                S[z, i, j] = 0.0
+            LSE[z, i] = m + math.log(Z)
+
+
+@numba.njit(cache=True, error_model='numpy', fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def softmax_backward_rows_f64(P, dP, D, LSE, scale, masked_rows):
+    """In place: dP (B, n_q, n_k) becomes the dQ/dK coefficient of dS = P * (dP - D), D (B, n_q) = rowsum(dO * O).
+    Rows with no visible key: 0 (zero or uniform policy: P does not depend on S) or NaN."""
+    for z in range(P.shape[0]):
+        for i in range(P.shape[1]):
+            D_i = D[z, i]
+            masked = LSE[z, i] == -np.inf
+            for j in range(P.shape[2]):
+                if masked:
+                    dP[z, i, j] = np.float64(np.nan) if masked_rows == 2 else np.float64(0.0)
+                else:
+                    p = P[z, i, j]
+                    dp = dP[z, i, j]
+                    ds = (-D_i + dp)*p
+                    dP[z, i, j] = scale*ds
 
 
 @numba.njit(cache=True, error_model='numpy', fastmath={'nsz', 'arcp', 'contract', 'reassoc'}, parallel=True)

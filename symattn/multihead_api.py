@@ -4,7 +4,10 @@ x (..., n_q, d_model); y (..., n_k, d_model) for cross-attention (default y = x)
 w_k (d_model, h_kv·d_k), w_v (d_model, h_kv·d_v), w_o (h·d_v, d_model); biases b_q (h·d_k,), b_k (h_kv·d_k,),
 b_v (h_kv·d_v,), b_o (d_model,). Heads are laid out (..., h_kv, h/h_kv, n, d) so a key/value group broadcasts
 over its heads (grouped-query attention) and its gradients sum over them. mask / is_causal / scale as in
-symattn.attention, shared by all heads.
+symattn.attention, shared by all heads. Each head's attention runs with BLAS for QK^T and PV and generated serial
+row kernels for the softmax and its backward (one thread pool at a time: BLAS's threads spin after each call and
+would steal the cores of a parallel Numba kernel); above TILE_BYTES of score tiles it streams rows through the
+loop kernels instead.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .api import _array, _unbroadcast, attention, attention_backward
+from . import kernels
+from .api import _array, _unbroadcast, attention, attention_backward, bias_rows
 from .errors import InputError
 
 
@@ -57,6 +61,14 @@ def _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases) -> _Layer:
     return _Layer(heads, kv_heads, d_k, d_v)
 
 
+def _check_options(scale, masked_rows) -> None:
+    """The options the layer's own attention core reads (the loop-kernel path checks them too)."""
+    if scale is not None and not (isinstance(scale, (int, float, np.floating)) and np.isfinite(scale) and scale > 0):
+        raise InputError(f"scale must be a positive finite number, got {scale!r}")
+    if masked_rows not in kernels.MASKED_ROWS:
+        raise InputError(f"masked_rows must be one of {', '.join(map(repr, kernels.MASKED_ROWS))}, got {masked_rows!r}")
+
+
 def _arrays(x, y, w_q, w_k, w_v, w_o, biases):
     x, w_q, w_k, w_v, w_o = (_array(n, a) for n, a in (("x", x), ("w_q", w_q), ("w_k", w_k), ("w_v", w_v), ("w_o", w_o)))
     y = None if y is None else _array("y", y)
@@ -89,19 +101,70 @@ def _mask(mask):
     return None if mask is None else np.asarray(mask)[..., None, None, :, :]  # shared by every head
 
 
+#: Above this many bytes of score tiles (all heads) the layer streams rows through the loop kernels instead.
+TILE_BYTES = 1 << 28
+
+
+def _tiles_fit(Q, K) -> bool:
+    return np.prod(np.broadcast_shapes(Q.shape[:-1], K.shape[:-2] + (1,))) * K.shape[-2] * Q.itemsize <= TILE_BYTES
+
+
+def _core_forward(Q, K, V, mask, is_causal, scale, masked_rows):
+    """Attention of every head with BLAS for QK^T and PV and the generated softmax_rows kernel between them
+    (serial, so it never competes with BLAS's spinning threads). Q (..., h_kv, R, n_q, d_k), K and V
+    (..., h_kv, 1, n_k, d): returns O (..., n_q, d_v), P (..., n_q, n_k) and LSE (..., n_q)."""
+    n_q, n_k = Q.shape[-2], K.shape[-2]
+    scale = 1.0 / np.sqrt(Q.shape[-1]) if scale is None else float(scale)
+    S = Q @ np.swapaxes(K, -1, -2)  # (..., h_kv, R, n_q, n_k), BLAS
+    bias, rows = bias_rows(mask, S.dtype, n_q, n_k, S.shape[:-2])
+    LSE = np.empty(S.shape[:-1], dtype=S.dtype)
+    kernel = getattr(kernels.loops, f"softmax_rows_{'f32' if S.dtype == np.float32 else 'f64'}")
+    kernel(S.reshape(-1, n_q, n_k), bias, rows, bool(is_causal), scale, kernels.MASKED_ROWS[masked_rows],
+           LSE.reshape(-1, n_q))
+    return S @ V, S, LSE  # O = P V, BLAS
+
+
+def _core_backward(Q, K, V, dO, mask, is_causal, scale, masked_rows):
+    """dQ (..., R, n_q, d_k), dK and dV summed over each group's heads (..., 1, n_k, d)."""
+    O, P, LSE = _core_forward(Q, K, V, mask, is_causal, scale, masked_rows)
+    scale = 1.0 / np.sqrt(Q.shape[-1]) if scale is None else float(scale)
+    n_q, n_k = P.shape[-2:]
+    dV = (np.swapaxes(P, -1, -2) @ dO).sum(axis=-3, keepdims=True)  # P^T dO
+    dP = dO @ np.swapaxes(V, -1, -2)  # dO V^T
+    D = np.sum(dO * O, axis=-1)  # rowsum(dO * O)
+    kernel = getattr(kernels.loops, f"softmax_backward_rows_{'f32' if P.dtype == np.float32 else 'f64'}")
+    kernel(P.reshape(-1, n_q, n_k), dP.reshape(-1, n_q, n_k), np.ascontiguousarray(D).reshape(-1, n_q),
+           LSE.reshape(-1, n_q), scale, kernels.MASKED_ROWS[masked_rows])  # dP <- scale * dS
+    return dP @ K, (np.swapaxes(dP, -1, -2) @ Q).sum(axis=-3, keepdims=True), dV
+
+
+def _attention(Q, K, V, mask, is_causal, scale, masked_rows):
+    if _tiles_fit(Q, K):
+        return _core_forward(Q, K, V, mask, is_causal, scale, masked_rows)[0]
+    return attention(Q, K, V, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
+
+
+def _attention_backward(Q, K, V, dO, mask, is_causal, scale, masked_rows):
+    if _tiles_fit(Q, K):
+        return _core_backward(Q, K, V, dO, mask, is_causal, scale, masked_rows)
+    return attention_backward(Q, K, V, dO, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
+
+
 def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
-                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None) -> np.ndarray:
+                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero") -> np.ndarray:
     """Concat(head_0..head_{h-1}) w_o (+ b_o), shape (..., n_q, d_model)."""
     biases = dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
     x, y, w_q, w_k, w_v, w_o, biases = _arrays(x, y, w_q, w_k, w_v, w_o, biases)
     layer = _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases)
+    _check_options(scale, masked_rows)
     Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
-    C = _merge(attention(Q, K, V, mask=_mask(mask), is_causal=is_causal, scale=scale))  # (..., n_q, h·d_v)
+    C = _merge(_attention(Q, K, V, _mask(mask), is_causal, scale, masked_rows))  # (..., n_q, h·d_v)
     return C @ w_o + (0 if biases["b_o"] is None else biases["b_o"])
 
 
 def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_heads=None, y=None, mask=None,
-                                 is_causal=False, scale=None, b_q=None, b_k=None, b_v=None, b_o=None) -> dict:
+                                 is_causal=False, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
+                                 masked_rows="zero") -> dict:
     """Gradients of L = Σ d_out∘multihead_attention(...), keyed by argument name (x, y, w_*, b_* given)."""
     biases = dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
     x, y, w_q, w_k, w_v, w_o, biases = _arrays(x, y, w_q, w_k, w_v, w_o, biases)
@@ -112,12 +175,13 @@ def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_head
         raise InputError(f"d_out must have the output's shape {expected}, got {d_out.shape}")
     if d_out.dtype != x.dtype:
         raise InputError(f"d_out must have the dtype of x ({x.dtype}), got {d_out.dtype}")
+    _check_options(scale, masked_rows)
     Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
-    kw = dict(mask=_mask(mask), is_causal=is_causal, scale=scale)
-    C = _merge(attention(Q, K, V, **kw))  # (..., n_q, h·d_v)
+    options = (_mask(mask), is_causal, scale, masked_rows)
+    C = _merge(_attention(Q, K, V, *options))  # (..., n_q, h·d_v)
     dC = d_out @ w_o.T  # (..., n_q, h·d_v)
     dO = _split(dC, layer.kv_heads, layer.heads // layer.kv_heads, layer.d_v)
-    dQ, dK, dV = attention_backward(Q, K, V, dO, **kw)  # dK, dV summed over each group's heads
+    dQ, dK, dV = _attention_backward(Q, K, V, dO, *options)  # dK, dV summed over each group's heads
     dQp, dKp, dVp = _merge(dQ), _merge(dK), _merge(dV)
     src = x if y is None else y
 

@@ -79,25 +79,27 @@ def _sum_to(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
-                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None):
+                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero"):
     """The layer, one head at a time: head i reads its column block of Q̂ and group ⌊i·kv_heads/heads⌋."""
-    return _multihead(x, w_q, w_k, w_v, w_o, None, heads, kv_heads, y, mask, is_causal, scale, b_q, b_k, b_v, b_o)
+    return _multihead(x, w_q, w_k, w_v, w_o, None, heads, kv_heads, y, dict(mask=mask, is_causal=is_causal,
+                      scale=scale, masked_rows=masked_rows), b_q, b_k, b_v, b_o)
 
 
 def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_heads=None, y=None, mask=None,
-                                 is_causal=False, scale=None, b_q=None, b_k=None, b_v=None, b_o=None) -> dict:
+                                 is_causal=False, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
+                                 masked_rows="zero") -> dict:
     """Gradients of L = Σ d_out∘layer(...) keyed by argument name."""
-    return _multihead(x, w_q, w_k, w_v, w_o, d_out, heads, kv_heads, y, mask, is_causal, scale, b_q, b_k, b_v, b_o)
+    return _multihead(x, w_q, w_k, w_v, w_o, d_out, heads, kv_heads, y, dict(mask=mask, is_causal=is_causal,
+                      scale=scale, masked_rows=masked_rows), b_q, b_k, b_v, b_o)
 
 
-def _multihead(x, w_q, w_k, w_v, w_o, d_out, heads, kv_heads, y, mask, is_causal, scale, b_q, b_k, b_v, b_o):
+def _multihead(x, w_q, w_k, w_v, w_o, d_out, heads, kv_heads, y, kw, b_q, b_k, b_v, b_o):
     kv_heads = heads if kv_heads is None else kv_heads
     src = x if y is None else y
     d_k, d_v = w_q.shape[1] // heads, w_v.shape[1] // kv_heads
     Qp = x @ w_q + (0 if b_q is None else b_q)  # (..., n_q, h·d_k)
     Kp = src @ w_k + (0 if b_k is None else b_k)  # (..., n_k, h_kv·d_k)
     Vp = src @ w_v + (0 if b_v is None else b_v)  # (..., n_k, h_kv·d_v)
-    kw = dict(mask=mask, is_causal=is_causal, scale=scale)
 
     def head(i):
         g = i * kv_heads // heads
