@@ -21,7 +21,7 @@ def evaluate_steps(d, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         result = np.empty(shape)
         for ix in np.ndindex(shape):
             value = step.explicit[ix].xreplace(values)
-            values[d.table[step.tensor][ix]] = value
+            values[step.symbols[ix]] = value
             result[ix] = float(value)
         out[step.key] = result
     return out

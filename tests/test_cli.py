@@ -32,13 +32,16 @@ def test_derive_formats_to_file(tmp_path, capsys, fmt, marker):
     (["derive", "--n-q", "2", "--n-k", "2", "--d-k", "2", "--format", "pdf"], "invalid choice"),
     (["derive", "--n-q", "2", "--n-k", "2", "--d-k", "2", "--query", "5"], "--query must be in 0..1"),
     (["deriv"], "invalid choice"),
-    (["derive", "--n-q", "2"], "required"),
+    (["derive", "--n-q", "2"], "give --n-k and --d-k (one head), or --d-model and --heads"),
+    (["derive", "--n-q", "2", "--heads", "2"], "a multi-head layer needs --d-model and --heads"),
+    (["derive", "--n-q", "3", "--d-model", "6", "--heads", "4"], "d_model (6) is not divisible by heads (4)"),
+    (["derive", "--n-q", "3", "--d-model", "4", "--heads", "4", "--kv-heads", "3"], "kv_heads must divide heads"),
     (["run", "--query", "dog"], "not in the sentence"),
     (["run", "--sentence", "   "], "no tokens"),
     (["run", "--d-k", "0"], "positive integer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
-    with pytest.raises(SystemExit) if message in ("invalid int value", "invalid choice", "required") else _no_raise():
+    with pytest.raises(SystemExit) if message in ("invalid int value", "invalid choice") else _no_raise():
         code = main(argv)
         assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -68,9 +71,18 @@ def test_run_main_job(capsys, tmp_path):
     assert '"The cat sat on the mat" (6 tokens)' in out
     assert "Forward steps for the query token \"sat\" (i = 2)" in out
     assert r"\tilde{s}_{2,0}" in out and "p_{2,5}" in out  # LaTeX of the steps for "sat"
-    table = re.findall(r"^\s+(\d)\s+(\S+)\s+(-?\d+\.\d+)\s+(\d\.\d+)$", out, flags=re.M)
+    single, layer = out.split("Two heads:")
+    table = re.findall(r"^\s+(\d)\s+(\S+)\s+(-?\d+\.\d+)\s+(\d\.\d+)$", single, flags=re.M)
     assert [t[1] for t in table] == ["The", "cat", "sat", "on", "the", "mat"]
     assert abs(sum(float(t[3]) for t in table) - 1) < 1e-3
+    heads = re.findall(r"^\s+(\d)\s+(\S+)\s+(\d\.\d+)\s+(\d\.\d+)$", layer, flags=re.M)
+    assert [t[1] for t in heads] == ["The", "cat", "sat", "on", "the", "mat"]
+    for h in (2, 3):  # each head's weights for "sat" sum to 1, and the two heads differ
+        assert abs(sum(float(t[h]) for t in heads) - 1) < 1e-3
+    assert [t[2] for t in heads] != [t[3] for t in heads]
+    assert re.search(r'Layer output z for "sat": \[(-?\d\.\d+, ){3}-?\d\.\d+\]', layer)
+    assert re.search(r"(\d+) of \1 layer proofs passed", layer)
+    assert re.search(r"numeric layer \(symattn.multihead_attention\): max \|difference\| = \d\.\de-1[5-9]", layer)
     assert re.search(r"(\d+) of \1 proofs passed\.", out)
     assert "derive 16/16" in captured.err  # progress
     assert plot.stat().st_size > 5_000 and plot.read_bytes()[:4] == b"\x89PNG"

@@ -38,7 +38,7 @@ def test_generation_is_deterministic_across_processes():
     assert len(outs) == 1
 
 
-@pytest.mark.parametrize("spec", STANDARD_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [s for s in STANDARD_SPECS if isinstance(s, AttentionSpec)], ids=lambda s: s.name)
 def test_headers_and_layout(spec):
     files = render(spec)
     text = files[f"{spec.name}.py"]

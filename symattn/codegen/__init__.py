@@ -15,10 +15,10 @@ from .loop import LOOP_MODULE, render as render_loops
 from .templates import HEADER, LAYER_FILE, LAYER_KERNEL, UNROLLED_FILE, UNROLLED_KERNEL, decorator
 from .unrolled import UNROLL_LIMIT, KernelCode, kernel_code, pays_for
 
-#: The specs whose kernels are committed in generated/: the embedded default (plain and causal) and
-#: the benchmark's and tests' small shapes.
+#: The specs whose kernels are committed in generated/: the embedded default (plain and causal), the
+#: benchmark's and tests' small shapes, and the default two-head layer and a grouped-query layer.
 STANDARD_SPECS = (AttentionSpec(6, 6, 4), AttentionSpec(6, 6, 4, mask="causal"), AttentionSpec(5, 5, 2),
-                  AttentionSpec(3, 4, 2, 3))
+                  AttentionSpec(3, 4, 2, 3), MultiHeadSpec(6, 4, 2), MultiHeadSpec(3, 4, 2, kv_heads=1))
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REPO_GENERATED = PACKAGE_DIR.parent / "generated"
 
@@ -109,7 +109,7 @@ def committed_files(progress: Progress = silent) -> dict[Path, str]:
     """Every generated file the repository commits: generated/ and the package's loop kernels."""
     files = {PACKAGE_DIR / f"{LOOP_MODULE}.py": render_loops()}  # the copy the numeric API imports
     for spec in STANDARD_SPECS:
-        files[REPO_GENERATED / f"{spec.name}.py"] = render_unrolled(spec, progress)
+        files[REPO_GENERATED / f"{spec.name}.py"] = render(spec, progress)[f"{spec.name}.py"]
     return files
 
 
