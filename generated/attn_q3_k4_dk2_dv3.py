@@ -11,7 +11,7 @@ import math
 
 import numba
 
-SPEC = {'n_q': 3, 'n_k': 4, 'd_k': 2, 'd_v': 3, 'mask': 'none', 'scale': None}
+SPEC = {'n_q': 3, 'n_k': 4, 'd_k': 2, 'd_v': 3, 'scale': None, 'mask': 'none', 'masked_rows': 'zero', 'dtype': 'float64'}
 FORWARD_OPS = 171
 BACKWARD_OPS = 424
 

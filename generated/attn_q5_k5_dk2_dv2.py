@@ -11,7 +11,7 @@ import math
 
 import numba
 
-SPEC = {'n_q': 5, 'n_k': 5, 'd_k': 2, 'd_v': 2, 'mask': 'none', 'scale': None}
+SPEC = {'n_q': 5, 'n_k': 5, 'd_k': 2, 'd_v': 2, 'scale': None, 'mask': 'none', 'masked_rows': 'zero', 'dtype': 'float64'}
 FORWARD_OPS = 313
 BACKWARD_OPS = 748
 

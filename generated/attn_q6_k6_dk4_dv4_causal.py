@@ -11,7 +11,7 @@ import math
 
 import numba
 
-SPEC = {'n_q': 6, 'n_k': 6, 'd_k': 4, 'd_v': 4, 'mask': 'causal', 'scale': None}
+SPEC = {'n_q': 6, 'n_k': 6, 'd_k': 4, 'd_v': 4, 'scale': None, 'mask': 'causal', 'masked_rows': 'zero', 'dtype': 'float64'}
 FORWARD_OPS = 395
 BACKWARD_OPS = 1074
 

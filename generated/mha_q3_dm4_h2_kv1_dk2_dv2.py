@@ -13,7 +13,7 @@ import math
 
 import numba
 
-SPEC = {'n_q': 3, 'n_k': 3, 'd_model': 4, 'heads': 2, 'kv_heads': 1, 'd_k': 2, 'd_v': 2, 'cross': False, 'bias': False, 'mask': 'none', 'scale': None}
+SPEC = {'n_q': 3, 'd_model': 4, 'heads': 2, 'n_k': 3, 'kv_heads': 1, 'd_k': 2, 'd_v': 2, 'cross': False, 'bias': False, 'scale': None, 'mask': 'none'}
 FORWARD_OPS = 471
 BACKWARD_OPS = 1209
 

@@ -4,16 +4,18 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
 
 from ..derive import derive
 from ..errors import SymattnError
+from ..multihead import derive_multihead
 from ..progress import Progress, silent
 from ..spec import AttentionSpec, MultiHeadSpec
 from .loop import LOOP_MODULE, render as render_loops
 from .templates import HEADER, LAYER_FILE, LAYER_KERNEL, UNROLLED_FILE, UNROLLED_KERNEL, decorator
-from .unrolled import UNROLL_LIMIT, KernelCode, kernel_code, pays_for
+from .unrolled import KernelCode, kernel_code, pays_for
 
 #: The specs whose kernels are committed in generated/: the embedded default (plain and causal), the
 #: benchmark's and tests' small shapes, and the default two-head layer and a grouped-query layer.
@@ -40,46 +42,34 @@ def _kernel(code: KernelCode, doc: str, batched: bool = False) -> str:
     return LAYER_KERNEL.substitute(fields, zero=zero, first=code.arguments[0])
 
 
-def render_unrolled(spec: AttentionSpec, progress: Progress = silent) -> str:
-    """Source of the unrolled forward and backward kernels of `spec` (deterministic)."""
-    d = derive(spec, prove=False)
-    progress(f"generate: unrolled forward of {spec.name}")
-    forward = kernel_code(d, "forward")
-    progress(f"generate: unrolled backward of {spec.name}")
-    backward = kernel_code(d, "backward")
-    kernels = (_kernel(forward, "Writes O = softmax(scale Q K^T) V for Q, K, V")
-               + _kernel(backward, "Writes dQ, dK, dV of L = sum(dO * O) for Q, K, V, dO"))
-    spec_dict = {**spec.sizes, "mask": spec.mask, "scale": None if spec.scale is None else str(spec.scale)}
-    return UNROLLED_FILE.substitute(
-        header=HEADER.substitute(source=repr(spec), command=command(spec)), title=spec.title, kernels=kernels,
-        spec=repr(spec_dict), forward_ops=forward.block.ops, backward_ops=backward.block.ops, **spec.sizes)
+DOCS = {  # (forward, backward) kernel docstrings
+    False: ("Writes O = softmax(scale Q K^T) V for Q, K, V", "Writes dQ, dK, dV of L = sum(dO * O) for Q, K, V, dO"),
+    True: ("Writes Z (batch, n_q, d_model) of the layer", "Writes dx (and dy), dW_Q, dW_K, dW_V, dW_O (and bias "
+                                                          "gradients) of L = sum(dZ * Z)"),
+}
 
 
-def render_layer(spec: MultiHeadSpec, progress: Progress = silent) -> str:
-    """Source of the unrolled forward and backward kernels of a multi-head layer (deterministic)."""
-    from ..multihead import derive_multihead
-    d = derive_multihead(spec, prove=False)
-    progress(f"generate: unrolled layer forward of {spec.name}")
-    forward = kernel_code(d, "forward")
-    progress(f"generate: unrolled layer backward of {spec.name}")
-    backward = kernel_code(d, "backward")
-    kernels = (_kernel(forward, "Writes Z (batch, n_q, d_model) of the layer", batched=True)
-               + _kernel(backward, "Writes dx (and dy), dW_Q, dW_K, dW_V, dW_O (and bias gradients) of "
-                                   "L = sum(dZ * Z)", batched=True))
-    spec_dict = {"n_q": spec.n_q, "n_k": spec.n_k, "d_model": spec.d_model, "heads": spec.heads,
-                 "kv_heads": spec.kv_heads, "d_k": spec.d_k, "d_v": spec.d_v, "cross": spec.cross, "bias": spec.bias,
-                 "mask": spec.mask, "scale": None if spec.scale is None else str(spec.scale)}
-    return LAYER_FILE.substitute(
+def render_unrolled(spec, progress: Progress = silent) -> str:
+    """Source of the unrolled forward and backward kernels of a single head or a multi-head layer."""
+    layer = isinstance(spec, MultiHeadSpec)
+    d = (derive_multihead if layer else derive)(spec, prove=False)
+    code = {}
+    for kind in ("forward", "backward"):
+        progress(f"generate: unrolled {kind} of {spec.name}")
+        code[kind] = kernel_code(d, kind)
+    kernels = "".join(_kernel(code[kind], doc, batched=layer) for kind, doc in zip(code, DOCS[layer]))
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "_"}
+    fields["scale"] = None if spec.scale is None else str(spec.scale)
+    return (LAYER_FILE if layer else UNROLLED_FILE).substitute(
         header=HEADER.substitute(source=repr(spec), command=command(spec)), title=spec.title, kernels=kernels,
-        spec=repr(spec_dict), forward_ops=forward.block.ops, backward_ops=backward.block.ops, **spec.sizes)
+        spec=repr(fields), forward_ops=code["forward"].block.ops, backward_ops=code["backward"].block.ops,
+        **spec.sizes)
 
 
 def render(spec, progress: Progress = silent) -> dict[str, str]:
     """File name -> source for `spec`: its unrolled kernels where they pay, and the loop kernels."""
     files = {f"{LOOP_MODULE}.py": render_loops()}
-    if isinstance(spec, MultiHeadSpec):
-        files[f"{spec.name}.py"] = render_layer(spec, progress)
-    elif pays_for(spec):
+    if pays_for(spec):
         files[f"{spec.name}.py"] = render_unrolled(spec, progress)
     return files
 
