@@ -5,6 +5,11 @@ bias (Bm, n_q, n_k) or (0, 0, 0), batch (B, 4) rows of each flattened batch elem
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from . import attention_loops as loops
@@ -45,10 +50,8 @@ def backward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str,
     return dQ, dK, dV
 
 
-def cache_dir() -> "Path":
+def cache_dir() -> Path:
     """Where verify/bench keep generated unrolled kernels: $SYMATTN_CACHE or ~/.cache/symattn/kernels."""
-    import os
-    from pathlib import Path
     return Path(os.environ.get("SYMATTN_CACHE") or Path.home() / ".cache" / "symattn") / "kernels"
 
 
@@ -56,9 +59,7 @@ def load_unrolled(spec, folder=None, progress=None):
     """The module of `spec`'s unrolled kernels, generated into `folder` (default: cache_dir()) if needed.
 
     Returns None where unrolled kernels do not pay (see codegen.unrolled.UNROLL_LIMIT)."""
-    import importlib.util
-    import sys
-    from .codegen import generate
+    from .codegen import generate  # codegen needs SymPy: loaded only when kernels must be written
     from .codegen.unrolled import pays_for
     if not pays_for(spec):
         return None

@@ -10,6 +10,7 @@ import itertools
 import sympy
 from sympy.printing.latex import LatexPrinter
 
+from .build import TENSORS
 from .derive import Derivation, Step
 
 #: Steps with more explicit entries than this print only query row `0` unless asked otherwise.
@@ -26,7 +27,6 @@ def tex_escape(text: str) -> str:
 
 
 def printer(d: Derivation) -> LatexPrinter:
-    from .build import TENSORS
     names = {t.label: t.latex for t in TENSORS.values()}
     if d.table is not None:
         names.update(d.table.latex_names)
@@ -37,7 +37,6 @@ def _entries(step: Step, query: int | None, max_entries: int | None):
     """(index, value) pairs to show, and how many were left out."""
     array = step.explicit
     indices = list(itertools.product(*(range(n) for n in array.shape)))
-    from .build import TENSORS
     by_query = TENSORS[step.tensor].dims[0] == "n_q"
     if query is not None and by_query:  # one query row on purpose: nothing counts as omitted
         return [(ix, array[ix]) for ix in indices if ix[0] == query], 0
@@ -82,7 +81,6 @@ def equation_parts(d: Derivation, step: Step, *, query: int | None = None,
 
 def _input_matrix(d: Derivation, step: Step, query: int | None) -> sympy.Eq:
     """`Q = [q_{0,0} ...]`, or the row of one query."""
-    from .build import TENSORS
     tensor = TENSORS[step.tensor]
     matrix = _as_matrix(step.symbols)
     if query is not None and tensor.dims[0] == "n_q":

@@ -12,7 +12,7 @@ import dataclasses
 
 import sympy
 
-from .build import DIMS, SIZES, TENSORS, SymbolTable, c, i, j, m
+from .build import DIMS, INDEX_OF_DIM, SIZES, TENSORS, SymbolTable, c, i, j, m
 from .derive import Derivation, Progress, Step, derive
 from .spec import MultiHeadSpec
 
@@ -234,7 +234,6 @@ def derive_multihead(spec: MultiHeadSpec, *, explicit: bool = True, prove: bool 
 
 
 def _index(tensor: str) -> tuple:
-    from .build import INDEX_OF_DIM
     return tuple(INDEX_OF_DIM[d] for d in TENSORS[tensor].dims)
 
 

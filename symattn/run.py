@@ -14,7 +14,10 @@ from .derive import Derivation, derive
 from .example import Example, example
 from .latex import proof_lines, step_latex
 from .progress import Progress, silent
-from .spec import AttentionSpec
+from .multihead import derive_multihead
+from .multihead_api import multihead_attention
+from .spec import AttentionSpec, MultiHeadSpec
+from .verification import verify
 
 Say = Callable[[str], None]
 
@@ -66,8 +69,6 @@ def _weights_table(ex: Example, d: Derivation, values: dict) -> list[str]:
 
 def two_heads(ex: Example, causal: bool, say: Say, progress: Progress) -> Derivation:
     """The same sentence through a two-head layer: each head's weights for the query token, the output."""
-    from .multihead import derive_multihead
-    from .spec import MultiHeadSpec
     n, i = len(ex.tokens), ex.query
     if ex.W_Q.cols % 2 or ex.W_V.cols % 2:
         say("\n(two-head layer skipped: d_k and d_v must be even to split into two heads)")
@@ -85,7 +86,6 @@ def two_heads(ex: Example, causal: bool, say: Say, progress: Progress) -> Deriva
         say(f"  {j:>2}  {token:<12}{cells}")
     out = np.array([[float(values[d.table["Out"][r, m]]) for m in range(spec.d_model)] for r in range(n)])
     say(f"Layer output z for \"{ex.tokens[i]}\": [" + ", ".join(f"{x:.4f}" for x in out[i]) + "]")
-    from .multihead_api import multihead_attention
     x, wq, wk, wv, wo = (np.array(M, dtype=float) for M in (ex.X, ex.W_Q, ex.W_K, ex.W_V, ex.W_O))
     numeric = multihead_attention(x, wq, wk, wv, wo, heads=2, is_causal=causal)
     say(f"Exact symbolic layer vs numeric layer (symattn.multihead_attention): max |difference| = "
@@ -155,7 +155,6 @@ def run(sentence: str | None = None, *, query: str | None = None, causal: bool =
         heatmap(result, plot)
         say(f"Heatmap of all attention weights written to {plot}")
     result = dataclasses.replace(result, layer=two_heads(ex, causal, say, progress))
-    from .verification import verify
     progress("generating and verifying the kernels of this spec")
     report = verify(spec, progress=progress)
     say(f"\nGenerated kernels of {spec.name} checked four ways (symbolic, unrolled, loop, NumPy) "

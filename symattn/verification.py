@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import sympy
 
 from . import reference
 from .api import attention, attention_backward
@@ -16,6 +17,8 @@ from .build import shape_of
 from .derive import derive
 from .finite_differences import Comparison, GradcheckReport, compare, gradcheck
 from .kernels import load_unrolled
+from .multihead import derive_multihead
+from .multihead_api import multihead_attention, multihead_attention_backward
 from .progress import Progress, silent
 from .spec import AttentionSpec
 
@@ -56,7 +59,6 @@ def _inputs(spec: AttentionSpec, seed: int) -> dict[str, np.ndarray]:
 def evaluate(d, inputs: dict[str, np.ndarray], keys, digits: int = 40) -> dict[str, np.ndarray]:
     """Values of the steps `keys` of derivation `d` at dyadic inputs (k/8, exact), to `digits` digits.
     Returns arrays keyed by tensor name (a layer's own tensors; a head's are keyed 'name^h')."""
-    import sympy
     values = {d.table[name][ix]: sympy.Rational(int(round(x[ix] * 8)), 8)
               for name, x in inputs.items() for ix in np.ndindex(x.shape)}
     out = {}
@@ -138,7 +140,6 @@ def _layer_inputs(spec, seed: int) -> dict[str, np.ndarray]:
 
 
 def _layer_call(spec, x, dtype):
-    from .multihead_api import multihead_attention, multihead_attention_backward
     args = {LAYER_ARGS[n]: v.astype(dtype) for n, v in x.items() if n != "dOut"}
     a, kw = [args.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")], dict(heads=spec.heads, kv_heads=spec.kv_heads,
                                                                           is_causal=spec.causal, scale=spec.scale_value)
@@ -155,8 +156,6 @@ def _by_tensor(grads: dict) -> dict:
 def verify_multihead(spec, *, seed: int = 0, progress: Progress = silent) -> VerifyReport:
     """The layer four ways (symbolic, unrolled layer kernel, numeric API f64/f32, NumPy reference) and finite
     differences of the numeric API for every input, weight and bias."""
-    from . import reference as ref
-    from .multihead import derive_multihead
     x = _layer_inputs(spec, seed)
     progress(f"verify: symbolic values of {spec.name}")
     d = derive_multihead(spec, prove=False)
@@ -181,13 +180,12 @@ def verify_multihead(spec, *, seed: int = 0, progress: Progress = silent) -> Ver
     args = {LAYER_ARGS[n]: v for n, v in x.items() if n != "dOut"}
     a = [args.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")]
     kw = dict(heads=spec.heads, kv_heads=spec.kv_heads, is_causal=spec.causal, scale=spec.scale_value)
-    paths["NumPy reference f64"] = ({"Out": ref.multihead_attention(*a, **args, **kw), **{
-        "d" + n: g for n, g in _by_tensor(ref.multihead_attention_backward(*a, x["dOut"], **args, **kw)).items()}},
+    paths["NumPy reference f64"] = ({"Out": reference.multihead_attention(*a, **args, **kw), **{
+        "d" + n: g for n, g in _by_tensor(reference.multihead_attention_backward(*a, x["dOut"], **args, **kw)).items()}},
         "float64")
     comparisons = tuple(compare(name, path, values[name], truth[name], *TOLERANCE[dtype])
                         for path, (values, dtype) in paths.items() for name in truth)
     progress("verify: finite differences")
-    from .multihead_api import multihead_attention, multihead_attention_backward
     names = [n for n in x if n != "dOut"]
 
     def f(*arrays):
