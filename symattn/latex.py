@@ -28,6 +28,7 @@ def tex_escape(text: str) -> str:
 
 def printer(d: Derivation) -> LatexPrinter:
     names = {t.label: t.latex for t in TENSORS.values()}
+    names.update({t.matrix_symbol(): t.latex for t in TENSORS.values() if len(t.dims) <= 2})  # matrix forms
     if d.table is not None:
         names.update(d.table.latex_names)
     return LatexPrinter({"symbol_names": names, "mat_str": "bmatrix", "mat_delim": ""})

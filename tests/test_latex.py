@@ -54,3 +54,10 @@ def test_standalone_document_compiles_with_pdflatex(d, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:]
     assert (tmp_path / "derivation.pdf").stat().st_size > 10_000
+
+
+def test_layer_latex_uses_math_names():
+    from symattn import MultiHeadSpec, derive_multihead
+    latex = derive_multihead(MultiHeadSpec(2, 4, 2, bias=True), prove=False).to_latex()
+    assert r"W_Q &= \begin{bmatrix}w^{Q}_{0,0}" in latex and r"\hat{Q} &= x W_Q" in latex
+    assert "Wq" not in latex and "dWq" not in latex
