@@ -50,8 +50,22 @@ def backward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str,
     return dQ, dK, dV
 
 
+def _fingerprint() -> str:
+    """Hash of symattn's own source: generated kernels are cached per generator version."""
+    import hashlib
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_dir() -> Path:
-    """Where verify/bench keep generated unrolled kernels: $SYMATTN_CACHE or ~/.cache/symattn/kernels."""
+    """Where verify/bench keep generated unrolled kernels: $SYMATTN_CACHE or ~/.cache/symattn/kernels/<fingerprint>
+    (a changed generator never reuses kernels written by an older one)."""
+    return _cache_root() / _fingerprint()
+
+
+def _cache_root() -> Path:
     return Path(os.environ.get("SYMATTN_CACHE") or Path.home() / ".cache" / "symattn") / "kernels"
 
 

@@ -181,7 +181,7 @@ def derive_multihead(spec: MultiHeadSpec, *, explicit: bool = True, prove: bool 
                    "K": _columns(t.matrix("Kp"), g * spec.d_k, spec.d_k),
                    "V": _columns(t.matrix("Vp"), g * spec.d_v, spec.d_v),
                    "dO": _columns(t.matrix("dC"), h * spec.d_v, spec.d_v)}
-        heads.append(t.child(spec.head(h), str(h), aliases))
+        heads.append(t.child(spec.head, str(h), aliases))
     src = _source(spec)
     builders = {
         "project_q": lambda: layer.matmul("X", "Wq", bias="bq"), "project_k": lambda: layer.matmul(src, "Wk", bias="bk"),
@@ -206,7 +206,7 @@ def derive_multihead(spec: MultiHeadSpec, *, explicit: bool = True, prove: bool 
     def head_steps(keys: tuple[str, ...]) -> list[Step]:
         out = []
         for h, table in enumerate(heads):
-            d = derive(spec.head(h), explicit=explicit, prove=False, table=table if explicit else None)
+            d = derive(spec.head, explicit=explicit, prove=False, table=table if explicit else None)
             out += [dataclasses.replace(d.step(k), key=f"h{h}.{k}", title=f"Head {h}: {d.step(k).title}", tag=str(h))
                     for k in keys]
         return out

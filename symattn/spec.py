@@ -199,7 +199,8 @@ class MultiHeadSpec:
         object.__setattr__(self, "scale", parse_scale(self.scale))
         _choice("mask", self.mask, MASKS, name)
 
-    def head(self, i: int) -> AttentionSpec:
+    @property
+    def head(self) -> AttentionSpec:
         """The single-head spec every head shares."""
         return AttentionSpec(self.n_q, self.n_k, self.d_k, self.d_v, scale=self.scale, mask=self.mask)
 
@@ -213,7 +214,7 @@ class MultiHeadSpec:
 
     @property
     def scale_exact(self) -> sympy.Expr:
-        return self.head(0).scale_exact
+        return self.head.scale_exact
 
     @property
     def scale_value(self) -> float:
@@ -233,7 +234,7 @@ class MultiHeadSpec:
     def explicit_cost(self) -> int:
         """Scalar products of the expanded layer: projections plus every head's attention."""
         projections = (self.n_q + 2 * self.n_k) * self.d_model * self.heads * max(self.d_k, self.d_v) * 2
-        return projections + self.heads * self.head(0).explicit_cost
+        return projections + self.heads * self.head.explicit_cost
 
     def check_explicit(self) -> None:
         if self.explicit_cost > 4 * EXPLICIT_LIMIT:

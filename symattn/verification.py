@@ -139,13 +139,21 @@ def _layer_inputs(spec, seed: int) -> dict[str, np.ndarray]:
     return {name: rng.integers(-8, 9, size=shapes[name]) / 8.0 for name in used}
 
 
-def _layer_call(spec, x, dtype):
-    args = {LAYER_ARGS[n]: v.astype(dtype) for n, v in x.items() if n != "dOut"}
-    a, kw = [args.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")], dict(heads=spec.heads, kv_heads=spec.kv_heads,
-                                                                          is_causal=spec.causal, scale=spec.scale_value)
-    out = multihead_attention(*a, **args, **kw)
-    return {"Out": out, **{"d" + n: g for n, g in _by_tensor(
-        multihead_attention_backward(*a, x["dOut"].astype(dtype), **args, **kw)).items()}}
+def _layer_options(spec) -> dict:
+    return dict(heads=spec.heads, kv_heads=spec.kv_heads, is_causal=spec.causal, scale=spec.scale_value)
+
+
+def _call(fn, named: dict, *extra, **options):
+    """fn(x, w_q, w_k, w_v, w_o, *extra, y=..., b_*=..., **options) from arrays keyed by tensor name."""
+    args = {LAYER_ARGS[n]: v for n, v in named.items()}
+    return fn(*[args.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")], *extra, **args, **options)
+
+
+def _layer_values(forward, backward, x: dict, dtype, options: dict) -> dict:
+    """Out and every gradient (keyed dX, dWq, ...) of one implementation of the layer."""
+    named = {n: v.astype(dtype) for n, v in x.items() if n != "dOut"}
+    grads = _by_tensor(_call(backward, named, x["dOut"].astype(dtype), **options))
+    return {"Out": _call(forward, named, **options), **{"d" + n: g for n, g in grads.items()}}
 
 
 def _by_tensor(grads: dict) -> dict:
@@ -175,28 +183,23 @@ def verify_multihead(spec, *, seed: int = 0, progress: Progress = silent) -> Ver
         values = {"Out": out[0], **{g: v[0] if g in ("dX", "dYin") else v for g, v in zip(grads, gs)}}
         paths["unrolled kernel f64"] = (values, "float64")
     progress("verify: numeric layer (loop kernels)")
-    paths["loop kernel f64"] = (_layer_call(spec, x, np.float64), "float64")
-    paths["loop kernel f32"] = (_layer_call(spec, x, np.float32), "float32")
-    args = {LAYER_ARGS[n]: v for n, v in x.items() if n != "dOut"}
-    a = [args.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")]
-    kw = dict(heads=spec.heads, kv_heads=spec.kv_heads, is_causal=spec.causal, scale=spec.scale_value)
-    paths["NumPy reference f64"] = ({"Out": reference.multihead_attention(*a, **args, **kw), **{
-        "d" + n: g for n, g in _by_tensor(reference.multihead_attention_backward(*a, x["dOut"], **args, **kw)).items()}},
-        "float64")
+    options = _layer_options(spec)
+    for dtype in (np.float64, np.float32):
+        paths[f"loop kernel {np.dtype(dtype).name.replace('float', 'f')}"] = (
+            _layer_values(multihead_attention, multihead_attention_backward, x, dtype, options), np.dtype(dtype).name)
+    paths["NumPy reference f64"] = (_layer_values(reference.multihead_attention, reference.multihead_attention_backward,
+                                                  x, np.float64, options), "float64")
     comparisons = tuple(compare(name, path, values[name], truth[name], *TOLERANCE[dtype])
                         for path, (values, dtype) in paths.items() for name in truth)
     progress("verify: finite differences")
     names = [n for n in x if n != "dOut"]
 
     def f(*arrays):
-        named = {LAYER_ARGS[n]: v for n, v in zip(names, arrays)}
-        return multihead_attention(*[named.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")], **named, **kw)
+        return _call(multihead_attention, dict(zip(names, arrays)), **options)
 
     def g(*arrays):
         *arrays, dO = arrays
-        named = {LAYER_ARGS[n]: v for n, v in zip(names, arrays)}
-        got = multihead_attention_backward(*[named.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")], dO, **named,
-                                           **kw)
-        return [got[LAYER_ARGS[n]] for n in names]
+        grads = _call(multihead_attention_backward, dict(zip(names, arrays)), dO, **options)
+        return [grads[LAYER_ARGS[n]] for n in names]
     fd = gradcheck(f, {n: x[n] for n in names}, g, dO=x["dOut"])
     return VerifyReport(spec, comparisons, fd)
