@@ -9,6 +9,7 @@ import sympy
 
 from ..build import INDEX_OF_DIM, TENSORS
 from ..derive import Derivation, derive
+from ..filestamp import stamp
 from ..score import SCORE, scale_symbolic
 from ..spec import AttentionSpec
 from .printer import NumbaPrinter
@@ -71,4 +72,4 @@ def render() -> str:
                       for dt, dtype in (("f32", "float32"), ("f64", "float64")))
     header = HEADER.substitute(source="the indexed derivation of scaled dot-product attention",
                                command="symattn generate --all  (from a source checkout)")
-    return LOOP_FILE.substitute(docs, header=header, kernels=kernels)
+    return stamp(LOOP_FILE.substitute(docs, header=header, kernels=kernels))

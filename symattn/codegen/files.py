@@ -1,0 +1,121 @@
+"""The one writer of generated files: atomic, never through a symbolic link, never over a hand edit.
+
+Every file is written to a temporary file in its folder, flushed to disk and renamed over its final name, so
+the final name only ever holds a complete file. Existing files are read without following links, as bytes.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from ..errors import SymattnError
+from ..filestamp import damage
+
+
+def _name(name: str) -> str:
+    """A plain file name: generated names come from spec.name and never hold a path."""
+    if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+        raise ValueError(f"generated file name {name!r} is not a plain file name")
+    return name
+
+
+def _current(path: Path) -> tuple[bool, bytes | None]:
+    """(is a symbolic link, bytes of the regular file or None) at `path`, never following a link."""
+    try:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            return True, None
+        if not stat.S_ISREG(mode):
+            raise SymattnError(f"cannot write {path}: something other than a file is there")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            return False, f.read()
+    except FileNotFoundError:
+        return False, None
+    except OSError as e:
+        raise SymattnError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _refusal(link: bool, old: bytes | None, new: bytes) -> str | None:
+    """Why writing `new` over `_current`'s (link, old) needs force: a link, or a file symattn did not write as is."""
+    if link:
+        return "it is a symbolic link (symattn never writes through one)"
+    if old is None or old == new or new.startswith(old):  # missing, the same, or cut short while written
+        return None
+    fault = damage(old)
+    return None if fault is None or fault.kind == "empty" else fault.reason
+
+
+def refused(files: dict[Path, str]) -> list[Path]:
+    """The paths among `files` (path -> text) that `write_files` would refuse to overwrite without force."""
+    return [path for path, text in files.items() if _refusal(*_current(path), text.encode())]
+
+
+def _mode() -> int:
+    """Permissions of a new file: 0o666 less the umask (mkstemp creates 0o600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to a temporary file beside `path`, flush it to disk and rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)  # replaces a link itself, never its target
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_files(files: dict[str, str], out_dir: str | Path, *, force: bool = False) -> list[Path]:
+    """The one writer of generated code: `files` (name -> stamped text) into `out_dir`; returns the paths.
+
+    Unchanged files are left untouched (Numba's cache stays valid). A name that is a symbolic link, or holds a
+    file edited by hand or not written by symattn, is refused with SymattnError unless `force`; then the link or
+    file itself is replaced. Nothing outside `out_dir` is ever written."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SymattnError(f"cannot write generated code into {str(out)!r}: {e.strerror}") from None
+    mode, written = _mode(), []
+    for name, text in sorted(files.items()):
+        path, data = out / _name(name), text.encode()
+        if damage(data):
+            raise ValueError(f"rendered {name} carries no valid content hash (render it with filestamp.stamp)")
+        link, old = _current(path)
+        if link or old != data:
+            reason = None if force else _refusal(link, old, data)
+            if reason:
+                raise SymattnError(f"refusing to overwrite {path}: {reason}; --force replaces it")
+            try:
+                _replace(path, data, mode)
+            except OSError as e:
+                raise SymattnError(f"cannot write {path}: {e.strerror or e}") from None
+        written.append(path)
+    return written
+
+
+def diff_files(files: dict[Path, str]) -> list[str]:
+    """Unified diffs of each file on disk against the text it should have; empty when all match."""
+    diffs = []
+    for path, text in files.items():
+        have = path.read_bytes().decode("utf-8", "replace") if path.exists() else ""
+        if have != text:
+            diffs.append("".join(difflib.unified_diff(have.splitlines(True), text.splitlines(True),
+                                                      f"{path} (committed)", f"{path} (regenerated)")))
+    return diffs
