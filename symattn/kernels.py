@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from . import attention_loops as loops
+from .errors import SymattnError
+from .filestamp import damage
+from .progress import silent
 
 MASKED_ROWS = {"zero": 0, "uniform": 1, "nan": 2}
 #: prange pays off above this many multiply-adds (a parallel call costs ~1.2 us more, measured here).
@@ -72,20 +75,83 @@ def _cache_root() -> Path:
 def load_unrolled(spec, folder=None, progress=None):
     """The module of `spec`'s unrolled kernels, generated into `folder` (default: cache_dir()) if needed.
 
-    Returns None where unrolled kernels do not pay (see codegen.unrolled.UNROLL_LIMIT)."""
-    from .codegen import generate  # codegen needs SymPy: loaded only when kernels must be written
-    from .codegen.unrolled import pays_for
-    if not pays_for(spec):
-        return None
-    folder = cache_dir() if folder is None else folder
+    A cached file is imported only when its content hash holds; a missing one is generated, an empty, truncated
+    or edited one regenerated with one line saying so (through `progress`, else on stderr). A file that fails to
+    import is regenerated once, then reported (SymattnError naming its path). Returns None where unrolled kernels
+    do not pay (see codegen.unrolled.UNROLL_LIMIT)."""
+    folder = cache_dir() if folder is None else Path(folder)
     path = folder / f"{spec.name}.py"
-    if not path.exists():
-        generate(spec, folder, **({"progress": progress} if progress else {}))
     name = f"symattn_generated_{spec.name}"
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
         return sys.modules[name]
+    fault = _fault(path)
+    if fault is not None:
+        if fault != "missing":
+            _notice(progress, f"{path} was {fault}; regenerated")
+        if not _regenerate(spec, folder, progress):
+            return None
+    try:
+        return _import(name, path, spec)
+    except Exception as e:  # SyntaxError, a missing kernel, ...: whatever stops the file from loading
+        _notice(progress, f"{path} failed to load ({_why(e)}); regenerated")
+    if not _regenerate(spec, folder, progress):
+        return None
+    try:
+        return _import(name, path, spec)
+    except Exception as e:
+        raise SymattnError(f"generated kernels {path} fail to load even after regenerating them: {_why(e)}") from e
+
+
+def _fault(path: Path) -> str | None:
+    """'missing', a damage kind ('empty', 'truncated', 'edited') or None for a file as symattn wrote it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "unreadable"
+    fault = damage(data)
+    return None if fault is None else fault.kind
+
+
+def _regenerate(spec, folder: Path, progress) -> bool:
+    """Write `spec`'s kernels into `folder` over whatever is there; False where unrolled kernels do not pay."""
+    from .codegen import generate  # codegen needs SymPy: loaded only when kernels must be written
+    from .codegen.unrolled import pays_for
+    if not pays_for(spec):
+        return False
+    generate(spec, folder, progress=progress or silent, force=True)
+    return True
+
+
+def _import(name: str, path: Path, spec):
+    """Import the generated module at `path` from the very bytes whose content hash was checked."""
+    data = path.read_bytes()
+    fault = damage(data)
+    if fault is not None:
+        raise SymattnError(fault.reason)
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # Numba's cache pickles the module name: it must resolve on reload
-    module_spec.loader.exec_module(module)
+    try:
+        exec(module_spec.loader.source_to_code(data, str(path)), module.__dict__)  # what exec_module does
+        for kind in ("forward", "backward"):
+            getattr(module, f"{spec.name}_{kind}")
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module
+
+
+def _why(error: BaseException) -> str:
+    """One line: the error's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return type(error).__name__ + (f": {lines[0]}" if lines else "")
+
+
+def _notice(progress, message: str) -> None:
+    """One line through `progress`, or on stderr."""
+    if progress is not None:
+        progress(message)
+    else:
+        print(f"symattn: {message}", file=sys.stderr, flush=True)
