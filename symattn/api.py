@@ -10,12 +10,14 @@ masked_rows: "zero" (output 0, zero gradients; PyTorch), "uniform" (uniform weig
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import kernels
 from .errors import InputError
+from .limits import check_memory
 
 DTYPES = (np.float32, np.float64)
 
@@ -80,6 +82,35 @@ def bias_rows(mask, dtype, n_q: int, n_k: int, batch_shape: tuple[int, ...]):
     return _flat(bias), _rows(bias.shape[:-2], batch_shape)
 
 
+def check_scale(scale, d_k: int) -> float:
+    """The score scale as a float: 1/√d_k by default, else any positive finite real scalar (int, float,
+    Fraction, NumPy scalar or 0-d array; not bool)."""
+    if scale is None:
+        return 1.0 / math.sqrt(d_k)
+    value = scale
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer, np.floating)):
+        raise InputError(f"scale must be a positive finite real number, got {scale!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"scale must be a positive finite number, got {scale!r}")
+    return value
+
+
+def check_causal(is_causal) -> bool:
+    """is_causal must be a bool (True, False or a NumPy bool), as in PyTorch."""
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise InputError(f"is_causal must be True or False, got {type(is_causal).__name__} {str(is_causal)[:40]}")
+    return bool(is_causal)
+
+
+def check_masked_rows(masked_rows) -> str:
+    if not isinstance(masked_rows, str) or masked_rows not in kernels.MASKED_ROWS:
+        raise InputError(f"masked_rows must be one of {', '.join(map(repr, kernels.MASKED_ROWS))}, got {masked_rows!r}")
+    return masked_rows
+
+
 def _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=()) -> _Problem:
     q, k, v = _array("q", q), _array("k", k), _array("v", v)
     if not q.dtype == k.dtype == v.dtype:
@@ -91,12 +122,7 @@ def _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=()) -> _Problem
         raise InputError(f"k and v must have the same number of keys n_k (dim -2), got k {k.shape} and v {v.shape}")
     if d_k == 0 or n_k == 0:
         raise InputError(f"attention needs d_k >= 1 and n_k >= 1, got q {q.shape}, k {k.shape}")
-    if masked_rows not in kernels.MASKED_ROWS:
-        raise InputError(f"masked_rows must be one of {', '.join(map(repr, kernels.MASKED_ROWS))}, got {masked_rows!r}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d_k)
-    elif not (isinstance(scale, (int, float, np.floating)) and math.isfinite(scale) and scale > 0):
-        raise InputError(f"scale must be a positive finite number, got {scale!r}")
+    masked_rows, is_causal, scale = check_masked_rows(masked_rows), check_causal(is_causal), check_scale(scale, d_k)
     bias = np.zeros((0, 0, 0), dtype=q.dtype) if mask is None else _bias(mask, q.dtype, n_q, n_k)
     shapes = {"q": q.shape[:-2], "k": k.shape[:-2], "v": v.shape[:-2], "mask": bias.shape[:-2] if mask is not None else ()}
     shapes.update({name: x.shape[:-2] for name, x in extra})
@@ -107,8 +133,13 @@ def _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=()) -> _Problem
     batch = np.stack([_rows(shapes[n], batch_shape) for n in ("q", "k", "v", "mask")], axis=1) if batch_shape else \
         np.zeros((1, 4), dtype=np.int64)
     return _Problem(_flat(q), _flat(k), _flat(v), _flat(bias) if mask is not None else bias,
-                    np.ascontiguousarray(batch, dtype=np.int64), tuple(batch_shape), bool(is_causal), float(scale),
-                    masked_rows)
+                    np.ascontiguousarray(batch, dtype=np.int64), tuple(batch_shape), is_causal, scale, masked_rows)
+
+
+def check_output(shape: tuple[int, ...], dtype, what: str) -> None:
+    """Refuse an output that would not fit in memory, before allocating it."""
+    check_memory(math.prod(shape) * np.dtype(dtype).itemsize, f"{what} of shape {shape}",
+                 "split the batch or the queries into chunks", error=InputError)
 
 
 def _run_forward(p: _Problem):
@@ -118,15 +149,33 @@ def _run_forward(p: _Problem):
 def attention(q, k, v, *, mask=None, is_causal=False, scale=None, masked_rows="zero") -> np.ndarray:
     """O = softmax(scale·q kᵀ + mask) v, shape (..., n_q, d_v)."""
     p = _prepare(q, k, v, mask, is_causal, scale, masked_rows)
+    check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
     O, _ = _run_forward(p)
     return O.reshape(p.batch_shape + O.shape[1:])
 
 
 def attention_weights(q, k, *, mask=None, is_causal=False, scale=None, masked_rows="zero") -> np.ndarray:
-    """P = softmax(scale·q kᵀ + mask), shape (..., n_q, n_k), for inspection (runs the forward with V = I)."""
-    k = np.asarray(k)
-    eye = np.eye(k.shape[-2], dtype=k.dtype) if k.ndim >= 2 else k
-    return attention(q, k, eye, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
+    """P = softmax(scale·q kᵀ + mask), shape (..., n_q, n_k), for inspection: S = q kᵀ by BLAS, then the
+    generated softmax row kernel in place (no n_k × n_k temporary)."""
+    k = _array("k", k)
+    p = _prepare(q, k, k, mask, is_causal, scale, masked_rows)  # k stands in for v: only its shape is read
+    n_q, n_k = p.Q.shape[1], p.K.shape[1]
+    check_output(p.batch_shape + (n_q, n_k), p.Q.dtype, "attention_weights' output")
+    S = np.matmul(p.Q[p.batch[:, 0]], np.swapaxes(p.K[p.batch[:, 1]], -1, -2))  # (B, n_q, n_k), BLAS
+    return softmax_weights(S, p.bias, p.batch[:, 3], p.causal, p.scale, p.masked_rows)[0].reshape(
+        p.batch_shape + (n_q, n_k))
+
+
+def softmax_weights(S: np.ndarray, bias: np.ndarray, rows: np.ndarray, causal: bool, scale: float,
+                    masked_rows: str) -> tuple[np.ndarray, np.ndarray]:
+    """In place: dot products S (..., n_q, n_k) become P = softmax(scale·S + bias[rows]); returns P and the
+    row log-sum-exp LSE (..., n_q). Serial: it runs between BLAS calls."""
+    n_q, n_k = S.shape[-2:]
+    LSE = np.empty(S.shape[:-1], dtype=S.dtype)
+    kernel = getattr(kernels.loops, f"softmax_rows_{'f32' if S.dtype == np.float32 else 'f64'}")
+    B = math.prod(S.shape[:-2])
+    kernel(S.reshape(B, n_q, n_k), bias, rows, causal, scale, kernels.MASKED_ROWS[masked_rows], LSE.reshape(B, n_q))
+    return S, LSE
 
 
 def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

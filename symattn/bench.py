@@ -19,6 +19,8 @@ import numpy as np
 from . import reference
 from .api import attention, attention_backward
 from .kernels import load_unrolled
+from .errors import SymattnError
+from .outputs import output_folder, save_figure, write_atomic
 from .progress import Progress, silent
 from .spec import AttentionSpec
 
@@ -218,12 +220,14 @@ def plot(rows: list[Row], path: Path) -> None:
     axes[0].set_ylabel("NumPy time / path time")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
 def bench(cases=CASES, dtypes=(np.float32, np.float64), *, layer_cases=LAYER_CASES,
           out_dir: str | Path | None = "bench-results", progress: Progress = silent, say=print) -> dict:
+    if out_dir is not None:
+        output_folder(out_dir)  # before minutes of timing, not after
     env = environment()
     say("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     if env.get("OPENBLAS_CORETYPE"):
@@ -240,8 +244,11 @@ def bench(cases=CASES, dtypes=(np.float32, np.float64), *, layer_cases=LAYER_CAS
               "targets": [{"target": t, "met": ok} for t, ok in checks]}
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result, indent=1))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SymattnError(f"cannot create the folder {str(out)!r}: {e.strerror}") from None
+        write_atomic(out / "bench.json", json.dumps(result, indent=1))
         plot(rows, out / "bench.png")
         say(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return result

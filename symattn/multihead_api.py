@@ -11,12 +11,14 @@ loop kernels instead.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import kernels
-from .api import _array, _unbroadcast, attention, attention_backward, bias_rows
+from .api import (_array, _bias, _unbroadcast, attention, attention_backward, bias_rows, check_causal,
+                  check_masked_rows, check_scale, softmax_weights)
 from .errors import InputError
 
 
@@ -61,12 +63,28 @@ def _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases) -> _Layer:
     return _Layer(heads, kv_heads, d_k, d_v)
 
 
-def _check_options(scale, masked_rows) -> None:
-    """The options the layer's own attention core reads (the loop-kernel path checks them too)."""
-    if scale is not None and not (isinstance(scale, (int, float, np.floating)) and np.isfinite(scale) and scale > 0):
-        raise InputError(f"scale must be a positive finite number, got {scale!r}")
-    if masked_rows not in kernels.MASKED_ROWS:
-        raise InputError(f"masked_rows must be one of {', '.join(map(repr, kernels.MASKED_ROWS))}, got {masked_rows!r}")
+def _check_options(x, y, mask, is_causal, scale, masked_rows, d_k: int):
+    """The options every head shares, checked as symattn.attention checks them: returns (mask, causal, scale,
+    masked_rows), the mask validated against (..., n_q, n_k), and x and y broadcast to the batch dims of the
+    mask where it has more of them (the output has the batch dims of x, y and the mask together)."""
+    n_q, n_k = x.shape[-2], (x if y is None else y).shape[-2]
+    if n_k == 0:
+        raise InputError(f"attention needs n_k >= 1 keys, got {'y' if y is not None else 'x'} of shape "
+                         f"{(x if y is None else y).shape}")
+    batch = {"x": x.shape[:-2]} | ({} if y is None else {"y": y.shape[:-2]})
+    if mask is not None:
+        batch["mask"] = _bias(mask, x.dtype, n_q, n_k).shape[:-2]
+    try:
+        full = np.broadcast_shapes(*batch.values())
+    except ValueError:
+        raise InputError("leading (batch) dims do not broadcast: " + ", ".join(f"{n} {s}" for n, s in batch.items())
+                         ) from None
+    if mask is not None and full != np.broadcast_shapes(*(v for n, v in batch.items() if n != "mask")):
+        x = np.broadcast_to(x, full + x.shape[-2:])
+        y = None if y is None else np.broadcast_to(y, full + y.shape[-2:])
+    options = (None if mask is None else np.asarray(mask)[..., None, None, :, :],  # shared by every head
+               check_causal(is_causal), check_scale(scale, d_k), check_masked_rows(masked_rows))
+    return options, x, y
 
 
 def _arrays(x, y, w_q, w_k, w_v, w_o, biases):
@@ -84,7 +102,7 @@ def _split(A: np.ndarray, groups: int, per_group: int, width: int) -> np.ndarray
 def _merge(A: np.ndarray) -> np.ndarray:
     """(..., groups, per_group, n, width) -> (..., n, groups·per_group·width)."""
     moved = np.moveaxis(A, -2, -4)  # (..., n, groups, per_group, width)
-    return moved.reshape(moved.shape[:-3] + (-1,))
+    return moved.reshape(moved.shape[:-3] + (math.prod(moved.shape[-3:]),))
 
 
 def _heads(x, y, w_q, w_k, w_v, layer: _Layer, biases):
@@ -95,10 +113,6 @@ def _heads(x, y, w_q, w_k, w_v, layer: _Layer, biases):
     Kp = src @ w_k + (0 if biases["b_k"] is None else biases["b_k"])  # (..., n_k, h_kv·d_k)
     Vp = src @ w_v + (0 if biases["b_v"] is None else biases["b_v"])  # (..., n_k, h_kv·d_v)
     return _split(Qp, G, R, layer.d_k), _split(Kp, G, 1, layer.d_k), _split(Vp, G, 1, layer.d_v)
-
-
-def _mask(mask):
-    return None if mask is None else np.asarray(mask)[..., None, None, :, :]  # shared by every head
 
 
 #: Above this many bytes of score tiles (all heads) the layer streams rows through the loop kernels instead.
@@ -114,27 +128,23 @@ def _core_forward(Q, K, V, mask, is_causal, scale, masked_rows):
     (serial, so it never competes with BLAS's spinning threads). Q (..., h_kv, R, n_q, d_k), K and V
     (..., h_kv, 1, n_k, d): returns O (..., n_q, d_v), P (..., n_q, n_k) and LSE (..., n_q)."""
     n_q, n_k = Q.shape[-2], K.shape[-2]
-    scale = 1.0 / np.sqrt(Q.shape[-1]) if scale is None else float(scale)
     S = Q @ np.swapaxes(K, -1, -2)  # (..., h_kv, R, n_q, n_k), BLAS
     bias, rows = bias_rows(mask, S.dtype, n_q, n_k, S.shape[:-2])
-    LSE = np.empty(S.shape[:-1], dtype=S.dtype)
-    kernel = getattr(kernels.loops, f"softmax_rows_{'f32' if S.dtype == np.float32 else 'f64'}")
-    kernel(S.reshape(-1, n_q, n_k), bias, rows, bool(is_causal), scale, kernels.MASKED_ROWS[masked_rows],
-           LSE.reshape(-1, n_q))
+    S, LSE = softmax_weights(S, bias, rows, is_causal, scale, masked_rows)  # S becomes P
     return S @ V, S, LSE  # O = P V, BLAS
 
 
 def _core_backward(Q, K, V, dO, mask, is_causal, scale, masked_rows):
     """dQ (..., R, n_q, d_k), dK and dV summed over each group's heads (..., 1, n_k, d)."""
     O, P, LSE = _core_forward(Q, K, V, mask, is_causal, scale, masked_rows)
-    scale = 1.0 / np.sqrt(Q.shape[-1]) if scale is None else float(scale)
     n_q, n_k = P.shape[-2:]
     dV = (np.swapaxes(P, -1, -2) @ dO).sum(axis=-3, keepdims=True)  # P^T dO
     dP = dO @ np.swapaxes(V, -1, -2)  # dO V^T
     D = np.sum(dO * O, axis=-1)  # rowsum(dO * O)
     kernel = getattr(kernels.loops, f"softmax_backward_rows_{'f32' if P.dtype == np.float32 else 'f64'}")
-    kernel(P.reshape(-1, n_q, n_k), dP.reshape(-1, n_q, n_k), np.ascontiguousarray(D).reshape(-1, n_q),
-           LSE.reshape(-1, n_q), scale, kernels.MASKED_ROWS[masked_rows])  # dP <- scale * dS
+    B = math.prod(P.shape[:-2])
+    kernel(P.reshape(B, n_q, n_k), dP.reshape(B, n_q, n_k), np.ascontiguousarray(D).reshape(B, n_q),
+           LSE.reshape(B, n_q), scale, kernels.MASKED_ROWS[masked_rows])  # dP <- scale * dS
     return dP @ K, (np.swapaxes(dP, -1, -2) @ Q).sum(axis=-3, keepdims=True), dV
 
 
@@ -156,9 +166,9 @@ def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, 
     biases = dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
     x, y, w_q, w_k, w_v, w_o, biases = _arrays(x, y, w_q, w_k, w_v, w_o, biases)
     layer = _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases)
-    _check_options(scale, masked_rows)
+    options, x, y = _check_options(x, y, mask, is_causal, scale, masked_rows, layer.d_k)
     Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
-    C = _merge(_attention(Q, K, V, _mask(mask), is_causal, scale, masked_rows))  # (..., n_q, h·d_v)
+    C = _merge(_attention(Q, K, V, *options))  # (..., n_q, h·d_v)
     return C @ w_o + (0 if biases["b_o"] is None else biases["b_o"])
 
 
@@ -169,15 +179,15 @@ def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_head
     biases = dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
     x, y, w_q, w_k, w_v, w_o, biases = _arrays(x, y, w_q, w_k, w_v, w_o, biases)
     layer = _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases)
+    x_shape, y_shape = x.shape, None if y is None else y.shape
+    options, x, y = _check_options(x, y, mask, is_causal, scale, masked_rows, layer.d_k)
     d_out = _array("d_out", d_out)
     expected = np.broadcast_shapes(x.shape[:-2], () if y is None else y.shape[:-2]) + (x.shape[-2], x.shape[-1])
     if d_out.shape != expected:
         raise InputError(f"d_out must have the output's shape {expected}, got {d_out.shape}")
     if d_out.dtype != x.dtype:
         raise InputError(f"d_out must have the dtype of x ({x.dtype}), got {d_out.dtype}")
-    _check_options(scale, masked_rows)
     Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
-    options = (_mask(mask), is_causal, scale, masked_rows)
     C = _merge(_attention(Q, K, V, *options))  # (..., n_q, h·d_v)
     dC = d_out @ w_o.T  # (..., n_q, h·d_v)
     dO = _split(dC, layer.kv_heads, layer.heads // layer.kv_heads, layer.d_v)
@@ -195,8 +205,8 @@ def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_head
     if y is None:
         grads["x"] = grads["x"] + dy
     else:
-        grads["y"] = _unbroadcast(dy, y.shape)
-    grads["x"] = _unbroadcast(grads["x"], x.shape)
+        grads["y"] = _unbroadcast(dy, y_shape)
+    grads["x"] = _unbroadcast(grads["x"], x_shape)
     for name, g in (("b_q", dQp), ("b_k", dKp), ("b_v", dVp), ("b_o", d_out)):
         if biases[name] is not None:
             grads[name] = g.reshape(-1, g.shape[-1]).sum(axis=0)

@@ -8,15 +8,18 @@ from typing import Callable
 import numpy as np
 import sympy
 
-from . import reference
+from .errors import SymattnError
+
+from . import limits, reference
 from .build import shape_of
 from .derive import Derivation, derive
 from .example import Example, example
 from .latex import proof_lines, step_latex
+from .outputs import save_figure
 from .progress import Progress, silent
 from .multihead import derive_multihead
 from .multihead_api import multihead_attention
-from .spec import AttentionSpec, MultiHeadSpec
+from .spec import AttentionSpec, MultiHeadSpec, _positive_int
 from .verification import verify
 
 Say = Callable[[str], None]
@@ -97,7 +100,8 @@ def two_heads(ex: Example, causal: bool, say: Say, progress: Progress) -> Deriva
 
 
 def heatmap(result: RunResult, path: str) -> None:
-    """Save the attention weights (queries x keys) as a PNG heatmap."""
+    """Save the attention weights (queries x keys) as a picture (PNG, PDF, SVG or JPEG by the suffix).
+    Tokens are shown as plain text: matplotlib's math parser never sees them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -112,9 +116,20 @@ def heatmap(result: RunResult, path: str) -> None:
         ax.text(c, r, f"{p:.2f}", ha="center", va="center", color="white" if p < 0.6 * result.P.max() else "black")
     ax.set_title(result.derivation.spec.title.replace(" (", "\n("), fontsize=9)
     fig.colorbar(image, ax=ax, label="weight p_ij")
+    for text in (*ax.get_xticklabels(), *ax.get_yticklabels(), ax.title):
+        text.set_parse_math(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Software": None})
+    save_figure(fig, path)
     plt.close(fig)
+
+
+def check_sentence(sentence: str | None) -> None:
+    """Text from the command line that was not valid UTF-8 arrives with lone surrogates: refuse it by name."""
+    if sentence is not None:
+        try:
+            sentence.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SymattnError("the sentence is not valid UTF-8 text: give words in UTF-8") from None
 
 
 def run(sentence: str | None = None, *, query: str | None = None, causal: bool = False, d_model: int = 4,
@@ -122,6 +137,11 @@ def run(sentence: str | None = None, *, query: str | None = None, causal: bool =
         plot: str | None = None) -> RunResult:
     """Derive and prove attention for `sentence`, print the forward steps of the query token in LaTeX,
     its attention weights as a table, and the proofs. Returns the numbers for further use."""
+    d_model, d_k = _positive_int("d_model", d_model, "run"), _positive_int("d_k", d_k, "run")
+    d_v = d_k if d_v is None else _positive_int("d_v", d_v, "run")
+    check_sentence(sentence)
+    check_sentence(query)
+    limits.check_run_sizes(len((sentence or "").split()), d_model, d_k, d_v)
     ex = example(sentence, query=query, d_model=d_model, d_k=d_k, d_v=d_v)
     n = len(ex.tokens)
     spec = AttentionSpec(n, n, ex.W_Q.cols, ex.W_V.cols, mask="causal" if causal else "none")

@@ -5,8 +5,11 @@ Every file name, kernel name and document title comes from ``spec.name`` / ``spe
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import numbers
 import operator
+import re
 from dataclasses import KW_ONLY, dataclass
 from fractions import Fraction
 
@@ -41,21 +44,62 @@ def _choice(name: str, value, allowed: tuple[str, ...], owner: str = "AttentionS
     return value
 
 
-def parse_scale(value) -> Fraction | None:
-    """Exact positive scale from an int, float, Fraction or text such as '1/8' or '0.125'."""
+#: The scale's bounds: a score scale outside them is a mistake (1/√d_k is 0.002–1 for d_k up to 250,000), and its
+#: exact numerator and denominator stay small enough to print as kernel literals and file names.
+SCALE_RANGE = (Fraction(1, 10**6), Fraction(10**6))
+SCALE_DIGITS = 20
+_SCALE_TEXT = re.compile(r"[+-]?(\d{1,40}(\.\d{0,40})?|\.\d{1,40})([eE][+-]?\d{1,12})?|\d{1,40}/\d{1,40}")
+
+
+def _scale_fraction(value) -> Fraction:
+    """Exact Fraction of a scale given as text, an int, a float, a Fraction or a NumPy real scalar;
+    ValueError when it is not a finite real number. Text is checked by pattern first (no 10**huge work)."""
+    if isinstance(value, str):
+        text = value.strip()
+        match = _SCALE_TEXT.fullmatch(text)
+        if not match:
+            raise ValueError
+        if match.group(3) and abs(int(match.group(3)[1:])) > 99:  # 10**huge is slow: out of range anyway
+            mantissa = Fraction(text[:match.start(3)])
+            return mantissa * (Fraction(10) ** (100 if int(match.group(3)[1:]) > 0 else -100))
+        return Fraction(text)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError
+    if isinstance(value, numbers.Rational):
+        return Fraction(int(value.numerator), int(value.denominator))
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError
+    return Fraction(repr(value))  # 0.1 -> 1/10, not the binary expansion
+
+
+def parse_scale(value, owner: str = "AttentionSpec") -> Fraction | None:
+    """Exact positive scale from an int, float, Fraction or text such as '1/8' or '0.125', within SCALE_RANGE
+    and with numerator and denominator of at most SCALE_DIGITS digits."""
     if value is None:
         return None
+    low, high = SCALE_RANGE
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
     try:
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                raise ValueError
-            value = repr(value)  # 0.1 -> 1/10, not the binary expansion
-        scale = Fraction(value)
-    except (TypeError, ValueError, ZeroDivisionError):
-        raise SpecError(f"AttentionSpec.scale must be a positive finite number such as 0.5 or '1/8', got {value!r}") from None
-    if scale <= 0:
-        raise SpecError(f"AttentionSpec.scale must be positive, got {scale}")
+        scale = _scale_fraction(value)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        raise SpecError(f"{owner}.scale must be a positive finite number such as 0.5 or '1/8', got {shown}") from None
+    if not low <= scale <= high:
+        raise SpecError(f"{owner}.scale must be between 1e-6 and 1e6, got {shown}")
+    if max(len(str(scale.numerator)), len(str(scale.denominator))) > SCALE_DIGITS:
+        raise SpecError(f"{owner}.scale has too many digits: give at most {SCALE_DIGITS} significant digits "
+                        f"(e.g. 0.08838834764831845) or a fraction p/q with p, q < 10^{SCALE_DIGITS}")
     return scale
+
+
+def scale_tag(scale: Fraction | None) -> str:
+    """File-name part of a scale: 'scale1o8', or a short hash where the digits would make the name long."""
+    if scale is None:
+        return ""
+    tag = f"scale{scale.numerator}o{scale.denominator}"
+    if len(tag) <= 24:
+        return tag
+    return "scale_" + hashlib.sha256(str(scale).encode()).hexdigest()[:10]
 
 
 @dataclass(frozen=True)
@@ -134,7 +178,7 @@ class AttentionSpec:
         if self.causal:
             parts.append("causal")
         if self.scale is not None:
-            parts.append(f"scale{self.scale.numerator}o{self.scale.denominator}")
+            parts.append(scale_tag(self.scale))
         return "_".join(parts)
 
     @property
@@ -196,7 +240,7 @@ class MultiHeadSpec:
         if not self.cross and n_k != self.n_q:
             raise SpecError(f"{name}.n_k ({n_k}) differs from n_q ({self.n_q}) in self-attention: use cross=True")
         object.__setattr__(self, "n_k", n_k)
-        object.__setattr__(self, "scale", parse_scale(self.scale))
+        object.__setattr__(self, "scale", parse_scale(self.scale, name))
         _choice("mask", self.mask, MASKS, name)
 
     @property
@@ -250,7 +294,7 @@ class MultiHeadSpec:
                  f"dm{self.d_model}_h{self.heads}_kv{self.kv_heads}_dk{self.d_k}_dv{self.d_v}"]
         parts += [x for x, on in (("cross", self.cross), ("bias", self.bias), ("causal", self.causal)) if on]
         if self.scale is not None:
-            parts.append(f"scale{self.scale.numerator}o{self.scale.denominator}")
+            parts.append(scale_tag(self.scale))
         return "_".join(parts)
 
     @property

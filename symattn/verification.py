@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy
 
-from . import reference
+from . import limits, reference
 from .api import attention, attention_backward
 from .build import shape_of
 from .derive import derive
@@ -98,7 +98,8 @@ def _loop(spec, x, dtype):
 
 def verify(spec: AttentionSpec, *, seed: int = 0, progress: Progress = silent) -> VerifyReport:
     """Compare every path at `spec`'s sizes; see VerifyReport.passed and str(report)."""
-    x = _inputs(spec, seed)
+    spec.check_explicit()  # the symbolic path expands every scalar: refuse before allocating anything
+    x = _inputs(spec, limits.seed(seed))
     progress(f"verify: symbolic values of {spec.name}")
     exact = symbolic_values(spec, x)
     truth = {"O": exact["O"], "dQ": exact["dQ"], "dK": exact["dK"], "dV": exact["dV"]}
@@ -164,7 +165,8 @@ def _by_tensor(grads: dict) -> dict:
 def verify_multihead(spec, *, seed: int = 0, progress: Progress = silent) -> VerifyReport:
     """The layer four ways (symbolic, unrolled layer kernel, numeric API f64/f32, NumPy reference) and finite
     differences of the numeric API for every input, weight and bias."""
-    x = _layer_inputs(spec, seed)
+    spec.check_explicit()  # the symbolic path expands the whole layer: refuse before allocating anything
+    x = _layer_inputs(spec, limits.seed(seed))
     progress(f"verify: symbolic values of {spec.name}")
     d = derive_multihead(spec, prove=False)
     grads = ["d" + n for n in x if n != "dOut"]
