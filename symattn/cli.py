@@ -107,25 +107,27 @@ def cmd_generate(args) -> int:
     from . import codegen
     progress = silent if args.quiet else to_stream()
     if args.check:
-        diffs = codegen.check(progress)
+        files = codegen.committed_files(progress)  # SymattnError outside a source checkout
+        diffs = codegen.diff_files(files)
         for diff in diffs:
             sys.stdout.write(diff)
         if diffs:
-            print(f"symattn: {len(diffs)} generated file(s) drifted; regenerate with `symattn generate --all`",
-                  file=sys.stderr)
+            edited = codegen.refused(files)  # files --all would refuse without --force
+            fix = "symattn generate --all" + (" --force" if edited else "")
+            names = ", ".join(map(str, edited))
+            lost = f"; it replaces these, edited or without a content hash: {names}" if edited else ""
+            print(f"symattn: {len(diffs)} generated file(s) drifted; regenerate with `{fix}`{lost}", file=sys.stderr)
             return 1
         print("symattn: generated files are in sync", file=sys.stderr)
         return 0
     if args.all:
-        if not codegen.REPO_GENERATED.parent.joinpath("pyproject.toml").exists():
-            raise SymattnError("--all rewrites the repository's generated files: run it from a source checkout")
-        paths = codegen.regenerate_all(progress)
+        paths = codegen.regenerate_all(progress, force=args.force)
     else:
         if args.n_q is None:
             raise SymattnError("generate needs --n-q with --n-k and --d-k, or --d-model and --heads "
                                "(or --all / --check)")
         _check_folder(args.output)
-        paths = codegen.generate(_spec(args), args.output, progress=progress)
+        paths = codegen.generate(_spec(args), args.output, progress=progress, force=args.force)
     for path in paths:
         print(path)
     return 0
@@ -179,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="generated", help="output folder (default generated/)")
     gen.add_argument("--check", action="store_true", help="fail with a diff when committed generated files drift")
     gen.add_argument("--all", action="store_true", help="regenerate every committed generated file")
+    gen.add_argument("--force", action="store_true", help="overwrite files edited by hand (or not written by symattn) "
+                                                          "and replace symbolic links in the output folder")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     gen.set_defaults(func=cmd_generate)
 
