@@ -1,19 +1,19 @@
 """The one writer of generated files: atomic, never through a symbolic link, never over a hand edit.
 
-Every file is written to a temporary file in its folder, flushed to disk and renamed over its final name, so
-the final name only ever holds a complete file. Existing files are read without following links, as bytes.
+Every file is written to a temporary file in its folder, flushed to disk and renamed over its final name
+(outputs.write_atomic), so the final name only ever holds a complete file; a rename replaces a link itself,
+never its target. Existing files are read without following links, as bytes.
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from ..errors import SymattnError
 from ..filestamp import damage
+from ..outputs import write_atomic
 
 
 def _name(name: str) -> str:
@@ -55,32 +55,6 @@ def refused(files: dict[Path, str]) -> list[Path]:
     return [path for path, text in files.items() if _refusal(*_current(path), text.encode())]
 
 
-def _mode() -> int:
-    """Permissions of a new file: 0o666 less the umask (mkstemp creates 0o600)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk and rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)  # replaces a link itself, never its target
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_files(files: dict[str, str], out_dir: str | Path, *, force: bool = False) -> list[Path]:
     """The one writer of generated code: `files` (name -> stamped text) into `out_dir`; returns the paths.
 
@@ -92,7 +66,7 @@ def write_files(files: dict[str, str], out_dir: str | Path, *, force: bool = Fal
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SymattnError(f"cannot write generated code into {str(out)!r}: {e.strerror}") from None
-    mode, written = _mode(), []
+    written = []
     for name, text in sorted(files.items()):
         path, data = out / _name(name), text.encode()
         if damage(data):
@@ -103,8 +77,8 @@ def write_files(files: dict[str, str], out_dir: str | Path, *, force: bool = Fal
             if reason:
                 raise SymattnError(f"refusing to overwrite {path}: {reason}; --force replaces it")
             try:
-                _replace(path, data, mode)
-            except OSError as e:
+                write_atomic(path, data)  # a temporary file beside it, fsync, rename: never a partial file
+            except OSError as e:  # creating the temporary file
                 raise SymattnError(f"cannot write {path}: {e.strerror or e}") from None
         written.append(path)
     return written
