@@ -6,6 +6,7 @@ import os
 import sys
 
 from .errors import SymattnError
+from .outputs import PICTURES, output_file, output_folder, write_atomic
 from .progress import silent, to_stream
 
 FORMATS = ("text", "latex", "markdown", "tex")
@@ -48,39 +49,29 @@ def _spec(args):
     return AttentionSpec(args.n_q, args.n_k, args.d_k, args.d_v, scale=args.scale, mask=mask)
 
 
-def _check_writable(path: str | None) -> None:
-    """Fail before the long work when the output file cannot be written."""
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise SymattnError(f"cannot write {path!r}: the folder does not exist or is not writable")
-
-
-def _check_folder(path: str) -> None:
-    """A folder we may create: it or its nearest existing ancestor must be a writable folder."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise SymattnError(f"cannot write into {path!r}: {probe!r} is not a writable folder")
-
-
 def _write(path: str | None, text: str) -> None:
     if path is None:
         sys.stdout.write(text)
         return
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise SymattnError(f"cannot write {path!r}: {e.strerror}") from None
+    write_atomic(path, text)
     print(f"symattn: wrote {path}", file=sys.stderr)
+
+
+def _seed(text: str) -> int:
+    """argparse type: a non-negative integer seed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give a non-negative integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give a non-negative integer")
+    return value
 
 
 def cmd_derive(args) -> int:
     from .derive import derive
-    _check_writable(args.output)
+    if args.output is not None:
+        output_file(args.output)
     spec = _spec(args)
     progress = silent if args.quiet else to_stream()
     if _is_layer(args):
@@ -97,9 +88,9 @@ def cmd_derive(args) -> int:
 
 def cmd_run(args) -> int:
     from .run import run
-    _check_writable(args.plot)
+    plot = None if args.plot is None else output_file(args.plot, PICTURES, default=".png")
     result = run(args.sentence, query=args.query, causal=args.causal, d_model=args.d_model, d_k=args.d_k,
-                 d_v=args.d_v, progress=silent if args.quiet else to_stream(), plot=args.plot)
+                 d_v=args.d_v, progress=silent if args.quiet else to_stream(), plot=plot)
     return 0 if result.passed else 1
 
 
@@ -126,7 +117,7 @@ def cmd_generate(args) -> int:
         if args.n_q is None:
             raise SymattnError("generate needs --n-q with --n-k and --d-k, or --d-model and --heads "
                                "(or --all / --check)")
-        _check_folder(args.output)
+        output_folder(args.output)
         paths = codegen.generate(_spec(args), args.output, progress=progress, force=args.force)
     for path in paths:
         print(path)
@@ -188,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="symbolic vs unrolled vs loop kernels vs NumPy, and finite differences")
     _spec_options(ver)
-    ver.add_argument("--seed", type=int, default=0, help="seed of the random dyadic inputs")
+    ver.add_argument("--seed", type=_seed, default=0, help="seed of the random dyadic inputs")
     ver.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     ver.set_defaults(func=cmd_verify)
 
@@ -200,9 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerant_streams() -> None:
+    """Text the terminal cannot encode (a token in another script on an ASCII terminal, bytes that were not
+    UTF-8 on the command line) prints as escapes instead of raising UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # replaced by a test harness, or already closed
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        _tolerant_streams()
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except SymattnError as e:
         print(f"symattn: error: {e}", file=sys.stderr)
