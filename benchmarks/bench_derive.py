@@ -15,7 +15,7 @@ import time
 import sympy
 
 import symattn
-from symattn.build import flat
+from symattn.symbolic.tensors import flat
 
 TARGETS = {8: (2.0, 30.0), 6: (None, 10.0)}
 

@@ -16,25 +16,29 @@ from .errors import InputError, SizeTooLargeError, SpecError, SymattnError
 __version__ = "0.1.0"
 
 _LAZY: dict[str, str] = {  # public name -> module, imported on first use
-    "AttentionSpec": "spec", "MultiHeadSpec": "spec", "Derivation": "derive", "Step": "derive", "derive": "derive",
-    "derive_multihead": "multihead", "Proof": "prove", "prove": "prove",
-    "attention": "api", "attention_backward": "api", "attention_weights": "api", "generate": "codegen",
-    "verify": "verification", "VerifyReport": "verification", "gradcheck": "finite_differences",
-    "GradcheckReport": "finite_differences", "verify_multihead": "verification",
-    "multihead_attention": "multihead_api", "multihead_attention_backward": "multihead_api",
-    "reference": None,
+    "AttentionSpec": "symbolic.spec", "MultiHeadSpec": "symbolic.spec", "Derivation": "symbolic.derive",
+    "Step": "symbolic.derive", "derive": "symbolic.derive", "derive_multihead": "symbolic.layer",
+    "Proof": "symbolic.prove", "prove": "symbolic.prove",
+    "attention": "numeric.api", "attention_backward": "numeric.api", "attention_weights": "numeric.api",
+    "multihead_attention": "numeric.layer", "multihead_attention_backward": "numeric.layer",
+    "generate": "codegen", "verify": "check.verification", "VerifyReport": "check.verification",
+    "verify_multihead": "check.verification", "gradcheck": "check.finite_differences",
+    "GradcheckReport": "check.finite_differences",
 }
+_MODULES = {"reference": "numeric.reference"}  # public modules
 
-__all__ = sorted(["InputError", "SizeTooLargeError", "SpecError", "SymattnError", *_LAZY])
+__all__ = sorted(["InputError", "SizeTooLargeError", "SpecError", "SymattnError", *_LAZY, *_MODULES])
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        module = importlib.import_module(f".{_LAZY[name] or name}", __name__)
-        value = module if _LAZY[name] is None else getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'symattn' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{_MODULES[name]}", __name__)
+    else:
+        raise AttributeError(f"module 'symattn' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__():

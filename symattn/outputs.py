@@ -51,7 +51,10 @@ def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[str], No
     """Write `data` (text, bytes, or a function that writes a file at the path it is given) to `path`
     atomically: readers see the old file or the whole new one, never a part; on failure nothing is left."""
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as e:  # a folder that refuses new files (/proc, a read-only mount, a full disk)
+        raise SymattnError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     try:
         if callable(data):
             os.close(fd)

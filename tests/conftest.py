@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import sympy
 
-from symattn.build import shape_of
+from symattn.symbolic.tensors import shape_of
 
 
 def evaluate_steps(d, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

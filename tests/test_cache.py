@@ -19,11 +19,11 @@ import pytest
 
 import symattn.codegen as codegen
 from symattn import AttentionSpec, SymattnError, reference
-from symattn.cli import main
+from symattn.app.cli import main
 from symattn.codegen import generate, render, write_files
 from symattn.codegen.templates import HEADER
 from symattn.filestamp import PLACEHOLDER, damage, stamp
-from symattn.kernels import cache_dir, load_unrolled
+from symattn.numeric.kernels import cache_dir, load_unrolled
 from symattn.progress import silent
 
 SPEC = AttentionSpec(2, 3, 2)
@@ -87,7 +87,7 @@ def test_stamp_and_damage():
 
 
 def test_every_committed_generated_file_carries_a_valid_hash():
-    paths = [*REPO.glob("generated/*.py"), *REPO.glob("docs/*.md"), REPO / "symattn" / "attention_loops.py"]
+    paths = [*REPO.glob("generated/*.py"), *REPO.glob("docs/*.md"), REPO / "symattn" / "numeric" / "attention_loops.py"]
     assert len(paths) >= 9
     assert {str(p): damage(p.read_bytes()) for p in paths} == {str(p): None for p in paths}
     assert "<!-- symattn-sha256: " in (REPO / "docs" / "single-head-causal.md").read_text()
@@ -98,13 +98,13 @@ def test_hash_check_needs_no_sympy():
             "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
             "print(m.damage(open(sys.argv[2], 'rb').read()), 'sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(REPO / "symattn" / "filestamp.py"),
-                          str(REPO / "symattn" / "attention_loops.py")], capture_output=True, text=True, check=True)
+                          str(REPO / "symattn" / "numeric" / "attention_loops.py")], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["None", "False"]
 
 
 def test_loading_a_valid_cached_file_needs_no_sympy(tmp_path):
     generate(SPEC, tmp_path)
-    code = ("import pathlib, sys; import symattn.kernels as k; sys.modules['sympy'] = None  # import sympy fails\n"
+    code = ("import pathlib, sys; import symattn.numeric.kernels as k; sys.modules['sympy'] = None  # import sympy fails\n"
             f"class Spec: name = {SPEC.name!r}\n"
             "print(k.load_unrolled(Spec, pathlib.Path(sys.argv[1])).__name__)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
@@ -266,7 +266,7 @@ CONCURRENT = """
 import pathlib, sys, time
 import numpy as np
 from symattn import AttentionSpec
-from symattn.kernels import load_unrolled
+from symattn.numeric.kernels import load_unrolled
 folder, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 go.with_name(f"ready-{sys.argv[3]}").touch()
 while not go.exists():
@@ -305,7 +305,7 @@ def test_check_outside_a_source_checkout_says_there_is_nothing_to_check(tmp_path
     shutil.copytree(REPO / "symattn", site / "symattn", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "PYTHONPATH": str(site)}
     for option in ("--check", "--all"):
-        out = subprocess.run([sys.executable, "-m", "symattn.cli", "generate", option, "-q"], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "symattn.app.cli", "generate", option, "-q"], capture_output=True,
                              text=True, env=env, cwd=tmp_path)
         assert out.returncode == 2, out.stderr[-2000:]
         assert out.stderr.startswith("symattn: error: ") and len(out.stderr.splitlines()) == 1

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from symattn.cli import main
+from symattn.app.cli import main
 
 
 def test_derive_text_to_stdout(capsys):
@@ -96,12 +96,12 @@ def test_run_causal_and_other_sentence(capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "symattn.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "symattn.app.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "derive" in result.stdout
 
 
 def test_public_functions_survive_submodule_imports():
-    code = ("import symattn.verification, symattn.finite_differences, symattn.derive, symattn.prove, symattn.api;"
+    code = ("import symattn.check.verification, symattn.check.finite_differences, symattn.symbolic.derive, symattn.symbolic.prove, symattn.numeric.api;"
             "import symattn; print(all(callable(getattr(symattn, n)) for n in "
             "('verify', 'gradcheck', 'derive', 'prove', 'attention', 'attention_backward', 'generate')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -10,7 +10,7 @@ import sympy
 from symattn import AttentionSpec, reference
 from symattn.codegen import STANDARD_SPECS, check, diff_files, generate, render
 from symattn.codegen.printer import NumbaPrinter, check_identifier
-from symattn.kernels import load_unrolled
+from symattn.numeric.kernels import load_unrolled
 
 
 def test_committed_generated_files_are_in_sync():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from symattn import AttentionSpec, derive, reference
-from symattn.build import TENSORS, shape_of
+from symattn.symbolic.tensors import TENSORS, shape_of
 from conftest import evaluate_steps
 
 SPECS = [AttentionSpec(3, 4, 2, 3), AttentionSpec(4, 3, 3, 2, mask="causal"), AttentionSpec(2, 2, 2, scale="1/3"),

@@ -1,7 +1,7 @@
 import sympy
 
-from symattn.example import example
-from symattn.run import run
+from symattn.app.example import example
+from symattn.app.run import run
 
 
 def test_default_example_is_the_documented_sentence():

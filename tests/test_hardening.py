@@ -14,7 +14,7 @@ import pytest
 
 import symattn
 from symattn import AttentionSpec, InputError, SpecError, reference
-from symattn.cli import main
+from symattn.app.cli import main
 
 
 def _error(argv, capsys) -> str:
@@ -95,7 +95,7 @@ def test_outputs_that_cannot_fit_are_refused_before_allocation():
 
 def test_a_huge_scale_exponent_is_refused_at_once():
     # before: Fraction('1e100000000') computed 10**100000000 (over 90 s)
-    code = "from symattn.cli import main; raise SystemExit(main(['derive', '--n-q', '2', '--n-k', '2', " \
+    code = "from symattn.app.cli import main; raise SystemExit(main(['derive', '--n-q', '2', '--n-k', '2', " \
            "'--d-k', '2', '-q', '--scale', '1e100000000']))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "scale must be between 1e-6 and 1e6" in result.stderr
@@ -132,7 +132,7 @@ def test_spec_accepts_numpy_and_fraction_scales():
                                            ("no/such/folder/p.png", "does not exist")])
 def test_plot_paths_are_checked_before_any_work(plot, message, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("symattn.run.run", lambda *a, **k: pytest.fail("the work started"))
+    monkeypatch.setattr("symattn.app.run.run", lambda *a, **k: pytest.fail("the work started"))
     assert message in _error(["run", "--plot", plot, "-q"], capsys)
 
 
@@ -144,7 +144,7 @@ def test_run_bad_sizes_and_text(capsys):
 def test_run_with_math_like_tokens_on_an_ascii_terminal(tmp_path):
     """Tokens reach neither matplotlib's math parser nor an encoder that raises; the plot's real name is reported."""
     env = {**os.environ, "PYTHONIOENCODING": "ascii", "SYMATTN_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-m", "symattn.cli", "run", "-q", "--sentence", "a $x^$ \u732b",
+    result = subprocess.run([sys.executable, "-m", "symattn.app.cli", "run", "-q", "--sentence", "a $x^$ \u732b",
                              "--plot", str(tmp_path / "heat")], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -165,7 +165,7 @@ def test_negative_seed(capsys):
 
 
 def test_bench_output_is_checked_first(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("symattn.bench.run_case", lambda *a, **k: pytest.fail("the timing started"))
+    monkeypatch.setattr("symattn.app.bench.run_case", lambda *a, **k: pytest.fail("the timing started"))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     assert "is not a writable folder" in _error(["bench", "--quick", "-q", "-o", str(blocker / "sub")], capsys)
@@ -224,7 +224,7 @@ def test_ctrl_c_during_start_up_is_one_line():
     """SIGINT while the CLI imports SymPy and Numba: 'symattn: interrupted', never a traceback."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     for delay in (0.4, 0.8):
-        proc = subprocess.Popen([sys.executable, "-m", "symattn.cli", "derive", "--n-q", "3", "--n-k", "3", "--d-k",
+        proc = subprocess.Popen([sys.executable, "-m", "symattn.app.cli", "derive", "--n-q", "3", "--n-k", "3", "--d-k",
                                  "2", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)

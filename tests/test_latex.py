@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from symattn import AttentionSpec, derive
-from symattn.latex import tex_escape
+from symattn.render.latex import tex_escape
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 
 import symattn
 from symattn import MultiHeadSpec, SpecError, reference
-from symattn import multihead_api
-from symattn.cli import main
+from symattn.numeric import layer as multihead_api
+from symattn.app.cli import main
 from symattn.codegen import render
 from conftest import evaluate_steps
 

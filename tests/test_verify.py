@@ -9,9 +9,9 @@ import pytest
 
 import symattn
 from symattn import AttentionSpec
-from symattn import verification as verify_module
-from symattn.cli import main
-from symattn.finite_differences import gradcheck
+from symattn.check import verification as verify_module
+from symattn.app.cli import main
+from symattn.check.finite_differences import gradcheck
 
 
 @pytest.mark.parametrize("spec", [AttentionSpec(3, 4, 2, 3), AttentionSpec(4, 3, 3, 2, mask="causal"),
@@ -81,7 +81,7 @@ def test_cli_generate_verify_and_check(tmp_path, capsys):
 
 
 def test_bench_writes_table_json_and_plot(tmp_path):
-    from symattn.bench import bench
+    from symattn.app.bench import bench
     lines = []
     result = bench(((1, 5, 2),), (np.float64,), out_dir=tmp_path, say=lines.append)
     assert {"NumPy", "loop kernel", "unrolled kernel"} <= set(result["rows"][0]["seconds"])
@@ -96,7 +96,7 @@ import numpy as np, numba
 assert numba.config.DISABLE_JIT
 import symattn
 from symattn import reference, AttentionSpec
-from symattn.kernels import load_unrolled
+from symattn.numeric.kernels import load_unrolled
 rng = np.random.default_rng(0)
 q, k, v, dO = (rng.standard_normal(s) for s in ((2, 5, 3), (2, 4, 3), (2, 4, 2), (2, 5, 2)))
 mask = np.ones((5, 4), bool); mask[3] = False
@@ -116,7 +116,7 @@ print("ok")
 
 
 def test_unrolled_kernels_reload_from_numba_cache(tmp_path):
-    code = ("import numpy as np, pathlib; from symattn import AttentionSpec; from symattn.kernels import load_unrolled;"
+    code = ("import numpy as np, pathlib; from symattn import AttentionSpec; from symattn.numeric.kernels import load_unrolled;"
             f"m = load_unrolled(AttentionSpec(2, 3, 2), pathlib.Path({str(tmp_path)!r})); x = np.ones((3, 2));"
             "o = np.empty((2, 2)); m.attn_q2_k3_dk2_dv2_forward(x[:2], x, x, o); print(o.sum())")
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True) for _ in range(2)]

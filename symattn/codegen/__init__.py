@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..derive import derive
+from ..symbolic.derive import derive
 from ..errors import SymattnError
 from ..filestamp import stamp
-from ..multihead import derive_multihead
+from ..symbolic.layer import derive_multihead
 from ..progress import Progress, silent
-from ..spec import AttentionSpec, MultiHeadSpec
+from ..symbolic.spec import AttentionSpec, MultiHeadSpec
 from .files import diff_files, refused, write_files
 from .loop import LOOP_MODULE, render as render_loops
 from .templates import DOC_HEADER, HEADER, LAYER_FILE, LAYER_KERNEL, UNROLLED_FILE, UNROLLED_KERNEL, decorator
@@ -103,7 +103,7 @@ def committed_files(progress: Progress = silent) -> dict[Path, str]:
         raise SymattnError(f"there are no committed generated files outside a source checkout (no pyproject.toml "
                            f"in {REPO_GENERATED.parent}): nothing to check or regenerate here; "
                            f"write kernels for your sizes with `symattn generate ... -o DIR`")
-    files = {PACKAGE_DIR / f"{LOOP_MODULE}.py": render_loops()}  # the copy the numeric API imports
+    files = {PACKAGE_DIR / "numeric" / f"{LOOP_MODULE}.py": render_loops()}  # the copy the numeric API imports
     for spec in STANDARD_SPECS:
         files[REPO_GENERATED / f"{spec.name}.py"] = render(spec, progress)[f"{spec.name}.py"]
     for name, spec in DOC_SPECS.items():

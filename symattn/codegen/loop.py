@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import sympy
 
-from ..build import INDEX_OF_DIM, TENSORS
-from ..derive import Derivation, derive
+from ..symbolic.tensors import INDEX_OF_DIM, TENSORS
+from ..symbolic.derive import Derivation, derive
 from ..filestamp import stamp
-from ..score import SCORE, scale_symbolic
-from ..spec import AttentionSpec
+from ..symbolic.score import SCORE, scale_symbolic
+from ..symbolic.spec import AttentionSpec
 from .printer import NumbaPrinter
 from .templates import HEADER, LOOP_FILE, LOOP_KERNELS, decorator
 

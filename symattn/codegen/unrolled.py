@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..build import TENSORS, flat, shape_of
-from ..derive import Derivation
-from ..spec import EXPLICIT_LIMIT, MultiHeadSpec
+from ..symbolic.tensors import TENSORS, flat, shape_of
+from ..symbolic.derive import Derivation
+from ..symbolic.spec import EXPLICIT_LIMIT, MultiHeadSpec
 from .printer import Block, NumbaPrinter, check_identifier, cse_block
 
 FORWARD = ("similarity", "scaling", "softmax", "output")

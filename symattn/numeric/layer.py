@@ -19,7 +19,7 @@ import numpy as np
 from . import kernels
 from .api import (_array, _bias, _unbroadcast, attention, attention_backward, bias_rows, check_causal,
                   check_masked_rows, check_scale, softmax_weights)
-from .errors import InputError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sympy
 
-from .build import SIZES, TENSORS, SymbolTable, a, i, j
+from .tensors import SIZES, TENSORS, SymbolTable, a, i, j
 from .spec import AttentionSpec
 
 

@@ -12,7 +12,7 @@ import dataclasses
 
 import sympy
 
-from .build import DIMS, INDEX_OF_DIM, SIZES, TENSORS, SymbolTable, c, i, j, m
+from .tensors import DIMS, INDEX_OF_DIM, SIZES, TENSORS, SymbolTable, c, i, j, m
 from .derive import Derivation, Progress, Step, derive
 from .spec import MultiHeadSpec
 

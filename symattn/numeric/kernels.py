@@ -1,4 +1,4 @@
-"""Dispatch to the generated loop kernels (symattn/attention_loops.py): dtype, serial or parallel.
+"""Dispatch to the generated loop kernels (symattn/numeric/attention_loops.py): dtype, serial or parallel.
 
 Arrays arrive validated and flattened: Q (Bq, n_q, d_k), K (Bk, n_k, d_k), V (Bv, n_k, d_v),
 bias (Bm, n_q, n_k) or (0, 0, 0), batch (B, 4) rows of each flattened batch element.
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from . import attention_loops as loops
-from .errors import SymattnError
-from .filestamp import damage
-from .progress import silent
+from ..errors import SymattnError
+from ..filestamp import damage
+from ..progress import silent
 
 MASKED_ROWS = {"zero": 0, "uniform": 1, "nan": 2}
 #: prange pays off above this many multiply-adds (a parallel call costs ~1.2 us more, measured here).
@@ -57,7 +57,7 @@ def _fingerprint() -> str:
     """Hash of symattn's own source: generated kernels are cached per generator version."""
     import hashlib
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.rglob("*.py")):
+    for path in sorted(Path(__file__).parent.parent.rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -116,8 +116,8 @@ def _fault(path: Path) -> str | None:
 
 def _regenerate(spec, folder: Path, progress) -> bool:
     """Write `spec`'s kernels into `folder` over whatever is there; False where unrolled kernels do not pay."""
-    from .codegen import generate  # codegen needs SymPy: loaded only when kernels must be written
-    from .codegen.unrolled import pays_for
+    from ..codegen import generate  # codegen needs SymPy: loaded only when kernels must be written
+    from ..codegen.unrolled import pays_for
     if not pays_for(spec):
         return False
     generate(spec, folder, progress=progress or silent, force=True)

@@ -6,12 +6,15 @@ Names come from SymPy's LatexPrinter `symbol_names` setting (dq_{0,1} -> \\mathr
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import sympy
 from sympy.printing.latex import LatexPrinter
 
-from .build import TENSORS
-from .derive import Derivation, Step
+from ..symbolic.tensors import TENSORS
+
+if TYPE_CHECKING:  # type hints only: printing never needs the derivation machinery
+    from ..symbolic.derive import Derivation, Step
 
 #: Steps with more explicit entries than this print only query row `0` unless asked otherwise.
 MAX_ENTRIES = 64

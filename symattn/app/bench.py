@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import reference
-from .api import attention, attention_backward
-from .kernels import load_unrolled
-from .errors import SymattnError
-from .outputs import output_folder, save_figure, write_atomic
-from .progress import Progress, silent
-from .spec import AttentionSpec
+from ..numeric import reference
+from ..numeric.api import attention, attention_backward
+from ..numeric.kernels import load_unrolled
+from ..errors import SymattnError
+from ..outputs import output_folder, save_figure, write_atomic
+from ..progress import Progress, silent
+from ..symbolic.spec import AttentionSpec
 
 CASES = ((1, 5, 2), (1, 16, 16), (8, 64, 64), (8, 256, 64), (8, 1024, 64))
 LAYER_CASES = ((4, 256, 512, 8, 8), (1, 1024, 512, 8, 2))  # (batch, n, d_model, heads, kv_heads), float32
@@ -121,7 +121,7 @@ def run_case(batch: int, n: int, d: int, dtype, progress: Progress = silent) -> 
 def run_layer_case(batch: int, n: int, d_model: int, heads: int, kv_heads: int, dtype=np.float32,
                    progress: Progress = silent) -> list[Row]:
     """The multi-head layer: NumPy reference (head by head) vs symattn.multihead_attention."""
-    from .multihead_api import multihead_attention, multihead_attention_backward
+    from ..numeric.layer import multihead_attention, multihead_attention_backward
     rng = np.random.default_rng(0)
     d_k = d_model // heads
     x, d_out = (rng.standard_normal((batch, n, d_model)).astype(dtype) for _ in range(2))

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: dtype -> (relative step, rtol, atol)
 POLICY = {np.dtype(np.float64): (6e-6, 1e-5, 1e-7), np.dtype(np.float32): (5e-3, 5e-2, 5e-3)}

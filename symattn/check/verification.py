@@ -11,16 +11,17 @@ from dataclasses import dataclass
 import numpy as np
 import sympy
 
-from . import limits, reference
-from .api import attention, attention_backward
-from .build import shape_of
-from .derive import derive
+from .. import limits
+from ..numeric import reference
+from ..numeric.api import attention, attention_backward
+from ..symbolic.tensors import shape_of
+from ..symbolic.derive import derive
 from .finite_differences import Comparison, GradcheckReport, compare, gradcheck
-from .kernels import load_unrolled
-from .multihead import derive_multihead
-from .multihead_api import multihead_attention, multihead_attention_backward
-from .progress import Progress, silent
-from .spec import AttentionSpec
+from ..numeric.kernels import load_unrolled
+from ..symbolic.layer import derive_multihead
+from ..numeric.layer import multihead_attention, multihead_attention_backward
+from ..progress import Progress, silent
+from ..symbolic.spec import AttentionSpec
 
 TOLERANCE = {"float64": (1e-10, 1e-12), "float32": (2e-4, 2e-5)}  # (rtol, atol)
 QUANTITIES = ("O", "dQ", "dK", "dV")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
-from .errors import InputError
-from .limits import check_memory
+from ..errors import InputError
+from ..limits import check_memory
 
 DTYPES = (np.float32, np.float64)
 

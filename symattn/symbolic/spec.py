@@ -5,6 +5,7 @@ Every file name, kernel name and document title comes from ``spec.name`` / ``spe
 """
 from __future__ import annotations
 
+import decimal
 import hashlib
 import math
 import numbers
@@ -12,10 +13,12 @@ import operator
 import re
 from dataclasses import KW_ONLY, dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
-import sympy
+from ..errors import SizeTooLargeError, SpecError
 
-from .errors import SizeTooLargeError, SpecError
+if TYPE_CHECKING:
+    import sympy
 
 MASKS = ("none", "causal")
 MASKED_ROWS = ("zero", "uniform", "nan")
@@ -136,13 +139,18 @@ class AttentionSpec:
     @property
     def scale_exact(self) -> sympy.Expr:
         """The scale as an exact SymPy number (1/√d_k unless given)."""
+        import sympy  # the only SymPy use here: loading cached kernels by spec stays SymPy-free
         if self.scale is None:
             return 1 / sympy.sqrt(self.d_k)
         return sympy.Rational(self.scale.numerator, self.scale.denominator)
 
     @property
     def scale_value(self) -> float:
-        return float(self.scale_exact)
+        """The scale as a float, correctly rounded, without SymPy."""
+        if self.scale is not None:
+            return float(self.scale)
+        with decimal.localcontext(prec=40):
+            return float(1 / decimal.Decimal(self.d_k).sqrt())
 
     @property
     def causal(self) -> bool:
@@ -262,7 +270,11 @@ class MultiHeadSpec:
 
     @property
     def scale_value(self) -> float:
-        return float(self.scale_exact)
+        """The scale as a float, correctly rounded, without SymPy."""
+        if self.scale is not None:
+            return float(self.scale)
+        with decimal.localcontext(prec=40):
+            return float(1 / decimal.Decimal(self.d_k).sqrt())
 
     def visible(self, i: int, j: int) -> bool:
         return j <= i if self.causal else True

@@ -14,13 +14,13 @@ from importlib import resources
 
 import sympy
 
-from .errors import SymattnError
+from ..errors import SymattnError
 
 _STEPS = (-1, Fraction(-1, 2), 0, Fraction(1, 2), 1)
 
 
 def _default() -> dict:
-    return json.loads(resources.files("symattn").joinpath("data/default.json").read_text())
+    return json.loads(resources.files("symattn.app").joinpath("data/default.json").read_text())
 
 
 def _hashed(name: str, count: int) -> list[sympy.Rational]:

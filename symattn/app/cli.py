@@ -5,9 +5,9 @@ import argparse
 import os
 import sys
 
-from .errors import SymattnError
-from .outputs import PICTURES, output_file, output_folder, write_atomic
-from .progress import silent, to_stream
+from ..errors import SymattnError
+from ..outputs import PICTURES, output_file, output_folder, write_atomic
+from ..progress import silent, to_stream
 
 FORMATS = ("text", "latex", "markdown", "tex")
 
@@ -37,7 +37,7 @@ def _is_layer(args) -> bool:
 
 
 def _spec(args):
-    from .spec import AttentionSpec, MultiHeadSpec
+    from ..symbolic.spec import AttentionSpec, MultiHeadSpec
     mask = "causal" if args.causal else "none"
     if _is_layer(args):
         if args.d_model is None or args.heads is None:
@@ -69,13 +69,13 @@ def _seed(text: str) -> int:
 
 
 def cmd_derive(args) -> int:
-    from .derive import derive
+    from ..symbolic.derive import derive
     if args.output is not None:
         output_file(args.output)
     spec = _spec(args)
     progress = silent if args.quiet else to_stream()
     if _is_layer(args):
-        from .multihead import derive_multihead as derive
+        from ..symbolic.layer import derive_multihead as derive
     d = derive(spec, explicit=not args.indexed_only, prove=not args.no_prove and not args.indexed_only,
                progress=progress)
     limit = None if args.max_entries == 0 else args.max_entries
@@ -95,7 +95,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from . import codegen
+    from .. import codegen
     progress = silent if args.quiet else to_stream()
     if args.check:
         files = codegen.committed_files(progress)  # SymattnError outside a source checkout
@@ -125,7 +125,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verification import verify, verify_multihead
+    from ..check.verification import verify, verify_multihead
     check = verify_multihead if _is_layer(args) else verify
     report = check(_spec(args), seed=args.seed, progress=silent if args.quiet else to_stream())
     print(report)

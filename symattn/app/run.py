@@ -8,19 +8,20 @@ from typing import Callable
 import numpy as np
 import sympy
 
-from .errors import SymattnError
+from ..errors import SymattnError
 
-from . import limits, reference
-from .build import shape_of
-from .derive import Derivation, derive
+from .. import limits
+from ..numeric import reference
+from ..symbolic.tensors import shape_of
+from ..symbolic.derive import Derivation, derive
 from .example import Example, example
-from .latex import proof_lines, step_latex
-from .outputs import save_figure
-from .progress import Progress, silent
-from .multihead import derive_multihead
-from .multihead_api import multihead_attention
-from .spec import AttentionSpec, MultiHeadSpec, _positive_int
-from .verification import verify
+from ..render.latex import proof_lines, step_latex
+from ..outputs import save_figure
+from ..progress import Progress, silent
+from ..symbolic.layer import derive_multihead
+from ..numeric.layer import multihead_attention
+from ..symbolic.spec import AttentionSpec, MultiHeadSpec, _positive_int
+from ..check.verification import verify
 
 Say = Callable[[str], None]
 

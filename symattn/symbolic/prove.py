@@ -16,12 +16,15 @@ import random
 import time
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import symengine as se
 import sympy
 
-from .build import TENSORS, flat, shape_of
-from .derive import Derivation, Progress
+from .tensors import TENSORS, flat, shape_of
+
+if TYPE_CHECKING:  # type hints only: derive() runs the proofs, so prove must not import derive
+    from .derive import Derivation, Progress
 
 #: Exact simplification when n_q·n_k·(d_k+d_v) is at most this; random rational points above.
 EXACT_LIMIT = 16

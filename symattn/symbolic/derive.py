@@ -13,7 +13,7 @@ from typing import Callable
 
 import sympy
 
-from .build import SIZES, TENSORS, SymbolTable, a, b, i, j, l
+from .tensors import SIZES, TENSORS, SymbolTable, a, b, i, j, l
 from .score import SCORE, scale_symbolic
 from .spec import AttentionSpec
 
@@ -83,19 +83,19 @@ class Derivation:
 
     # Printing lives in latex.py; these are conveniences.
     def to_text(self, **kw) -> str:
-        from .latex import to_text
+        from ..render.latex import to_text
         return to_text(self, **kw)
 
     def to_latex(self, **kw) -> str:
-        from .latex import to_latex
+        from ..render.latex import to_latex
         return to_latex(self, **kw)
 
     def to_markdown(self, **kw) -> str:
-        from .latex import to_markdown
+        from ..render.latex import to_markdown
         return to_markdown(self, **kw)
 
     def to_tex_document(self, **kw) -> str:
-        from .latex import to_tex_document
+        from ..render.latex import to_tex_document
         return to_tex_document(self, **kw)
 
 

@@ -1,0 +1,1 @@
+"""The command line and the jobs behind it: run (the worked example), bench, the example data."""

@@ -1,0 +1,1 @@
+"""Checking the generated kernels: four-way verification and finite differences."""

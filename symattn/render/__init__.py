@@ -1,0 +1,1 @@
+"""Printing a derivation (text, LaTeX, Markdown, standalone .tex); never recomputes."""
