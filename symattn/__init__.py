@@ -25,7 +25,7 @@ _LAZY: dict[str, str] = {  # public name -> module, imported on first use
     "verify_multihead": "check.verification", "gradcheck": "check.finite_differences",
     "GradcheckReport": "check.finite_differences",
 }
-_MODULES = {"reference": "numeric.reference"}  # public modules
+_MODULES = {"reference": "numeric.reference", "masks": "symbolic.masks", "mods": "symbolic.mods"}  # public modules
 
 __all__ = sorted(["InputError", "SizeTooLargeError", "SpecError", "SymattnError", *_LAZY, *_MODULES])
 

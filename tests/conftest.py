@@ -30,3 +30,19 @@ def evaluate_steps(d, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def reference_gradcheck(arrays: dict, params: dict, **options):
+    """Finite differences of the NumPy reference for q, k, v (first in `arrays`) and every parameter in `params`
+    (their values also in `arrays`), with the reference's own gradients as the analytic side."""
+    from symattn import reference
+    from symattn.check.finite_differences import gradcheck
+
+    def f(q, k, v, *theta):
+        return reference.attention(q, k, v, params=dict(zip(params, theta)), **options)
+
+    def g(q, k, v, *rest):
+        *theta, dO = rest
+        grads = reference.gradients(q, k, v, dO, params=dict(zip(params, theta)), **options)
+        return [grads[n] for n in ("q", "k", "v", *params)]
+    return gradcheck(f, arrays, g)

@@ -10,6 +10,7 @@ from ..outputs import PICTURES, output_file, output_folder, write_atomic
 from ..progress import silent, to_stream
 
 FORMATS = ("text", "latex", "markdown", "tex")
+SCORE_NAMES = ("dot", "general", "additive")  # symattn.symbolic.spec.SCORES (not imported: start-up stays light)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,8 +23,18 @@ def _spec_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--n-k", type=int, default=None, help="number of keys/values (single head: required)")
     p.add_argument("--d-k", type=int, default=None, help="query/key width (per head; single head: required)")
     p.add_argument("--d-v", type=int, default=None, help="value width (default d_k)")
-    p.add_argument("--causal", action="store_true", help="causal mask: query i sees keys j <= i")
+    p.add_argument("--causal", action="store_true", help="causal mask: query i sees keys j <= i (= --mask causal)")
+    p.add_argument("--mask", default=None, metavar="MASK",
+                   help="causal, window:W (causal, W keys back), prefix:P (first P keys seen by all, then causal), "
+                        "joined by & (and) or | (or)")
     p.add_argument("--scale", default=None, help="score scale, e.g. 0.5 or 1/8 (default 1/sqrt(d_k), exact)")
+    p.add_argument("--score", default="dot", choices=SCORE_NAMES,
+                   help="dot: scale q.k; general (Luong): scale q W_a k^T; additive (Bahdanau): "
+                        "v_a^T tanh(q W_a + k U_a + b_a) (default dot)")
+    p.add_argument("--hidden", type=int, default=None, metavar="D_A", help="hidden units d_a of the additive score")
+    p.add_argument("--score-mod", default=None, metavar="MOD",
+                   help="alibi[:SLOPE] (s + slope(j - i), slope 1/256 by default), softcap:C (C tanh(s/C)), "
+                        "relative-bias:D (s + a learned B[clip(j - i, -D, D) + D])")
     layer = p.add_argument_group("multi-head layer (any of these makes it a layer)")
     layer.add_argument("--d-model", type=int, default=None, help="model width")
     layer.add_argument("--heads", type=int, default=None, help="number of heads h")
@@ -38,15 +49,21 @@ def _is_layer(args) -> bool:
 
 def _spec(args):
     from ..symbolic.spec import AttentionSpec, MultiHeadSpec
-    mask = "causal" if args.causal else "none"
+    if args.causal and args.mask not in (None, "causal"):
+        raise SymattnError(f"--causal and --mask {args.mask} disagree: give one of them")
+    mask = "causal" if args.causal else (args.mask or "none")
     if _is_layer(args):
         if args.d_model is None or args.heads is None:
             raise SymattnError("a multi-head layer needs --d-model and --heads")
+        if args.score != "dot" or args.hidden is not None or args.score_mod is not None:
+            raise SymattnError("the multi-head layer has the plain dot-product score only; --score, --hidden and "
+                               "--score-mod apply to a single head (--n-q, --n-k, --d-k)")
         return MultiHeadSpec(args.n_q, args.d_model, args.heads, n_k=args.n_k, kv_heads=args.kv_heads, d_k=args.d_k,
                              d_v=args.d_v, cross=args.cross, bias=args.bias, scale=args.scale, mask=mask)
     if args.n_k is None or args.d_k is None:
         raise SymattnError("give --n-k and --d-k (one head), or --d-model and --heads (a multi-head layer)")
-    return AttentionSpec(args.n_q, args.n_k, args.d_k, args.d_v, scale=args.scale, mask=mask)
+    return AttentionSpec(args.n_q, args.n_k, args.d_k, args.d_v, scale=args.scale, mask=mask, score=args.score,
+                         hidden=args.hidden, score_mod=args.score_mod or "none")
 
 
 def _write(path: str | None, text: str) -> None:

@@ -15,13 +15,15 @@ from .. import limits
 from ..numeric import reference
 from ..numeric.api import attention, attention_backward
 from ..symbolic.tensors import shape_of
-from ..symbolic.derive import derive
+from ..symbolic.derive import derive, parameters
 from .finite_differences import Comparison, GradcheckReport, compare, gradcheck
 from ..numeric.kernels import load_unrolled
 from ..symbolic.layer import derive_multihead
 from ..numeric.layer import multihead_attention, multihead_attention_backward
 from ..progress import Progress, silent
-from ..symbolic.spec import AttentionSpec
+from ..errors import SymattnError
+from ..symbolic.spec import UNSCALED, AttentionSpec
+from ..symbolic.tensors import TENSORS
 
 TOLERANCE = {"float64": (1e-10, 1e-12), "float32": (2e-4, 2e-5)}  # (rtol, atol)
 QUANTITIES = ("O", "dQ", "dK", "dV")
@@ -52,8 +54,11 @@ class VerifyReport:
 
 
 def _inputs(spec: AttentionSpec, seed: int) -> dict[str, np.ndarray]:
+    """Dyadic inputs (k/8) keyed by tensor name: Q, K, V, the score's parameters θ, dO."""
     rng = np.random.default_rng(seed)
-    shapes = {"Q": (spec.n_q, spec.d_k), "K": (spec.n_k, spec.d_k), "V": (spec.n_k, spec.d_v), "dO": (spec.n_q, spec.d_v)}
+    shapes = {"Q": (spec.n_q, spec.d_k), "K": (spec.n_k, spec.d_k), "V": (spec.n_k, spec.d_v)}
+    shapes.update({p.tensor: TENSORS[p.tensor].shape(spec) for p in parameters(spec)})
+    shapes["dO"] = (spec.n_q, spec.d_v)
     return {name: rng.integers(-16, 17, size=shape) / 8.0 for name, shape in shapes.items()}
 
 
@@ -74,53 +79,107 @@ def evaluate(d, inputs: dict[str, np.ndarray], keys, digits: int = 40) -> dict[s
     return out
 
 
+def _gradient_keys(d) -> list[str]:
+    """The backward steps verify compares: dV, dP, D, dS, dQ, dK and every dθ."""
+    return [s.key for s in d.backward() if not s.is_input and s.key != "jacobian"]
+
+
 def symbolic_values(spec: AttentionSpec, inputs: dict[str, np.ndarray], digits: int = 40) -> dict[str, np.ndarray]:
-    """O, dQ, dK, dV from the explicit derivation at exact rational inputs, evaluated to `digits` digits."""
-    keys = ("similarity", "scaling", "softmax", "output", "dV", "dP", "D", "dS", "dQ", "dK")
-    return evaluate(derive(spec, prove=False), inputs, keys, digits)
+    """O and every gradient from the explicit derivation at exact rational inputs, evaluated to `digits` digits."""
+    d = derive(spec, prove=False)
+    keys = [s.key for s in d.forward() if not s.is_input and s.key not in ("weighted_values", "sum")]
+    return evaluate(d, inputs, keys + _gradient_keys(d), digits)
+
+
+def _quantities(spec) -> tuple[str, ...]:
+    """O and the gradient of every input: dQ, dK, dV, dθ (tensor names)."""
+    return ("O", "dQ", "dK", "dV", *("d" + p.tensor for p in parameters(spec)))
+
+
+def _unrolled_call(spec, module):
+    """The unrolled kernels as functions of arrays: forward(Q, K, V, *θ) -> O, backward(..., dO) -> grads."""
+    forward, backward = (getattr(module, f"{spec.name}_{kind}") for kind in ("forward", "backward"))
+
+    def f(*arrays):
+        O = np.empty((spec.n_q, spec.d_v))
+        forward(*arrays, O)
+        return O
+
+    def g(*arrays):
+        grads = [np.empty_like(x) for x in arrays[:-1]]  # one per input, in order: dQ, dK, dV, dθ...
+        backward(*arrays, *grads)
+        return grads
+    return f, g
 
 
 def _unrolled(spec, x, progress):
     module = load_unrolled(spec, progress=progress)
     if module is None:
         return None
-    O = np.empty((spec.n_q, spec.d_v))
-    getattr(module, f"{spec.name}_forward")(x["Q"], x["K"], x["V"], O)
-    grads = [np.empty_like(x[name]) for name in ("Q", "K", "V")]
-    getattr(module, f"{spec.name}_backward")(x["Q"], x["K"], x["V"], x["dO"], *grads)
-    return dict(zip(QUANTITIES, (O, *grads)))
+    f, g = _unrolled_call(spec, module)
+    arrays = [x[n] for n in x if n != "dO"]
+    return dict(zip(_quantities(spec), (f(*arrays), *g(*arrays, x["dO"]))))
+
+
+def _mask_options(spec) -> dict:
+    """The spec's mask for the numeric paths: is_causal for the causal mask, else a boolean array (n_q, n_k)."""
+    return dict(is_causal=spec.causal, mask=None if spec.causal else spec.mask_array())
 
 
 def _loop(spec, x, dtype):
-    kw = dict(is_causal=spec.causal, scale=spec.scale_value)
+    kw = dict(**_mask_options(spec), scale=spec.scale_value)
     q, k, v, dO = (x[n].astype(dtype) for n in ("Q", "K", "V", "dO"))
     return dict(zip(QUANTITIES, (attention(q, k, v, **kw), *attention_backward(q, k, v, dO, **kw))))
 
 
+def _reference(spec, x) -> dict[str, np.ndarray]:
+    params = {p.name: x[p.tensor] for p in parameters(spec)}
+    kw = dict(**_mask_options(spec), scale=None if spec.score in UNSCALED else spec.scale_value,
+              score=spec.score, params=params, score_mod=spec.mod_object)
+    grads = reference.gradients(x["Q"], x["K"], x["V"], x["dO"], **kw)
+    values = [reference.attention(x["Q"], x["K"], x["V"], **kw), grads["q"], grads["k"], grads["v"],
+              *(grads[p.name] for p in parameters(spec))]
+    return dict(zip(_quantities(spec), values))
+
+
+def _on_loop_kernels(spec) -> bool:
+    """The loop kernels (and symattn.attention) compute the plain dot-product score, under any mask."""
+    return spec.score == "dot" and spec.mod_object is None
+
+
 def verify(spec: AttentionSpec, *, seed: int = 0, progress: Progress = silent) -> VerifyReport:
-    """Compare every path at `spec`'s sizes; see VerifyReport.passed and str(report)."""
+    """Compare every path at `spec`'s sizes; see VerifyReport.passed and str(report). The loop kernels (and
+    so the numeric API) exist for the plain dot product; other scores and score mods compare the symbolic values,
+    the unrolled kernels and the NumPy reference, and check the unrolled gradients against finite differences."""
     spec.check_explicit()  # the symbolic path expands every scalar: refuse before allocating anything
     x = _inputs(spec, limits.seed(seed))
     progress(f"verify: symbolic values of {spec.name}")
     exact = symbolic_values(spec, x)
-    truth = {"O": exact["O"], "dQ": exact["dQ"], "dK": exact["dK"], "dV": exact["dV"]}
-    kw = dict(is_causal=spec.causal, scale=spec.scale_value)
+    truth = {name: exact[name] for name in _quantities(spec)}
     paths = {}
     progress("verify: unrolled kernels (generate and compile)")
     unrolled = _unrolled(spec, x, progress)
     if unrolled is not None:
         paths["unrolled kernel f64"] = (unrolled, "float64")
-    progress("verify: loop kernels")
-    paths["loop kernel f64"] = (_loop(spec, x, np.float64), "float64")
-    paths["loop kernel f32"] = (_loop(spec, x, np.float32), "float32")
-    ref_grads = reference.attention_backward(x["Q"], x["K"], x["V"], x["dO"], **kw)
-    paths["NumPy reference f64"] = (dict(zip(QUANTITIES, (reference.attention(x["Q"], x["K"], x["V"], **kw),
-                                                          *ref_grads))), "float64")
+    if _on_loop_kernels(spec):
+        progress("verify: loop kernels")
+        paths["loop kernel f64"] = (_loop(spec, x, np.float64), "float64")
+        paths["loop kernel f32"] = (_loop(spec, x, np.float32), "float32")
+    paths["NumPy reference f64"] = (_reference(spec, x), "float64")
     comparisons = tuple(compare(name, path, values[name], truth[name], *TOLERANCE[dtype])
-                        for path, (values, dtype) in paths.items() for name in QUANTITIES)
+                        for path, (values, dtype) in paths.items() for name in truth)
     progress("verify: finite differences")
-    fd = gradcheck(lambda q, k, v: attention(q, k, v, **kw), {"Q": x["Q"], "K": x["K"], "V": x["V"]},
-                   lambda q, k, v, dO: attention_backward(q, k, v, dO, **kw), dO=x["dO"])
+    inputs = {n: v for n, v in x.items() if n != "dO"}
+    if _on_loop_kernels(spec):
+        kw = dict(**_mask_options(spec), scale=spec.scale_value)
+        fd = gradcheck(lambda q, k, v: attention(q, k, v, **kw), inputs,
+                       lambda q, k, v, dO: attention_backward(q, k, v, dO, **kw), dO=x["dO"])
+    elif unrolled is not None:
+        f, g = _unrolled_call(spec, load_unrolled(spec))
+        fd = gradcheck(f, inputs, g, dO=x["dO"])
+    else:
+        raise SymattnError(f"verify needs the unrolled kernels of {spec.name} (the loop kernels have the plain dot "
+                           f"product only), and they do not pay at these sizes; verify at smaller sizes")
     return VerifyReport(spec, comparisons, fd)
 
 

@@ -66,6 +66,7 @@ def render_unrolled(spec, progress: Progress = silent) -> str:
     kernels = "".join(_kernel(code[kind], doc, batched=layer) for kind, doc in zip(code, DOCS[layer]))
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "_"}
     fields["scale"] = None if spec.scale is None else str(spec.scale)
+    fields["mask"] = spec.mask if isinstance(spec.mask, str) else spec.mask.text  # a user's mask: its name
     return stamp((LAYER_FILE if layer else UNROLLED_FILE).substitute(
         header=HEADER.substitute(source=repr(spec), command=command(spec)), title=spec.title, kernels=kernels,
         spec=repr(fields), forward_ops=code["forward"].block.ops, backward_ops=code["backward"].block.ops,

@@ -15,11 +15,6 @@ from ..symbolic.derive import Derivation
 from ..symbolic.spec import EXPLICIT_LIMIT, MultiHeadSpec
 from .printer import Block, NumbaPrinter, check_identifier, cse_block
 
-FORWARD = ("similarity", "scaling", "softmax", "output")
-BACKWARD = FORWARD + ("dV", "dP", "D", "dS", "dQ", "dK")
-INPUTS = {"forward": ("Q", "K", "V"), "backward": ("Q", "K", "V", "dO")}
-OUTPUTS = {"forward": ("O",), "backward": ("dQ", "dK", "dV")}
-STEPS = {"forward": FORWARD, "backward": BACKWARD}
 
 #: Unrolled kernels are generated only where they pay: max(n_q, n_k) * max(d_k, d_v) <= this.
 UNROLL_LIMIT = 64
@@ -69,8 +64,13 @@ class Plan:
 
 
 def plan(d: Derivation, kind: str) -> Plan:
-    if not d.table.children:  # one attention head
-        return Plan(INPUTS[kind], OUTPUTS[kind], STEPS[kind])
+    if not d.table.children:  # one attention head: Q, K, V, the parameters θ (, dO)
+        params = tuple(s.tensor for s in d.steps if s.is_input and s.phase == "forward" and s.tensor not in ("Q", "K"))
+        forward = tuple(s.key for s in d.forward() if not s.is_input and s.key not in ("weighted_values", "sum"))
+        if kind == "forward":
+            return Plan(("Q", "K", "V", *params), ("O",), forward)
+        backward = tuple(s.key for s in d.backward() if not s.is_input and s.key != "jacobian")  # dV ... dθ
+        return Plan(("Q", "K", "V", *params, "dO"), ("dQ", "dK", "dV", *("d" + p for p in params)), forward + backward)
     inputs = tuple(s.tensor for s in d.steps if s.is_input and s.phase == "forward")
     forward = tuple(s.key for s in d.steps if s.phase == "forward" and not s.is_input)
     batched = frozenset({"X", "Yin", "Out", "dOut", "dX", "dYin"})

@@ -25,11 +25,82 @@ def _bias(mask, is_causal: bool, n_q: int, n_k: int, dtype) -> tuple[np.ndarray,
     return bias, np.isfinite(bias) | np.isnan(bias)
 
 
-def weights(q, k, *, mask=None, is_causal=False, scale=None, masked_rows="zero") -> np.ndarray:
-    """P = row-softmax(scale·QKᵀ + bias), shape (..., n_q, n_k)."""
-    q, k = np.asarray(q), np.asarray(k)
+def scores(q, k, *, score="dot", params=None, scale=None) -> np.ndarray:
+    """S (..., n_q, n_k): dot scale·q kᵀ, general scale·q W_a kᵀ, additive v_aᵀ tanh(q W_a + k U_a + b_a)."""
+    q, k, theta = np.asarray(q), np.asarray(k), params or {}
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    S = scale * (q @ np.swapaxes(k, -1, -2))  # (..., n_q, n_k)
+    if score == "dot":
+        return scale * (q @ np.swapaxes(k, -1, -2))
+    if score == "general":
+        return scale * (q @ theta["W_a"] @ np.swapaxes(k, -1, -2))
+    return _hidden(q, k, theta) @ theta["v_a"]  # additive: (..., n_q, n_k, d_a) @ (d_a,)
+
+
+def _hidden(q, k, theta) -> np.ndarray:
+    """H = tanh(q_i W_a + k_j U_a + b_a) of the additive score, (..., n_q, n_k, d_a)."""
+    return np.tanh((q @ theta["W_a"])[..., :, None, :] + (k @ theta["U_a"])[..., None, :, :] + theta["b_a"])
+
+
+def score_backward(q, k, dS, *, score="dot", params=None, scale=None) -> dict:
+    """Gradients of L through the scores: {"q": dQ, "k": dK, <param>: d<param>} from dS (..., n_q, n_k);
+    dQ, dK keep the broadcast batch shape, parameter gradients are summed over it."""
+    q, k, theta = np.asarray(q), np.asarray(k), params or {}
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    dST = np.swapaxes(dS, -1, -2)
+    if score == "dot":
+        return {"q": scale * dS @ k, "k": scale * dST @ q}
+    if score == "general":
+        W = theta["W_a"]
+        return {"q": scale * dS @ k @ W.T, "k": scale * dST @ q @ W,  # (..., n, d_k)
+                "W_a": scale * _total(np.einsum("...ia,...ij,...jb->...ab", q, dS, k), 2)}  # (d_k, d_k)
+    H = _hidden(q, k, theta)  # (..., n_q, n_k, d_a)
+    dpre = dS[..., None] * theta["v_a"] * (1 - H * H)  # dL/d(q W + k U + b), (..., n_q, n_k, d_a)
+    return {"q": dpre.sum(axis=-2) @ theta["W_a"].T, "k": dpre.sum(axis=-3) @ theta["U_a"].T,
+            "W_a": _total(np.swapaxes(q, -1, -2) @ dpre.sum(axis=-2), 2),  # (d_k, d_a)
+            "U_a": _total(np.swapaxes(k, -1, -2) @ dpre.sum(axis=-3), 2),  # (d_k, d_a)
+            "v_a": _total(np.einsum("...ij,...ijr->...r", dS, H), 1), "b_a": _total(dpre, 1)}  # (d_a,)
+
+
+def _total(g: np.ndarray, rank: int) -> np.ndarray:
+    """Sum a parameter's gradient over every leading (batch, query, key) dim down to its own `rank` dims."""
+    return g.reshape((-1,) + g.shape[g.ndim - rank:]).sum(axis=0)
+
+
+def modded(S, score_mod, params=None) -> np.ndarray:
+    """A score mod applied to S (..., n_q, n_k): alibi S + m(j − i), softcap c·tanh(S/c), relative bias
+    S + B[clip(j − i, −d, d) + d]. `score_mod` has `kind` and `value` (symattn.symbolic.mods.ScoreMod)."""
+    if score_mod is None:
+        return S
+    kind, value = score_mod.kind, float(score_mod.value)
+    distance = np.arange(S.shape[-1])[None, :] - np.arange(S.shape[-2])[:, None]  # (n_q, n_k): j - i
+    if kind == "alibi":
+        return S + value * distance
+    if kind == "softcap":
+        return value * np.tanh(S / value)
+    d = int(value)
+    return S + (params or {})["B_rel"][np.clip(distance, -d, d) + d]
+
+
+def mod_backward(S_raw, dS, score_mod, params=None) -> tuple[np.ndarray, dict]:
+    """dS before the mod (dS·∂f/∂s) and the mod's parameter gradients."""
+    if score_mod is None:
+        return dS, {}
+    if score_mod.kind == "softcap":
+        return dS * (1 - np.tanh(S_raw / float(score_mod.value)) ** 2), {}
+    if score_mod.kind == "alibi":
+        return dS, {}
+    d = int(score_mod.value)
+    distance = np.arange(dS.shape[-1])[None, :] - np.arange(dS.shape[-2])[:, None]
+    dB = np.zeros(2 * d + 1)
+    np.add.at(dB, np.clip(distance, -d, d) + d, dS.reshape((-1,) + dS.shape[-2:]).sum(axis=0))
+    return dS, {"B_rel": dB}
+
+
+def weights(q, k, *, mask=None, is_causal=False, scale=None, masked_rows="zero", score="dot",
+            params=None, score_mod=None) -> np.ndarray:
+    """P = row-softmax(S + bias), shape (..., n_q, n_k), S from `scores` (and `modded`)."""
+    q, k = np.asarray(q), np.asarray(k)
+    S = modded(scores(q, k, score=score, params=params, scale=scale), score_mod, params)  # (..., n_q, n_k)
     bias, visible = _bias(mask, is_causal, q.shape[-2], k.shape[-2], S.dtype)
     S = S + bias
     empty = ~np.any(visible, axis=-1, keepdims=True)  # (..., n_q, 1) fully masked rows
@@ -44,17 +115,27 @@ def weights(q, k, *, mask=None, is_causal=False, scale=None, masked_rows="zero")
     return P
 
 
-def attention(q, k, v, *, mask=None, is_causal=False, scale=None, masked_rows="zero") -> np.ndarray:
+def attention(q, k, v, *, mask=None, is_causal=False, scale=None, masked_rows="zero", score="dot",
+              params=None, score_mod=None) -> np.ndarray:
     """O = PV, shape (..., n_q, d_v)."""
-    P = weights(q, k, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
+    P = weights(q, k, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows, score=score,
+                params=params, score_mod=score_mod)
     return P @ np.asarray(v)  # (..., n_q, d_v)
 
 
 def attention_backward(q, k, v, dO, *, mask=None, is_causal=False, scale=None, masked_rows="zero"):
     """(dQ, dK, dV) of L = Σ dO∘O, each with its input's shape (summed over broadcast dims)."""
+    g = gradients(q, k, v, dO, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
+    return g["q"], g["k"], g["v"]
+
+
+def gradients(q, k, v, dO, *, mask=None, is_causal=False, scale=None, masked_rows="zero", score="dot",
+              params=None, score_mod=None) -> dict:
+    """Every gradient of L = Σ dO∘O keyed "q", "k", "v" and by parameter name; inputs' gradients have their
+    input's shape (summed over broadcast dims)."""
     q, k, v, dO = map(np.asarray, (q, k, v, dO))
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    P = weights(q, k, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)  # (..., n_q, n_k)
+    P = weights(q, k, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows, score=score,
+                params=params, score_mod=score_mod)  # (..., n_q, n_k)
     O = P @ v  # (..., n_q, d_v)
     dV = np.swapaxes(P, -1, -2) @ dO  # (..., n_k, d_v)
     dP = dO @ np.swapaxes(v, -1, -2)  # (..., n_q, n_k)
@@ -63,9 +144,10 @@ def attention_backward(q, k, v, dO, *, mask=None, is_causal=False, scale=None, m
     if masked_rows == "uniform":  # uniform rows do not depend on S
         bias, visible = _bias(mask, is_causal, q.shape[-2], k.shape[-2], dS.dtype)
         dS = np.where(np.any(visible, axis=-1, keepdims=True), dS, 0.0)
-    dQ = scale * dS @ k  # (..., n_q, d_k)
-    dK = scale * np.swapaxes(dS, -1, -2) @ q  # (..., n_k, d_k)
-    return _sum_to(dQ, q.shape), _sum_to(dK, k.shape), _sum_to(dV, v.shape)
+    S_raw = scores(q, k, score=score, params=params, scale=scale) if score_mod is not None else None
+    dS, mod_grads = mod_backward(S_raw, dS, score_mod, params)
+    g = {**score_backward(q, k, dS, score=score, params=params, scale=scale), **mod_grads}
+    return {**g, "q": _sum_to(g["q"], q.shape), "k": _sum_to(g["k"], k.shape), "v": _sum_to(dV, v.shape)}
 
 
 def _sum_to(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

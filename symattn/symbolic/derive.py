@@ -13,8 +13,8 @@ from typing import Callable
 
 import sympy
 
-from .tensors import SIZES, TENSORS, SymbolTable, a, b, i, j, l
-from .score import SCORE, scale_symbolic
+from .tensors import SIZES, TENSORS, SymbolTable, a, b, flat, i, j, l
+from .score import SCORES, Score, partial, scale_symbolic
 from .spec import AttentionSpec
 
 Progress = Callable[[str], None]
@@ -115,15 +115,67 @@ def _softmax(spec: AttentionSpec, table: SymbolTable) -> sympy.Array:
     return _array(rows)  # (n_q, n_k)
 
 
+def _score_steps(spec: AttentionSpec, score: Score, table: SymbolTable) -> dict[str, Callable[[], sympy.Array]]:
+    """Explicit builders of the score's forward steps: similarity and scaling, or the unscaled score."""
+    pairs = lambda f: _array([[f(x, y) for y in range(spec.n_k)] for x in range(spec.n_q)])  # noqa: E731
+    steps = {"score": lambda: pairs(lambda x, y: score.explicit(spec, table, x, y))} if not score.scaled else {
+        "similarity": lambda: pairs(lambda x, y: score.explicit(spec, table, x, y)),  # (n_q, n_k)
+        "scaling": lambda: spec.scale_exact * table["St"]}
+    mod = spec.mod_object
+    if mod is not None:  # S_ij = f(S̄_ij, i, j; θ) and dS̄_ij = dS_ij ∂f/∂s, the derivative by SymPy
+        theta = {p.name: (lambda *ix, t=p.tensor: table[t][ix]) for p in mod.params}
+        steps["mod"] = lambda: pairs(lambda x, y: mod.formula(table["Sr"][x, y], 0, 0, x, y, theta))
+        steps["dSr"] = lambda: pairs(lambda x, y: table["dS"][x, y] * _mod_slope(mod, table["Sr"][x, y], x, y,
+                                                                                     theta))
+        for p in mod.params:
+            steps["d" + p.tensor] = lambda p=p: sympy.ImmutableDenseNDimArray(
+                [sum(table["dS"][x, y] * sympy.diff(mod.formula(table["Sr"][x, y], 0, 0, x, y, theta), e)
+                     for x in range(spec.n_q) for y in range(spec.n_k)) for e in flat(table[p.tensor])],
+                table[p.tensor].shape)
+    return steps
+
+
+def _mod_slope(mod, s_bar, x, y, theta) -> sympy.Expr:
+    """∂f/∂s of a score mod at s = s̄, by sympy.diff."""
+    sigma = sympy.Symbol("sigma", real=True)
+    return sympy.diff(mod.formula(sigma, 0, 0, x, y, theta), sigma).subs(sigma, s_bar)
+
+
+def _score_gradients(spec: AttentionSpec, score: Score, table: SymbolTable) -> dict[str, Callable[[], sympy.Array]]:
+    """dQ, dK and every dθ as τ Σ dS_ij ∂s̃_ij/∂(q, k, θ), the partials derived by sympy.diff of the score's
+    similarity s̃ (τ: the scale of a scaled score, factored out of the sum; 1 otherwise)."""
+    similarity = {}
+
+    def s(x, y):  # s̃_ij in element symbols, built once per pair
+        if (x, y) not in similarity:
+            similarity[x, y] = score.explicit(spec, table, x, y)
+        return similarity[x, y]
+    tau = spec.scale_exact if score.scaled else sympy.S.One
+    dS, Q, K = table["dSr" if spec.mod_object else "dS"], table["Q"], table["K"]
+    rows, cols = range(spec.n_q), range(spec.n_k)
+    out = {
+        "dQ": lambda: _array([[tau * sum(dS[x, y] * sympy.diff(s(x, y), Q[x, z]) for y in cols)
+                               for z in range(spec.d_k)] for x in rows]),  # (n_q, d_k)
+        "dK": lambda: _array([[tau * sum(dS[x, y] * sympy.diff(s(x, y), K[y, z]) for x in rows)
+                               for z in range(spec.d_k)] for y in cols]),  # (n_k, d_k)
+    }
+    for p in score.params:
+        def gradient(theta=table[p.tensor]):
+            entries = [tau * sum(dS[x, y] * sympy.diff(s(x, y), t) for x in rows for y in cols) for t in flat(theta)]
+            return sympy.ImmutableDenseNDimArray(entries, theta.shape)  # θ's shape
+        out["d" + p.tensor] = gradient
+    return out
+
+
 def _explicit(spec: AttentionSpec, table: SymbolTable) -> dict[str, Callable[[], sympy.Array]]:
     """Explicit array builders by step key, evaluated lazily in step order."""
     t, m = table, table.matrix
-    nq, nk, dk, dv = spec.n_q, spec.n_k, spec.d_k, spec.d_v
-    tau = spec.scale_exact
+    nq, nk, dv = spec.n_q, spec.n_k, spec.d_v
+    score = SCORES[spec.score]
     return {
         "query": lambda: t["Q"], "keys": lambda: t["K"],
-        "similarity": lambda: SCORE.explicit_similarity(t),
-        "scaling": lambda: SCORE.explicit_scaling(spec, t),
+        **{p.tensor: (lambda p=p: t[p.tensor]) for p in parameters(spec)},
+        **_score_steps(spec, score, table),
         "softmax": lambda: _softmax(spec, t),
         "weighted_values": lambda: _array([[[t["P"][x, y] * t["V"][y, z] for z in range(dv)]
                                             for y in range(nk)] for x in range(nq)]),  # (n_q, n_k, d_v)
@@ -136,19 +188,22 @@ def _explicit(spec: AttentionSpec, table: SymbolTable) -> dict[str, Callable[[],
                                      for y in range(nk)] for x in range(nq)]),  # (n_q, n_k, n_k)
         "D": lambda: _array([sum(t["dO"][x, z] * t["O"][x, z] for z in range(dv)) for x in range(nq)]),  # (n_q,)
         "dS": lambda: _array([[t["P"][x, y] * (t["dP"][x, y] - t["D"][x]) for y in range(nk)] for x in range(nq)]),
-        "dQ": lambda: _array((tau * m("dS") * m("K")).tolist()),  # (n_q, d_k)
-        "dK": lambda: _array((tau * m("dS").T * m("Q")).tolist()),  # (n_k, d_k)
+        **_score_gradients(spec, score, table),
     }
 
 
 # -- indexed forms and step texts ----------------------------------------------------------------------
 
 def _indexed_softmax(spec: AttentionSpec) -> sympy.Expr:
-    S = TENSORS["S"].base
-    if not spec.causal:
+    """p_ij = exp(s_ij) / Σ over the keys visible to query i; 0 for a masked key."""
+    S, mask = TENSORS["S"].base, spec.mask_object
+    if mask is None:
         return sympy.exp(S[i, j]) / sympy.Sum(sympy.exp(S[i, l]), (l, 0, SIZES["n_k"] - 1))
-    top = sympy.Min(i, SIZES["n_k"] - 1)
-    return sympy.Piecewise((sympy.exp(S[i, j]) / sympy.Sum(sympy.exp(S[i, l]), (l, 0, top)), j <= i), (0, True))
+    if spec.causal:  # the visible keys are a range: sum up to min(i, n_k - 1)
+        top = sympy.Min(i, SIZES["n_k"] - 1)
+        return sympy.Piecewise((sympy.exp(S[i, j]) / sympy.Sum(sympy.exp(S[i, l]), (l, 0, top)), j <= i), (0, True))
+    visible = sympy.Sum(sympy.Piecewise((sympy.exp(S[i, l]), mask.condition(i, l)), (0, True)), (l, 0, SIZES["n_k"] - 1))
+    return sympy.Piecewise((sympy.exp(S[i, j]) / visible, mask.condition(i, j)), (0, True))
 
 
 def _step_table(spec: AttentionSpec):
@@ -156,20 +211,20 @@ def _step_table(spec: AttentionSpec):
     B = {name: t.base for name, t in TENSORS.items()}
     M = {name: t.matrix_symbol() for name, t in TENSORS.items() if len(t.dims) <= 2}
     Sum, nq, nk, dv = sympy.Sum, SIZES["n_q"], SIZES["n_k"], SIZES["d_v"]
-    tau = scale_symbolic(spec)
+    score = SCORES[spec.score]
     softmax = sympy.Function("softmax")
-    causal = " Causal mask: key j is visible to query i only when j <= i; masked keys are absent from the sum." \
-        if spec.causal else ""
+    mask = spec.mask_object
+    causal = "" if mask is None else (f" Mask ({mask.text}): {mask.description}; masked keys are absent from the "
+                                      f"sum and get weight 0.")
     L = sympy.Symbol("L")
     return [
         ("query", "forward", "Q", (i, a), "The query vectors",
          "Each of the n_q queries is a row vector q_i of d_k features.", None, None),
         ("keys", "forward", "K", (j, a), "The key vectors",
          "Each of the n_k keys is a row vector k_j of d_k features.", None, None),
-        (*SCORE.similarity[:1], "forward", SCORE.similarity[3], (i, j), *SCORE.similarity[1:3],
-         SCORE.indexed_similarity(), None),
-        (*SCORE.scaling[:1], "forward", SCORE.scaling[3], (i, j), *SCORE.scaling[1:3],
-         SCORE.indexed_scaling(spec), SCORE.matrix_form(spec)),
+        *_param_rows(spec, score),
+        *_score_rows(spec, score),
+        *_mod_rows(spec),
         ("softmax", "forward", "P", (i, j), "Softmax normalisation into weights",
          "Each row of scores goes through a softmax: weights are positive and sum to 1 over the keys." + causal,
          _indexed_softmax(spec), sympy.Eq(M["P"], softmax(M["S"]), evaluate=False)),
@@ -199,13 +254,108 @@ def _step_table(spec: AttentionSpec):
          "Applying the softmax Jacobian to dP collapses to P * (dP - D 1^T).",
          B["P"][i, j] * (B["dP"][i, j] - B["D"][i]),
          sympy.Eq(M["dS"], sympy.HadamardProduct(M["P"], M["dP"] - M["D"] * sympy.OneMatrix(1, nk)), evaluate=False)),
-        ("dQ", "backward", "dQ", (i, a), "Gradient of the queries",
-         "S = scale * Q K^T, so dQ = scale * dS K.", tau * Sum(B["dS"][i, j] * B["K"][j, a], (j, 0, nk - 1)),
-         sympy.Eq(M["dQ"], tau * M["dS"] * M["K"], evaluate=False)),
-        ("dK", "backward", "dK", (j, a), "Gradient of the keys",
-         "S = scale * Q K^T, so dK = scale * dS^T Q.", tau * Sum(B["dS"][i, j] * B["Q"][i, a], (i, 0, nq - 1)),
-         sympy.Eq(M["dK"], tau * M["dS"].T * M["Q"], evaluate=False)),
+        *_mod_gradient_rows(spec),
+        *_gradient_rows(spec, score),
+        *_mod_param_rows(spec),
     ]
+
+
+def parameters(spec: AttentionSpec) -> tuple:
+    """Every parameter θ: the score's, then the score mod's."""
+    return SCORES[spec.score].params + (spec.mod_object.params if spec.mod_object else ())
+
+
+def _mod_theta(spec: AttentionSpec) -> dict:
+    return {p.name: (lambda *ix, t=p.tensor: TENSORS[t].base[ix]) for p in spec.mod_object.params}
+
+
+def _mod_rows(spec: AttentionSpec) -> list[tuple]:
+    """The score mod's forward step: S_ij = f(S̄_ij, i, j; θ)."""
+    mod = spec.mod_object
+    if mod is None:
+        return []
+    return [("mod", "forward", "S", (i, j), f"Score mod: {mod.text}", f"Each score is modified by {mod.description} "
+             f"(FlexAttention's score_mod(score, b, h, q_idx, kv_idx)).",
+             mod.formula(TENSORS["Sr"].base[i, j], 0, 0, i, j, _mod_theta(spec)), None)]
+
+
+def _mod_gradient_rows(spec: AttentionSpec) -> list[tuple]:
+    """dS̄_ij = dS_ij ∂f/∂s at s = S̄_ij, the derivative by SymPy."""
+    mod = spec.mod_object
+    if mod is None:
+        return []
+    slope = _mod_slope(mod, TENSORS["Sr"].base[i, j], i, j, _mod_theta(spec))
+    return [("dSr", "backward", "dSr", (i, j), "Gradient through the score mod",
+             "The score mod is applied element by element: dS before it is dS after it times df/ds (by SymPy).",
+             TENSORS["dS"].base[i, j] * slope, None)]
+
+
+def _mod_param_rows(spec: AttentionSpec) -> list[tuple]:
+    """dθ of the score mod's parameters: Σ_ij dS_ij ∂f_ij/∂θ."""
+    if spec.mod_object is None:
+        return []
+    nq, nk = SIZES["n_q"], SIZES["n_k"]
+    f = spec.mod_object.formula(TENSORS["Sr"].base[i, j], 0, 0, i, j, _mod_theta(spec))
+    return [(f"d{p.tensor}", "backward", f"d{p.tensor}", TENSORS[p.tensor].indices(), f"Gradient of the parameter "
+             f"{p.name}", f"{p.name} enters the modified scores: the sum over all (i, j) of dS_ij times df_ij/d{p.name}.",
+             sympy.Sum(TENSORS["dS"].base[i, j] * sympy.diff(f, TENSORS[p.tensor].base[TENSORS[p.tensor].indices()]),
+                       (i, 0, nq - 1), (j, 0, nk - 1)), None) for p in spec.mod_object.params]
+
+
+def _param_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
+    """Input steps of the parameters θ of the score and of the score mod."""
+    owner = {p.tensor: f"the {score.key} score" for p in score.params}
+    return [(p.tensor, "forward", p.tensor, TENSORS[p.tensor].indices(), f"The parameter {p.name}",
+             f"A learned parameter of {owner.get(p.tensor, 'the score mod')}, of shape "
+             f"({', '.join(TENSORS[p.tensor].dims)}).", None, None) for p in parameters(spec)]
+
+
+def _score_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
+    """The score's forward steps: similarity then scaling (scaled scores), or the score itself."""
+    M = {name: TENSORS[name].matrix_symbol() for name in ("St", "S")}
+    out = "Sr" if spec.mod_object else "S"  # a score mod turns S̄ into S
+    if not score.scaled:
+        return [("score", "forward", out, (i, j), score.title, score.explanation, score.indexed(i, j), None)]
+    tau = scale_symbolic(spec)
+    similarity = None if score.matrix is None else sympy.Eq(M["St"], score.matrix(), evaluate=False)
+    scaled = None if score.matrix is None else sympy.Eq(M["S"], tau * score.matrix(), evaluate=False)
+    return [("similarity", "forward", "St", (i, j), score.title, score.explanation, score.indexed(i, j), similarity),
+            ("scaling", "forward", out, (i, j), r"Scaling by 1/sqrt(d_k)",
+             "The similarities are multiplied by the scale (1/sqrt(d_k) by default) so their variance does not "
+             "grow with d_k.", tau * TENSORS["St"].base[i, j], scaled if out == "S" else None)]
+
+
+def _gradient_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
+    """dQ, dK and every dθ: Σ over the scores of dS times ∂s/∂(q, k, θ), the partial derived by SymPy."""
+    B = {name: t.base for name, t in TENSORS.items()}
+    Sum, nq, nk = sympy.Sum, SIZES["n_q"], SIZES["n_k"]
+    s = score.indexed(i, j, primed=True)  # s̃_ij; the scale τ of a scaled score stays outside the sums
+    tau = scale_symbolic(spec) if score.scaled else sympy.S.One
+    dS = B["dSr" if spec.mod_object else "dS"]  # the gradient of the score before its mod
+    rows = []
+    for tensor, title, over in (("Q", "queries", ((j, 0, nk - 1),)), ("K", "keys", ((i, 0, nq - 1),))):
+        index = (i, a) if tensor == "Q" else (j, a)
+        matrix = _dot_matrix(spec, tensor) if score.key == "dot" else None
+        text = (f"S = scale * Q K^T, so {'dQ = scale * dS K' if tensor == 'Q' else 'dK = scale * dS^T Q'}."
+                if score.key == "dot" else f"Chain rule through every score the {title[:-1]} enters; "
+                f"ds_ij/d{tensor.lower()} is derived by SymPy from the {score.key} score.")
+        rows.append((f"d{tensor}", "backward", f"d{tensor}", index, f"Gradient of the {title}", text,
+                     tau * Sum(dS[i, j] * partial(s, B[tensor][index]), *over), matrix if not spec.mod_object else None))
+    for p in score.params:
+        index = TENSORS[p.tensor].indices()
+        rows.append((f"d{p.tensor}", "backward", f"d{p.tensor}", index, f"Gradient of the parameter {p.name}",
+                     f"{p.name} enters every score: the sum over all (i, j) of dS_ij times ds_ij/d{p.name}, the "
+                     f"partial derived by SymPy.", tau * Sum(dS[i, j] * partial(s, B[p.tensor][index]),
+                                                             (i, 0, nq - 1), (j, 0, nk - 1)), None))
+    return rows
+
+
+def _dot_matrix(spec: AttentionSpec, tensor: str) -> sympy.Eq:
+    M = {name: t.matrix_symbol() for name, t in TENSORS.items() if name in ("Q", "K", "dQ", "dK", "dS")}
+    tau = scale_symbolic(spec)
+    if tensor == "Q":
+        return sympy.Eq(M["dQ"], tau * M["dS"] * M["K"], evaluate=False)
+    return sympy.Eq(M["dK"], tau * M["dS"].T * M["Q"], evaluate=False)
 
 
 def derive(spec: AttentionSpec, *, explicit: bool = True, prove: bool = True,

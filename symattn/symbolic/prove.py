@@ -31,7 +31,6 @@ EXACT_LIMIT = 16
 POINTS = 3
 
 E = se.Function("E")  # opaque exp: E'(x) = E(x), applied after differentiation by _exp_rule
-FORWARD = ("similarity", "scaling", "softmax", "weighted_values", "sum")
 
 
 @dataclass(frozen=True)
@@ -196,13 +195,17 @@ def _indexed(d: Derivation) -> list[Proof]:
     return proofs
 
 
-GRADIENTS = (  # (step, target, leaves, forward steps from the leaves to O)
-    ("dV", "V", ("Q", "K", "V", "dO"), FORWARD),
-    ("dP", "P", ("P", "V", "dO"), ("weighted_values", "sum")),
-    ("dS", "S", ("S", "V", "dO"), ("softmax", "weighted_values", "sum")),
-    ("dQ", "Q", ("Q", "K", "V", "dO"), FORWARD),
-    ("dK", "K", ("Q", "K", "V", "dO"), FORWARD),
-)
+def _head_gradients(d: Derivation) -> list[tuple]:
+    """One head: (step, target, leaves, forward steps from the leaves to O) for dV, dP, dS, dQ, dK and every
+    score parameter θ (dθ against the plain derivative of L over Q, K, V, θ, dO)."""
+    inputs = tuple(s.tensor for s in d.steps if s.is_input and s.phase == "forward")  # Q, K, θ...
+    leaves = (*inputs, "V", "dO")
+    forward = tuple(s.key for s in d.forward() if not s.is_input and s.key != "output")  # score ... sum
+    params = [s.tensor for s in d.steps if s.is_input and s.phase == "forward" and s.tensor not in ("Q", "K")]
+    return [("dV", "V", leaves, forward), ("dP", "P", ("P", "V", "dO"), ("weighted_values", "sum")),
+            ("dS", "S", ("S", "V", "dO"), ("softmax", "weighted_values", "sum")),
+            ("dQ", "Q", leaves, forward), ("dK", "K", leaves, forward),
+            *((f"d{p}", p, leaves, forward) for p in params)]
 
 
 def _layer_gradients(d: Derivation):
@@ -228,7 +231,7 @@ def prove(d: Derivation, *, progress: Progress | None = None, exact: bool | None
         note("prove: softmax Jacobian")
         proofs.append(_jacobian(chain))
     single = d.table.children == {}
-    gradients = [(*g, "O", "dO") for g in GRADIENTS] if single else _layer_gradients(d)
+    gradients = [(*g, "O", "dO") for g in _head_gradients(d)] if single else _layer_gradients(d)
     for n, (key, target, leaves, forward, output, upstream) in enumerate(gradients, 1):
         note(f"prove {n}/{len(gradients)}: {key} = dL/d{target}")
         proofs.append(_gradient(chain, key, target, leaves, forward, exact, output, upstream))

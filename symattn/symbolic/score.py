@@ -1,48 +1,174 @@
-"""The score function as one symbolic piece: scaled dot product, score(q_i, k_j) = scale · q_i·k_j.
+"""Scores as data: each score is one object owning its element formula s(q_i, k_j; θ), its parameters θ, its
+names and one sentence of explanation. Its gradients ∂s/∂q, ∂s/∂k, ∂s/∂θ are derived by SymPy (`partial`),
+never written by hand.
 
-It contributes two forward steps (similarity, scaling) and the element formula the rest consumes.
-Another score (additive, bilinear, cosine) would provide the same three things.
+The formula is written once, against accessors (`q(x)`, `k(x)`, `theta[name](...)`) and a sum `Σ(f, dim)`;
+the same function gives the explicit expression (element symbols, sums expanded) and the indexed one
+(IndexedBase, sympy.Sum over fresh dummies, valid at any size).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import sympy
 
-from .tensors import SIZES, TENSORS, SymbolTable, a, i, j
-from .spec import AttentionSpec
+from .tensors import INDEX_OF_DIM, SECOND_INDEX, SIZES, TENSORS, SymbolTable, Tensor
+
+Formula = Callable[..., sympy.Expr]
 
 
-def scale_symbolic(spec: AttentionSpec) -> sympy.Expr:
+def scale_symbolic(spec) -> sympy.Expr:
     """Scale in indexed formulas: 1/√d_k with d_k symbolic, or the spec's exact number."""
     return 1 / sympy.sqrt(SIZES["d_k"]) if spec.scale is None else spec.scale_exact
 
 
-class ScaledDotProduct:
-    """score(q_i, k_j) = scale · Σ_a q_{i,a} k_{j,a}."""
+@dataclass(frozen=True)
+class Param:
+    """A learnable parameter of a score: its API name (the params dict key), its tensor (code name, LaTeX
+    name, element names, dims). Declaring it registers the tensor and its gradient "d<tensor>" in TENSORS."""
 
-    name = "scaled dot product"
-    # (key, title, explanation, tensor) of the two steps this score contributes.
-    similarity = ("similarity", "Query-key similarities by dot product",
-                  "Each query is compared with every key by a dot product over the d_k features.", "St")
-    scaling = ("scaling", r"Scaling by 1/sqrt(d_k)",
-               "The dot products are multiplied by the scale (1/sqrt(d_k) by default) so their variance does not grow with d_k.", "S")
+    name: str  # "W_a"
+    tensor: str  # "Wa"
+    latex: str  # "W_a"
+    elem: str  # "wa": element symbols wa_{0,1}
+    elem_latex: str  # "w^{a}"
+    dims: tuple[str, ...]  # ("d_k", "d_a")
 
-    def indexed_similarity(self) -> sympy.Expr:
+    def __post_init__(self):
+        for name, latex, elem, elem_latex in ((self.tensor, self.latex, self.elem, self.elem_latex),
+                                              ("d" + self.tensor, r"\mathrm{d}" + self.latex, "d" + self.elem,
+                                               r"\mathrm{d}" + self.elem_latex)):
+            tensor = Tensor(name, latex, elem, elem_latex, self.dims)
+            if TENSORS.setdefault(name, tensor) != tensor:
+                raise ValueError(f"tensor {name!r} is declared twice, differently")
+
+
+@dataclass(frozen=True)
+class Score:
+    """s(q_i, k_j; θ): `formula(q, k, theta, Σ)` returns the unscaled similarity; `scaled` scores are
+    multiplied by the spec's scale (1/√d_k by default) in a step of their own."""
+
+    key: str  # "dot"
+    title: str  # step title
+    latex: str  # the formula in LaTeX, for documents
+    explanation: str  # one sentence
+    params: tuple[Param, ...]
+    formula: Formula
+    work: Callable[[dict], int]  # multiply-adds of one s_ij at the given sizes (explicit-expansion cost)
+    scaled: bool = True
+    matrix: Callable[[], sympy.Expr] | None = None  # matrix form of the similarity, where one exists
+
+    # -- explicit ------------------------------------------------------------------------------------------
+    def explicit(self, spec, table: SymbolTable, qi: int, kj: int) -> sympy.Expr:
+        """The unscaled similarity of query qi and key kj in element symbols (sums expanded)."""
+        Q, K = table["Q"], table["K"]
+        theta = {p.name: (lambda *ix, t=p.tensor: table[t][ix]) for p in self.params}
+        return self.formula(lambda x: Q[qi, x], lambda x: K[kj, x], theta,
+                            lambda f, dim: sympy.Add(*(f(x) for x in range(spec.sizes[dim]))))
+
+    def full(self, spec, table: SymbolTable, qi: int, kj: int) -> sympy.Expr:
+        """The score s_ij itself (scale included) in element symbols: what the gradients differentiate."""
+        value = self.explicit(spec, table, qi, kj)
+        return spec.scale_exact * value if self.scaled else value
+
+    # -- indexed -------------------------------------------------------------------------------------------
+    def indexed(self, i: sympy.Symbol, j: sympy.Symbol, *, primed: bool = False) -> sympy.Expr:
+        """The unscaled similarity with IndexedBase tensors and sympy.Sum (any size). Summation indices are the
+        textbook letters (a over d_k, then f; r over d_a), or fresh primed ones (`primed`) where the result is
+        differentiated by an element with free indices of those letters."""
         Q, K = TENSORS["Q"].base, TENSORS["K"].base
-        return sympy.Sum(Q[i, a] * K[j, a], (a, 0, SIZES["d_k"] - 1))
+        theta = {p.name: (lambda *ix, t=p.tensor: TENSORS[t].base[ix]) for p in self.params}
+        primes = iter(sympy.symbols("a' b' c' r' e' g' a'' b'' c'' r''", integer=True, nonnegative=True))
+        depth = {"d_k": 0, "d_a": 0}  # textbook letters by nesting depth: sibling sums reuse a letter
 
-    def indexed_scaling(self, spec: AttentionSpec) -> sympy.Expr:
-        return scale_symbolic(spec) * TENSORS["St"].base[i, j]
+        def total(f, dim):
+            letters = [INDEX_OF_DIM[dim], *([SECOND_INDEX[dim]] if dim in SECOND_INDEX else [])]
+            x = next(primes) if primed or depth[dim] >= len(letters) else letters[depth[dim]]
+            depth[dim] += 1
+            body = f(x)
+            depth[dim] -= 1
+            return sympy.Sum(body, (x, 0, SIZES[dim] - 1))
+        return self.formula(lambda x: Q[i, x], lambda x: K[j, x], theta, total)
 
-    def explicit_similarity(self, table: SymbolTable) -> sympy.Array:
-        Q, K = table.matrix("Q"), table.matrix("K")  # (n_q, d_k), (n_k, d_k)
-        return sympy.ImmutableDenseNDimArray((Q * K.T).tolist())  # (n_q, n_k)
+    def indexed_scaling(self, spec) -> sympy.Expr:
+        """scale · S̃_ij, the scaling step of a scaled score (the loop kernels print it)."""
+        return scale_symbolic(spec) * TENSORS["St"].base[INDEX_OF_DIM["n_q"], INDEX_OF_DIM["n_k"]]
 
-    def explicit_scaling(self, spec: AttentionSpec, table: SymbolTable) -> sympy.Array:
-        return spec.scale_exact * table["St"]  # (n_q, n_k)
-
-    def matrix_form(self, spec: AttentionSpec) -> sympy.Eq:
-        Q, K, S = (TENSORS[n].matrix_symbol() for n in ("Q", "K", "S"))
-        return sympy.Eq(S, scale_symbolic(spec) * Q * K.T, evaluate=False)
+    def indexed_full(self, spec, i: sympy.Symbol, j: sympy.Symbol) -> sympy.Expr:
+        """s_ij itself (scale included), with primed summation indices: what the gradients differentiate."""
+        value = self.indexed(i, j, primed=True)
+        return scale_symbolic(spec) * value if self.scaled else value
 
 
-SCORE = ScaledDotProduct()
+def partial(expr: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
+    """∂expr/∂wrt by SymPy; for indexed expressions, Kronecker deltas against summation dummies are contracted
+    and index-range conditions (always true for indices in range) dropped."""
+    return contract(sympy.diff(expr, wrt))
+
+
+def contract(expr: sympy.Expr) -> sympy.Expr:
+    """Σ_x δ(y, x) f(x) -> f(y) for a summation dummy x (y lies in x's range by construction), and
+    Piecewise((e, range condition), (0, True)) -> e."""
+    def rewrite(node):
+        if isinstance(node, sympy.Sum):  # innermost first: contracting an inner sum can expose a delta here
+            function, limits = rewrite(node.function), list(node.limits)
+            for n, (x, _, _) in enumerate(limits):
+                deltas = [d for d in sympy.Mul.make_args(function) if isinstance(d, sympy.KroneckerDelta)
+                          and x in d.free_symbols]
+                if deltas:
+                    other = deltas[0].args[0] if deltas[0].args[1] == x else deltas[0].args[1]
+                    function = (function / deltas[0]).subs(x, other)
+                    limits.pop(n)
+                    return rewrite(sympy.Sum(function, *limits) if limits else function)
+            return sympy.Sum(function, *limits)
+        if isinstance(node, sympy.Piecewise) and len(node.args) == 2 and node.args[1] == (0, True):
+            return rewrite(node.args[0][0])
+        if node.args:
+            return node.func(*(rewrite(arg) for arg in node.args))
+        return node
+    return rewrite(expr)
+
+
+# -- the library ---------------------------------------------------------------------------------------------
+
+def _dot(q, k, theta, total):
+    return total(lambda a: q(a) * k(a), "d_k")
+
+
+def _general(q, k, theta, total):
+    W = theta["W_a"]
+    return total(lambda a: q(a) * total(lambda b: W(a, b) * k(b), "d_k"), "d_k")
+
+
+def _additive(q, k, theta, total):
+    W, U, v, b = theta["W_a"], theta["U_a"], theta["v_a"], theta["b_a"]
+    return total(lambda r: v(r) * sympy.tanh(total(lambda a: q(a) * W(a, r), "d_k")
+                                             + total(lambda a: k(a) * U(a, r), "d_k") + b(r)), "d_a")
+
+
+def _matrix(expr: Callable[..., sympy.Expr]) -> Callable[[], sympy.Expr]:
+    return lambda: expr(*(TENSORS[n].matrix_symbol() for n in ("Q", "K", "Wg")))
+
+
+W_GENERAL = Param("W_a", "Wg", "W_a", "wg", "w^{a}", ("d_k", "d_k"))
+ADDITIVE = (Param("W_a", "Wa", "W_a", "wa", "w^{a}", ("d_k", "d_a")), Param("U_a", "Ua", "U_a", "ua", "u^{a}", ("d_k", "d_a")),
+            Param("v_a", "va", "v_a", "va", "v^{a}", ("d_a",)), Param("b_a", "ba", "b_a", "ba", "b^{a}", ("d_a",)))
+
+SCORES: dict[str, Score] = {s.key: s for s in (
+    Score("dot", "Query-key similarities by dot product", r"s_{ij} = \tau\, q_i \cdot k_j",
+          "Each query is compared with every key by a dot product over the d_k features.", (), _dot,
+          lambda n: n["d_k"], matrix=lambda: TENSORS["Q"].matrix_symbol() * TENSORS["K"].matrix_symbol().T),
+    Score("general", "Query-key similarities through a learned bilinear form (Luong)",
+          r"s_{ij} = \tau\, q_i W_a k_j^\top",
+          "Each query is compared with every key through a learned d_k x d_k matrix W_a (Luong's general "
+          "score); W_a = I gives the dot product.", (W_GENERAL,), _general, lambda n: n["d_k"] ** 2,
+          matrix=_matrix(lambda Q, K, W: Q * W * K.T)),
+    Score("additive", "Query-key scores by a one-layer network (Bahdanau)",
+          r"s_{ij} = v_a^\top \tanh(q_i W_a + k_j U_a + b_a)",
+          "Each query-key pair goes through a hidden layer of d_a tanh units (Bahdanau's additive score); the "
+          "score is not scaled.", ADDITIVE, _additive, lambda n: 2 * n["d_k"] * n["d_a"], scaled=False),
+)}
+
+#: The score the loop kernels are generated for (the dot product; the other scores have unrolled kernels).
+SCORE = SCORES["dot"]

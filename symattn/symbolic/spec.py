@@ -5,7 +5,9 @@ Every file name, kernel name and document title comes from ``spec.name`` / ``spe
 """
 from __future__ import annotations
 
+import dataclasses
 import decimal
+import functools
 import hashlib
 import math
 import numbers
@@ -16,11 +18,16 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from ..errors import SizeTooLargeError, SpecError
+from .masks import Mask, mask_of, parse
+from .mods import ScoreMod, mod_of
 
 if TYPE_CHECKING:
     import sympy
 
 MASKS = ("none", "causal")
+#: The scores of symattn.symbolic.score (SCORES there holds each one's formula); additive is not scaled.
+SCORES = ("dot", "general", "additive")
+UNSCALED = ("additive",)
 MASKED_ROWS = ("zero", "uniform", "nan")
 DTYPES = ("float32", "float64")
 
@@ -39,6 +46,20 @@ def _positive_int(name: str, value, owner: str = "AttentionSpec") -> int:
     if number <= 0:
         raise SpecError(message)
     return number
+
+
+def _mask_field(value) -> str | Mask:
+    """'none', a library mask's text ('causal', 'window:3', 'prefix:2', joined by & and |), or a traced user Mask."""
+    if value is None or value == "none":
+        return "none"
+    try:
+        mask = mask_of(value)
+    except SpecError as e:
+        raise SpecError(f"AttentionSpec.mask: {e}") from None
+    try:
+        return parse(mask.text).text  # a library mask: kept as its text
+    except SpecError:
+        return mask  # a user's mask_mod: kept as the Mask (repr and equality by its traced condition)
 
 
 def _choice(name: str, value, allowed: tuple[str, ...], owner: str = "AttentionSpec") -> str:
@@ -107,12 +128,13 @@ def scale_tag(scale: Fraction | None) -> str:
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """Sizes and options of one scaled-dot-product attention.
+    """Sizes and options of one attention head.
 
-    S = scale·QKᵀ (n_q, n_k), P = row-softmax(S) (n_q, n_k), O = PV (n_q, d_v).
-    scale defaults to 1/√d_k, kept exact. mask: 'none' or 'causal' (top-left aligned,
-    key j visible to query i iff j ≤ i). masked_rows: policy for fully masked rows in
-    the numeric API ('zero', 'uniform', 'nan'). dtype: kernel dtype.
+    S_ij = s(q_i, k_j; θ) (n_q, n_k), P = row-softmax(S) (n_q, n_k), O = PV (n_q, d_v). score: 'dot'
+    (scale·q_i·k_j), 'general' (scale·q_i W_a k_jᵀ, Luong) or 'additive' (v_aᵀ tanh(q_i W_a + k_j U_a + b_a),
+    Bahdanau, with `hidden` = d_a units). scale defaults to 1/√d_k, kept exact (not for additive).
+    mask: 'none' or 'causal' (top-left aligned, key j visible to query i iff j ≤ i). masked_rows: policy for
+    fully masked rows in the numeric API ('zero', 'uniform', 'nan'). dtype: kernel dtype.
     """
 
     n_q: int
@@ -124,6 +146,9 @@ class AttentionSpec:
     mask: str = "none"
     masked_rows: str = "zero"
     dtype: str = "float64"
+    score: str = "dot"
+    hidden: int | None = None
+    score_mod: str = "none"
 
     def __post_init__(self):
         for name in ("n_q", "n_k", "d_k"):
@@ -131,9 +156,30 @@ class AttentionSpec:
         d_v = self.d_k if self.d_v is None else _positive_int("d_v", self.d_v)
         object.__setattr__(self, "d_v", d_v)
         object.__setattr__(self, "scale", parse_scale(self.scale))
-        _choice("mask", self.mask, MASKS)
+        object.__setattr__(self, "mask", _mask_field(self.mask))
         _choice("masked_rows", self.masked_rows, MASKED_ROWS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("score", self.score, SCORES)
+        if self.score == "additive":
+            if self.hidden is None:
+                raise SpecError("AttentionSpec.hidden (the additive score's d_a tanh units) is required with "
+                                "score='additive'")
+            object.__setattr__(self, "hidden", _positive_int("hidden", self.hidden))
+        elif self.hidden is not None:
+            raise SpecError(f"AttentionSpec.hidden applies to score='additive' only, not {self.score!r}")
+        if self.score in UNSCALED and self.scale is not None:
+            raise SpecError(f"AttentionSpec.scale does not apply to score={self.score!r} (it has no scale)")
+        try:
+            mod = mod_of(self.score_mod)
+        except SpecError as e:
+            raise SpecError(f"AttentionSpec.score_mod: {e}") from None
+        object.__setattr__(self, "score_mod", "none" if mod is None else mod.text)
+
+    def __repr__(self) -> str:
+        """The dataclass repr, with the score fields shown only when they differ from the dot product's."""
+        shown = [f.name for f in dataclasses.fields(self) if f.name != "_"
+                 and not (f.name in ("score", "hidden", "score_mod") and getattr(self, f.name) == f.default)]
+        return f"AttentionSpec({', '.join(f'{n}={getattr(self, n)!r}' for n in shown)})"
 
     # -- exact and numeric scale -------------------------------------------------
     @property
@@ -156,25 +202,53 @@ class AttentionSpec:
     def causal(self) -> bool:
         return self.mask == "causal"
 
+    @functools.cached_property
+    def mod_object(self) -> ScoreMod | None:
+        """The score mod (symattn.symbolic.mods), None for none."""
+        return mod_of(self.score_mod)
+
+    @functools.cached_property
+    def mask_object(self) -> Mask | None:
+        """The mask as an index predicate (symattn.symbolic.masks), None for no mask."""
+        return None if self.mask == "none" else mask_of(self.mask)
+
     def visible(self, i: int, j: int) -> bool:
         """True when query i may attend to key j."""
-        return j <= i if self.causal else True
+        return True if self.mask_object is None else self.mask_object.visible(i, j)
+
+    def mask_array(self):
+        """The boolean (n_q, n_k) visibility array (True = may attend), for the numeric paths; None for none."""
+        import numpy as np
+        if self.mask_object is None:
+            return None
+        return np.array([[self.visible(i, j) for j in range(self.n_k)] for i in range(self.n_q)], dtype=bool)
 
     # -- sizes --------------------------------------------------------------------
     @property
     def sizes(self) -> dict[str, int]:
-        return {"n_q": self.n_q, "n_k": self.n_k, "d_k": self.d_k, "d_v": self.d_v}
+        sizes = {"n_q": self.n_q, "n_k": self.n_k, "d_k": self.d_k, "d_v": self.d_v}
+        return sizes | ({"d_a": self.hidden} if self.hidden else {}) | dict(self.mod_object.sizes if self.mod_object else ())
+
+    @property
+    def score_work(self) -> int:
+        """Multiply-adds of one score s_ij (the score's own count: d_k for the dot product)."""
+        if self.score == "dot":
+            return self.d_k
+        from .score import SCORES  # the formulas need SymPy; the dot product's cost does not
+        return SCORES[self.score].work(self.sizes)
 
     @property
     def explicit_cost(self) -> int:
-        return self.n_q * self.n_k * (self.d_k + self.d_v)
+        return self.n_q * self.n_k * (self.score_work + self.d_v)
 
     def check_explicit(self) -> None:
         """Raise SizeTooLargeError when the explicit (scalar-symbol) expansion would be too large."""
         if self.explicit_cost > EXPLICIT_LIMIT:
             raise SizeTooLargeError(
-                f"n_q·n_k·(d_k+d_v) = {self.explicit_cost} exceeds the explicit-expansion limit {EXPLICIT_LIMIT} "
-                f"(e.g. n_q = n_k = d_k = d_v = 8 is 1024); the indexed form holds at any size: "
+                f"n_q·n_k·(score work + d_v) = {self.explicit_cost} exceeds the explicit-expansion limit "
+                f"{EXPLICIT_LIMIT} (the dot product's score work is d_k, the general score's d_k², the additive "
+                f"score's 2·d_k·d_a; n_q = n_k = d_k = d_v = 8 is 1024) "
+                f"; the indexed form holds at any size: "
                 f"use derive(spec, explicit=False) or `symattn derive --indexed-only`, "
                 f"and the loop kernels (symattn.attention) for numbers")
 
@@ -183,23 +257,36 @@ class AttentionSpec:
     def name(self) -> str:
         """Deterministic identifier, e.g. 'attn_q3_k4_dk2_dv3_causal'."""
         parts = [f"attn_q{self.n_q}_k{self.n_k}_dk{self.d_k}_dv{self.d_v}"]
-        if self.causal:
-            parts.append("causal")
+        if self.score != "dot":
+            parts.append(self.score + (f"_da{self.hidden}" if self.hidden else ""))
+        if self.mod_object is not None:
+            parts.append(self.mod_object.tag)
+        if self.mask_object is not None:
+            parts.append(self.mask_object.tag)
         if self.scale is not None:
             parts.append(scale_tag(self.scale))
         return "_".join(parts)
 
     @property
     def title(self) -> str:
-        mask = ", causal mask" if self.causal else ""
+        mask = "" if self.mask_object is None else f", {self.mask_object.text.replace(':', ' ')} mask"
         scale = "" if self.scale is None else f", scale {self.scale}"
-        return f"Scaled dot-product attention (n_q={self.n_q}, n_k={self.n_k}, d_k={self.d_k}, d_v={self.d_v}{mask}{scale})"
+        kind = "Scaled dot-product attention" if self.score == "dot" else f"Attention with the {self.score} score"
+        hidden = f", d_a={self.hidden}" if self.hidden else ""
+        mod = "" if self.mod_object is None else f", {self.score_mod.replace(':', ' ')}"
+        return f"{kind} (n_q={self.n_q}, n_k={self.n_k}, d_k={self.d_k}, d_v={self.d_v}{hidden}{mod}{mask}{scale})"
 
     def cli_args(self) -> str:
         """The CLI options that rebuild this spec."""
         args = f"--n-q {self.n_q} --n-k {self.n_k} --d-k {self.d_k} --d-v {self.d_v}"
+        if self.score != "dot":
+            args += f" --score {self.score}" + (f" --hidden {self.hidden}" if self.hidden else "")
+        if self.mod_object is not None:
+            args += f" --score-mod {self.score_mod}"
         if self.causal:
             args += " --causal"
+        elif self.mask != "none":
+            args += f" --mask '{self.mask if isinstance(self.mask, str) else self.mask.text}'"
         if self.scale is not None:
             args += f" --scale {self.scale}"
         return args

@@ -15,11 +15,14 @@ import sympy
 
 # Symbolic sizes (atomic) and dims (sizes or products of sizes) used by every indexed formula.
 SIZES = {name: sympy.Symbol(name, integer=True, positive=True)
-         for name in ("n_q", "n_k", "d_k", "d_v", "d_model", "h", "h_kv")}
+         for name in ("n_q", "n_k", "d_k", "d_v", "d_model", "h", "h_kv", "d_a", "n_rel")}
 DIMS = {**SIZES, "hd_k": SIZES["h"] * SIZES["d_k"], "gd_k": SIZES["h_kv"] * SIZES["d_k"],
         "gd_v": SIZES["h_kv"] * SIZES["d_v"], "hd_v": SIZES["h"] * SIZES["d_v"], "one": sympy.Integer(1)}
-i, j, l, a, b, m, c = sympy.symbols("i j l a b m c", integer=True, nonnegative=True)
-INDEX_OF_DIM = {"n_q": i, "n_k": j, "d_k": a, "d_v": b, "d_model": m, "hd_k": c, "gd_k": c, "gd_v": c, "hd_v": c}
+i, j, l, a, b, m, c, r, f, t = sympy.symbols("i j l a b m c r f t", integer=True, nonnegative=True)
+INDEX_OF_DIM = {"n_q": i, "n_k": j, "d_k": a, "d_v": b, "d_model": m, "hd_k": c, "gd_k": c, "gd_v": c, "hd_v": c,
+                "d_a": r, "n_rel": t}
+#: A second index for a dim that appears twice in one tensor (W_a of the general score is d_k x d_k).
+SECOND_INDEX = {"d_k": f}
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,13 @@ class Tensor:
     def base(self) -> sympy.IndexedBase:
         return sympy.IndexedBase(self.label)
 
+    def indices(self) -> tuple[sympy.Symbol, ...]:
+        """Free index symbols of an element: one per dim, a second symbol where a dim repeats."""
+        out = []
+        for dim in self.dims:
+            out.append(SECOND_INDEX[dim] if INDEX_OF_DIM[dim] in out else INDEX_OF_DIM[dim])
+        return tuple(out)
+
     def matrix_symbol(self) -> sympy.MatrixSymbol:
         rows = DIMS[self.dims[0]]
         cols = DIMS[self.dims[1]] if len(self.dims) > 1 else 1
@@ -59,6 +69,8 @@ TENSORS: dict[str, Tensor] = {t.name: t for t in (
     _t("V", "V", "v", "v", "n_k", "d_v"),
     _t("St", r"\tilde{S}", "st", r"\tilde{s}", "n_q", "n_k"),
     _t("S", "S", "s", "s", "n_q", "n_k"),
+    _t("Sr", r"\bar{S}", "sr", r"\bar{s}", "n_q", "n_k"),  # the score before its score mod
+    _t("dSr", r"\mathrm{d}\bar{S}", "dsr", r"\mathrm{d}\bar{s}", "n_q", "n_k"),
     _t("P", "P", "p", "p", "n_q", "n_k"),
     _t("Vt", r"\tilde{V}", "vt", r"\tilde{v}", "n_q", "n_k", "d_v"),
     _t("O", "O", "o", "o", "n_q", "d_v"),
@@ -70,6 +82,7 @@ TENSORS: dict[str, Tensor] = {t.name: t for t in (
     _t("dS", r"\mathrm{d}S", "ds", r"\mathrm{d}s", "n_q", "n_k"),
     _t("dQ", r"\mathrm{d}Q", "dq", r"\mathrm{d}q", "n_q", "d_k"),
     _t("dK", r"\mathrm{d}K", "dk", r"\mathrm{d}k", "n_k", "d_k"),
+    # (a score's parameters and their gradients are declared with the score: symattn.symbolic.score.Param)
     # the multi-head layer: inputs, weights, projections, concatenation, output, and their gradients
     _t("X", "x", "x", "x", "n_q", "d_model"),
     _t("Yin", "y", "y", "y", "n_k", "d_model"),
