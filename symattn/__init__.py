@@ -20,6 +20,7 @@ _LAZY: dict[str, str] = {  # public name -> module, imported on first use
     "Step": "symbolic.derive", "derive": "symbolic.derive", "derive_multihead": "symbolic.layer",
     "Proof": "symbolic.prove", "prove": "symbolic.prove",
     "attention": "numeric.api", "attention_backward": "numeric.api", "attention_weights": "numeric.api",
+    "attention_vjp": "numeric.api",
     "multihead_attention": "numeric.layer", "multihead_attention_backward": "numeric.layer",
     "generate": "codegen", "verify": "check.verification", "VerifyReport": "check.verification",
     "verify_multihead": "check.verification", "gradcheck": "check.finite_differences",

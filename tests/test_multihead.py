@@ -8,7 +8,7 @@ import pytest
 
 import symattn
 from symattn import MultiHeadSpec, SpecError, reference
-from symattn.numeric import layer as multihead_api
+from symattn.numeric import kernels
 from symattn.app.cli import main
 from symattn.codegen import render
 from conftest import evaluate_steps
@@ -93,8 +93,7 @@ def test_every_layer_step_matches_numeric_evaluation(spec, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("policy", ["zero", "uniform", "nan"])
 def test_numeric_layer_matches_reference(rng, monkeypatch, tiles, dtype, policy):
-    if not tiles:
-        monkeypatch.setattr(multihead_api, "TILE_BYTES", 0)
+    monkeypatch.setattr(kernels, "SMALL", 0 if tiles else 1 << 62)  # both kernel families at this small size
     spec = MultiHeadSpec(5, 8, 4, kv_heads=2, bias=True)
     x, _, w, b = _layer_inputs(spec, rng, dtype, batch=(2,))
     mask = rng.random((5, 5)) > 0.3

@@ -84,7 +84,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     from symattn.app.bench import bench
     lines = []
     result = bench(((1, 5, 2),), (np.float64,), out_dir=tmp_path, say=lines.append)
-    assert {"NumPy", "loop kernel", "unrolled kernel"} <= set(result["rows"][0]["seconds"])
+    assert {"NumPy", "symattn", "unrolled kernel"} <= set(result["rows"][0]["seconds"])
     assert json.loads((tmp_path / "bench.json").read_text())["environment"]["numpy"] == np.__version__
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert any("unrolled forward" in line for line in lines)

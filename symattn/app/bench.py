@@ -1,9 +1,10 @@
-"""`symattn bench`: NumPy reference vs unrolled vs loop kernels, ratios measured in one run, table + PNG.
+"""`symattn bench`: symattn vs PyTorch, JAX and NumPy, ratios measured side by side in one run; table, JSON, PNG.
 
-Cases (batch*heads, n, d); forward and forward+backward; float32 and float64; PyTorch and JAX columns when
-installed. Targets (2 cores): (1,5,2) unrolled forward within 5x of an empty njit call and >= 8x NumPy;
-(8,256,64) and larger: loop kernels >= 1.5x NumPy, forward and forward+backward. The multi-head layer at
-(batch 4, n 256, d_model 512, h 8) and (batch 1, n 1024, d_model 512, h 8, kv_heads 2), float32: >= 1.3x.
+Cases (batch·heads, n, d): (1,5,2), (8,256,64) in float32 and float64, (8,1024,64) and (2,4096,64) in float32,
+plain and causal; forward and forward+backward (symattn: attention_vjp and its pullback, the forward running
+once). The multi-head layer at (batch 4, n 256, d_model 512, h 8) against PyTorch's and JAX's layers, and a
+grouped-query layer. Peers at their best (symattn/app/peers.py; `pip install -e ".[bench]"`); NumPy is
+symattn.reference (n <= 1024). Each target of issue 10 is printed met or MISSED.
 """
 from __future__ import annotations
 
@@ -11,24 +12,27 @@ import json
 import os
 import platform
 import timeit
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..numeric import reference
-from ..numeric.api import attention, attention_backward
-from ..numeric.kernels import load_unrolled
+from . import peers
 from ..errors import SymattnError
+from ..numeric import reference
+from ..numeric.api import attention, attention_vjp
+from ..numeric.kernels import load_unrolled
 from ..outputs import output_folder, save_figure, write_atomic
 from ..progress import Progress, silent
 from ..symbolic.spec import AttentionSpec
 
-CASES = ((1, 5, 2), (1, 16, 16), (8, 64, 64), (8, 256, 64), (8, 1024, 64))
-LAYER_CASES = ((4, 256, 512, 8, 8), (1, 1024, 512, 8, 2))  # (batch, n, d_model, heads, kv_heads), float32
-LAYER_TARGET = 1.3
+CASES = ((1, 5, 2), (8, 256, 64), (8, 1024, 64), (2, 4096, 64))
 QUICK = ((1, 5, 2), (8, 256, 64))
-BIG = 8 * 256 * 256 * 64  # from here on the >= 1.5x target applies
+F64_MAX_N = 256  # float64 rows up to this n
+CAUSAL_MIN_N = 256  # causal rows from this n (float32)
+NUMPY_MAX_N = 1024  # the NumPy reference is timed up to this n
+LAYER_CASES = ((4, 256, 512, 8, 8), (1, 1024, 512, 8, 2))  # (batch, n, d_model, heads, kv_heads), float32
+ME = "symattn"
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,23 @@ class Row:
     n: int
     d: int
     dtype: str
-    mode: str  # "forward" | "forward+backward"
+    mode: str  # "forward" | "forward+backward" | "layer h=.. kv=.. forward" | ...
     seconds: dict  # path -> best seconds per call
+    causal: bool = False
+    flops: float = 0.0  # symattn's useful floating-point operations per call (0: not counted)
+    variants: dict = field(default_factory=dict)  # peer -> the variant that was fastest
+
+    @property
+    def label(self) -> str:
+        return f"({self.batch},{self.n},{self.d}) {self.dtype}{' causal' if self.causal else ''}"
+
+    def ratio(self, peer: str) -> float | None:
+        """How many times faster symattn ran than `peer` (peer seconds / symattn seconds)."""
+        return self.seconds[peer] / self.seconds[ME] if peer in self.seconds else None
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.seconds[ME] / 1e9 if self.flops else 0.0
 
 
 def _time(f, budget: float = 0.25) -> float:
@@ -55,8 +74,8 @@ def environment() -> dict:
     import numba
     import sympy
     env = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
-           "sympy": sympy.__version__, "cpus": os.cpu_count(), "numba_threads": numba.get_num_threads(),
-           "machine": platform.machine()}
+           "sympy": sympy.__version__, **peers.versions(), "cpus": os.cpu_count(),
+           "numba_threads": numba.get_num_threads(), "machine": platform.machine()}
     env.update({k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                            "MKL_NUM_THREADS", "NUMBA_NUM_THREADS") if k in os.environ})
     try:
@@ -64,80 +83,68 @@ def environment() -> dict:
         env["blas"] = f"{blas.get('name')} {blas.get('version', '')}".strip()
     except Exception:  # older NumPy: no dict mode
         env["blas"] = "unknown"
+    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    env["numpy_sgemm_gflops"] = round(2 * 1024 ** 3 / _time(lambda: a @ a, 0.5) / 1e9, 1)  # the machine's GEMM
     return env
 
 
-def _optional_paths(q, k, v, dO) -> dict:
-    """PyTorch / JAX forward and forward+backward closures, where installed."""
-    paths = {}
-    try:
-        import torch
-        tq, tk, tv, tdO = (torch.from_numpy(x) for x in (q, k, v, dO))
-
-        def torch_fwd():
-            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
-
-        def torch_bwd():
-            a, b, c = (x.clone().requires_grad_() for x in (tq, tk, tv))
-            torch.nn.functional.scaled_dot_product_attention(a, b, c).backward(tdO)
-        paths["PyTorch"] = (torch_fwd, torch_bwd)
-    except ImportError:
-        pass
-    try:
-        import jax
-        import jax.numpy as jnp
-        jq, jk, jv, jdO = (jnp.asarray(x[:, :, None, :]) for x in (q, k, v, dO))  # (B, T, heads=1, d)
-        fwd = jax.jit(jax.nn.dot_product_attention)
-        vjp = jax.jit(lambda a, b, c, g: jax.vjp(jax.nn.dot_product_attention, a, b, c)[1](g))
-        paths["JAX"] = (lambda: fwd(jq, jk, jv).block_until_ready(),
-                        lambda: [x.block_until_ready() for x in vjp(jq, jk, jv, jdO)])
-    except ImportError:
-        pass
-    return paths
-
-
-def run_case(batch: int, n: int, d: int, dtype, progress: Progress = silent) -> list[Row]:
+def run_case(batch: int, n: int, d: int, dtype, causal: bool = False, progress: Progress = silent) -> list[Row]:
     rng = np.random.default_rng(0)
     q, k, v, dO = (rng.standard_normal((batch, n, d)).astype(dtype) for _ in range(4))
-    fwd = {"NumPy": lambda: reference.attention(q, k, v), "loop kernel": lambda: attention(q, k, v)}
-    both = {"NumPy": lambda: (reference.attention(q, k, v), reference.attention_backward(q, k, v, dO)),
-            "loop kernel": lambda: attention_backward(q, k, v, dO)}
-    module = load_unrolled(AttentionSpec(n, n, d), progress=progress) if batch == 1 else None
+
+    def vjp():
+        O, pullback = attention_vjp(q, k, v, is_causal=causal)
+        return O, pullback(dO)
+    paths = {ME: (lambda: attention(q, k, v, is_causal=causal), vjp)}
+    if n <= NUMPY_MAX_N:
+        paths["NumPy"] = (lambda: reference.attention(q, k, v, is_causal=causal),
+                          lambda: (reference.attention(q, k, v, is_causal=causal),
+                                   reference.attention_backward(q, k, v, dO, is_causal=causal)))
+    spec = AttentionSpec(n, n, d, mask="causal" if causal else "none")
+    module = load_unrolled(spec, progress=progress) if batch == 1 else None
     if module is not None:
-        name = AttentionSpec(n, n, d).name
-        f, b = getattr(module, f"{name}_forward"), getattr(module, f"{name}_backward")
+        f, b = getattr(module, f"{spec.name}_forward"), getattr(module, f"{spec.name}_backward")
         O, grads = np.empty((n, d), dtype), [np.empty((n, d), dtype) for _ in range(3)]
-        fwd["unrolled kernel"] = lambda: f(q[0], k[0], v[0], O)
-        both["unrolled kernel"] = lambda: (f(q[0], k[0], v[0], O), b(q[0], k[0], v[0], dO[0], *grads))
-    for label, (pf, pb) in _optional_paths(q, k, v, dO).items():
-        fwd[label], both[label] = pf, pb
+        paths["unrolled kernel"] = (lambda: f(q[0], k[0], v[0], O),
+                                    lambda: (f(q[0], k[0], v[0], O), b(q[0], k[0], v[0], dO[0], *grads)))
+    progress(f"bench ({batch}, {n}, {d}) {np.dtype(dtype).name}{' causal' if causal else ''}")
+    found = {name: (_time(pf), _time(pb)) for name, (pf, pb) in paths.items()}
+    others = peers.attention(q, k, v, dO, causal, _time)
+    flops = 4 * batch * n * n * d * (0.5 if causal else 1.0)  # QK^T and PV; the backward adds 5 GEMMs: x3.5
     rows = []
-    for mode, paths in (("forward", fwd), ("forward+backward", both)):
-        progress(f"bench ({batch}, {n}, {d}) {np.dtype(dtype).name} {mode}")
-        rows.append(Row(batch, n, d, np.dtype(dtype).name, mode, {p: _time(f) for p, f in paths.items()}))
+    for m, mode in enumerate(("forward", "forward+backward")):
+        seconds = {name: t[m] for name, t in found.items()} | {p: r[mode][0] for p, r in others.items()}
+        rows.append(Row(batch, n, d, np.dtype(dtype).name, mode, seconds, causal, flops * (1, 3.5)[m],
+                        {p: r[mode][1] for p, r in others.items()}))
     return rows
 
 
 def run_layer_case(batch: int, n: int, d_model: int, heads: int, kv_heads: int, dtype=np.float32,
                    progress: Progress = silent) -> list[Row]:
-    """The multi-head layer: NumPy reference (head by head) vs symattn.multihead_attention."""
-    from ..numeric.layer import multihead_attention, multihead_attention_backward
+    """The multi-head self-attention layer (no biases): symattn, the head-by-head NumPy reference, peers."""
+    from ..numeric.layer import multihead_attention, multihead_attention_vjp
     rng = np.random.default_rng(0)
     d_k = d_model // heads
     x, d_out = (rng.standard_normal((batch, n, d_model)).astype(dtype) for _ in range(2))
     w = [(rng.standard_normal(shape) / np.sqrt(d_model)).astype(dtype) for shape in
          ((d_model, heads * d_k), (d_model, kv_heads * d_k), (d_model, kv_heads * d_k), (heads * d_k, d_model))]
     kw = dict(heads=heads, kv_heads=kv_heads)
-    fwd = {"NumPy": lambda: reference.multihead_attention(x, *w, **kw),
-           "loop kernel": lambda: multihead_attention(x, *w, **kw)}
-    both = {"NumPy": lambda: (reference.multihead_attention(x, *w, **kw),
-                              reference.multihead_attention_backward(x, *w, d_out, **kw)),
-            "loop kernel": lambda: (multihead_attention(x, *w, **kw), multihead_attention_backward(x, *w, d_out, **kw))}
+
+    def vjp():
+        out, pullback = multihead_attention_vjp(x, *w, **kw)
+        return out, pullback(d_out)
+    paths = {ME: (lambda: multihead_attention(x, *w, **kw), vjp),
+             "NumPy": (lambda: reference.multihead_attention(x, *w, **kw),
+                       lambda: (reference.multihead_attention(x, *w, **kw),
+                                reference.multihead_attention_backward(x, *w, d_out, **kw)))}
+    progress(f"bench layer ({batch}, {n}, {d_model}, h={heads}, kv={kv_heads})")
+    found = {name: (_time(pf), _time(pb)) for name, (pf, pb) in paths.items()}
+    others = peers.layer(x, *w, d_out, heads, kv_heads, _time)
     rows = []
-    for mode, paths in (("forward", fwd), ("forward+backward", both)):
-        progress(f"bench layer ({batch}, {n}, {d_model}, h={heads}, kv={kv_heads}) {mode}")
-        rows.append(Row(batch, n, d_model, np.dtype(dtype).name, f"layer h={heads} kv={kv_heads} {mode}",
-                        {p: _time(f) for p, f in paths.items()}))
+    for m, mode in enumerate(("forward", "forward+backward")):
+        seconds = {name: t[m] for name, t in found.items()} | {p: r[mode][0] for p, r in others.items()}
+        rows.append(Row(batch, n, d_model, np.dtype(dtype).name, f"layer h={heads} kv={kv_heads} {mode}", seconds,
+                        variants={p: r[mode][1] for p, r in others.items()}))
     return rows
 
 
@@ -152,36 +159,59 @@ def empty_call_seconds() -> float:
     return _time(lambda: empty(x, x, x, x))
 
 
+def _at_least(r: Row, peer: str, target: float, what: str) -> tuple[str, bool] | None:
+    ratio = r.ratio(peer)
+    if ratio is None:
+        return None
+    return f"{r.label} {what}: {ratio:.2f}x {peer} (target >= {target}x)", ratio >= target
+
+
 def targets(rows: list[Row], empty: float) -> list[tuple[str, bool]]:
-    out = []
+    """Issue 10's targets that the rows measure, each (text, met)."""
+    out: list[tuple[str, bool] | None] = []
+    by = {(r.batch, r.n, r.d, r.dtype, r.causal, r.mode): r for r in rows}
     for r in rows:
-        s = r.seconds
-        if (r.batch, r.n, r.d) == (1, 5, 2) and r.mode == "forward" and "unrolled kernel" in s:
-            out.append((f"(1,5,2) {r.dtype} unrolled forward {s['unrolled kernel'] / empty:.1f}x an empty njit call "
-                        f"(target <= 5x)", s["unrolled kernel"] <= 5 * empty))
-            out.append((f"(1,5,2) {r.dtype} unrolled forward {s['NumPy'] / s['unrolled kernel']:.1f}x faster than "
-                        f"NumPy (target >= 8x)", s["NumPy"] >= 8 * s["unrolled kernel"]))
+        size, fwd = (r.batch, r.n, r.d), r.mode == "forward"
         if r.mode.startswith("layer"):
-            ratio = s["NumPy"] / s["loop kernel"]
-            out.append((f"({r.batch},{r.n},{r.d}) {r.dtype} {r.mode}: {ratio:.2f}x NumPy (target >= {LAYER_TARGET}x)",
-                        ratio >= LAYER_TARGET))
-        elif r.batch * r.n * r.n * r.d >= BIG:
-            ratio = s["NumPy"] / s["loop kernel"]
-            out.append((f"({r.batch},{r.n},{r.d}) {r.dtype} {r.mode}: loop kernel {ratio:.2f}x NumPy (target >= 1.5x)",
-                        ratio >= 1.5))
-    return out
+            if size == (4, 256, 512):
+                out += [_at_least(r, p, 1.3, r.mode[6:]) for p in ("PyTorch", "JAX")]
+            continue
+        if size == (1, 5, 2) and fwd and "unrolled kernel" in r.seconds:
+            t = r.seconds["unrolled kernel"]
+            out.append((f"{r.label} unrolled forward {t / empty:.1f}x an empty njit call (target <= 5x)", t <= 5 * empty))
+        if size == (1, 5, 2) and r.dtype == "float32" and not r.causal:
+            out += ([_at_least(r, "JAX", 3, "forward call overhead"), _at_least(r, "PyTorch", 5, "forward call overhead")]
+                    if fwd else [_at_least(r, "JAX", 5, "attention_vjp + pullback call overhead")])
+        if size == (8, 256, 64) and not r.causal:
+            best = min((r.seconds[p], p) for p in ("PyTorch", "JAX") if p in r.seconds) if \
+                {"PyTorch", "JAX"} & set(r.seconds) else None
+            if r.dtype == "float64" and best:
+                out.append(_at_least(r, best[1], 1.0, f"{r.mode} (best peer)"))
+            elif r.dtype == "float32":
+                out += ([_at_least(r, "PyTorch", 1.2, "forward"), _at_least(r, "JAX", 1.2, "forward")] if fwd else
+                        [_at_least(r, "PyTorch", 1.5, "forward+backward")])
+        if size in ((8, 1024, 64), (2, 4096, 64)) and r.dtype == "float32":
+            if fwd and not r.causal:
+                out.append((f"{r.label} forward {r.gflops:.0f} GF/s (target >= 150)", r.gflops >= 150))
+            if not fwd and not r.causal:
+                out.append(_at_least(r, "PyTorch", 2, "forward+backward"))
+            plain = by.get((r.batch, r.n, r.d, r.dtype, False, r.mode))
+            if r.causal and plain:
+                speed = plain.seconds[ME] / r.seconds[ME]
+                out.append((f"{r.label} {r.mode}: {speed:.2f}x faster than non-causal (target >= 1.7x)", speed >= 1.7))
+    return [t for t in out if t is not None]
 
 
 def table(rows: list[Row]) -> str:
-    paths = sorted({p for r in rows for p in r.seconds}, key=lambda p: (p != "NumPy", p))
-    head = f"{'case':<14} {'dtype':<8} {'mode':<32}" + "".join(f"{p:>16}" for p in paths) + "   (time; ratio = NumPy/path)"
-    lines = [head]
+    paths = [ME] + sorted({p for r in rows for p in r.seconds} - {ME}, key=lambda p: (p == "NumPy", p))
+    peer_cols = [p for p in paths if p != ME]
+    head = (f"{'case':<28}{'mode':<34}" + "".join(f"{p:>16}" for p in paths) + f"{'GF/s':>8}"
+            + "".join(f"{'x' + p:>10}" for p in peer_cols))
+    lines = [head, "(times: best of 5 groups; GF/s: symattn's; xPEER: how many times faster symattn ran than PEER)"]
     for r in rows:
-        cells = []
-        for p in paths:
-            t = r.seconds.get(p)
-            cells.append(f"{'-':>16}" if t is None else f"{_fmt(t):>9} {r.seconds['NumPy'] / t:5.1f}x")
-        lines.append(f"{str((r.batch, r.n, r.d)):<14} {r.dtype:<8} {r.mode:<32}" + "".join(cells))
+        cells = "".join(f"{_fmt(r.seconds[p]) if p in r.seconds else '-':>16}" for p in paths)
+        ratios = "".join(f"{r.ratio(p):>10.2f}" if p in r.seconds else f"{'-':>10}" for p in peer_cols)
+        lines.append(f"{r.label:<28}{r.mode:<34}{cells}{r.gflops:>8.1f}{ratios}")
     return "\n".join(lines)
 
 
@@ -193,31 +223,29 @@ def _fmt(seconds: float) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """Speed-up over NumPy per case and path, one panel per mode."""
+    """symattn's speed-up over each peer per case, one panel per mode."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    paths = sorted({p for r in rows for p in r.seconds if p != "NumPy"})
+    others = sorted({p for r in rows for p in r.seconds} - {ME})
     panels = [("forward", lambda r: r.mode == "forward"), ("forward+backward", lambda r: r.mode == "forward+backward"),
               ("multi-head layer", lambda r: r.mode.startswith("layer"))]
     panels = [(title, keep) for title, keep in panels if any(keep(r) for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, (mode, keep) in zip(axes, panels):
         sel = [r for r in rows if keep(r)]
         x = np.arange(len(sel))
-        width = 0.8 / max(1, len(paths))
-        for n, p in enumerate(paths):
-            ratios = [r.seconds["NumPy"] / r.seconds[p] if p in r.seconds else 0 for r in sel]
-            ax.bar(x + n * width, ratios, width, label=p)
+        width = 0.8 / max(1, len(others))
+        for k, p in enumerate(others):
+            ax.bar(x + k * width, [r.ratio(p) or 0 for r in sel], width, label=p)
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.axhline(1.5, color="grey", lw=0.8, ls="--")
-        labels = [f"{r.batch},{r.n},{r.d}\n{r.dtype}" + (f"\n{r.mode[6:].replace(' forward', chr(10) + 'forward')}"
-                                                        if r.mode.startswith("layer") else "") for r in sel]
-        ax.set_xticks(x + width * (len(paths) - 1) / 2, labels, fontsize=7)
+        labels = [r.label.replace(" ", "\n") + (f"\n{r.mode[6:].rsplit(' ', 1)[0]}" if r.mode.startswith("layer")
+                                                else "") for r in sel]
+        ax.set_xticks(x + width * (len(others) - 1) / 2, labels, fontsize=7)
         ax.set_yscale("log")
-        ax.set_title(f"{mode}: speed-up over NumPy (higher is better)")
-    axes[0].set_ylabel("NumPy time / path time")
+        ax.set_title(f"{mode}: symattn speed-up (peer time / symattn time)", fontsize=9)
+    axes[0].set_ylabel("times faster than the peer (higher is better)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
@@ -228,19 +256,28 @@ def bench(cases=CASES, dtypes=(np.float32, np.float64), *, layer_cases=LAYER_CAS
           out_dir: str | Path | None = "bench-results", progress: Progress = silent, say=print) -> dict:
     if out_dir is not None:
         output_folder(out_dir)  # before minutes of timing, not after
+    import numba
+    peers.setup(numba.get_num_threads())
     env = environment()
     say("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     if env.get("OPENBLAS_CORETYPE"):
         say(f"note: OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']} is set; it can slow OpenBLAS (NumPy's matmul).")
     empty = empty_call_seconds()
-    rows = [row for b, n, d in cases for dt in dtypes for row in run_case(b, n, d, dt, progress)]
+    rows = []
+    for b, n, d in cases:
+        for dt in dtypes:
+            if np.dtype(dt) == np.float64 and n > F64_MAX_N:
+                continue
+            for causal in (False, True) if np.dtype(dt) == np.float32 and n >= CAUSAL_MIN_N else (False,):
+                rows += run_case(b, n, d, dt, causal, progress)
     rows += [row for case in layer_cases for row in run_layer_case(*case, progress=progress)]
     say(table(rows))
     say(f"empty njit call: {_fmt(empty)}")
     checks = targets(rows, empty)
     for text, ok in checks:
         say(f"  [{'met' if ok else 'MISSED'}] {text}")
-    result = {"environment": env, "empty_call_seconds": empty, "rows": [asdict(r) for r in rows],
+    result = {"environment": env, "empty_call_seconds": empty,
+              "rows": [asdict(r) | {"gflops": r.gflops} for r in rows],
               "targets": [{"target": t, "met": ok} for t, ok in checks]}
     if out_dir is not None:
         out = Path(out_dir)

@@ -142,15 +142,70 @@ def check_output(shape: tuple[int, ...], dtype, what: str) -> None:
                  "split the batch or the queries into chunks", error=InputError)
 
 
-def _run_forward(p: _Problem):
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_NOBIAS = {_F32: np.zeros((0, 0, 0), np.float32), _F64: np.zeros((0, 0, 0), np.float64)}
+_BATCHES: dict[int, np.ndarray] = {}  # B -> identity batch rows (B, 4), read-only
+_SCALES: dict[int, float] = {}  # d_k -> 1/sqrt(d_k)
+
+
+def _identity_batch(B: int) -> np.ndarray:
+    """Batch rows [z, z, z, 0] of B unbroadcast batch elements (no mask), cached."""
+    rows = _BATCHES.get(B)
+    if rows is None:
+        rows = np.zeros((B, 4), dtype=np.int64)
+        rows[:, :3] = np.arange(B)[:, None]
+        rows.setflags(write=False)
+        if len(_BATCHES) < 64:  # a program uses few batch sizes; the cache stays small whatever it does
+            _BATCHES[B] = rows
+    return rows
+
+
+def _plain(q, k, v, mask, is_causal, scale, masked_rows):
+    """The scale when (q, k, v) take the fast path, else None: exact ndarrays, C-contiguous, one float dtype,
+    all 2-D or all 3-D with one batch size, matching sizes, no mask, plain options, and an output no larger than
+    the inputs (so no memory check is needed). Everything else goes through `_prepare`, which checks it all."""
+    if mask is not None or type(q) is not np.ndarray or type(k) is not np.ndarray or type(v) is not np.ndarray:
+        return None
+    dt, qs, ks, vs = q.dtype, q.shape, k.shape, v.shape
+    if (dt is not _F32 and dt is not _F64) or k.dtype is not dt or v.dtype is not dt or len(qs) != len(ks) \
+            or len(ks) != len(vs) or not 2 <= len(qs) <= 3 or qs[-1] != ks[-1] or ks[-2] != vs[-2] or not ks[-2] \
+            or not qs[-1] or (len(qs) == 3 and (qs[0] != ks[0] or ks[0] != vs[0])) or qs[-2] * vs[-1] > q.size + v.size \
+            or (is_causal is not False and is_causal is not True) or type(masked_rows) is not str \
+            or masked_rows not in kernels.MASKED_ROWS:
+        return None
+    if not (q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous):
+        return None
+    if scale is None:
+        sc = _SCALES.get(qs[-1])
+        return sc if sc is not None else _SCALES.setdefault(qs[-1], 1.0 / math.sqrt(qs[-1]))
+    return scale if type(scale) is float and 0.0 < scale < math.inf else None
+
+
+def _forward_plain(q, k, v, is_causal: bool, scale: float):
+    """O and LSE of plain (see `_plain`) inputs, shaped like q's batch."""
+    Q, K, V = (q, k, v) if q.ndim == 3 else (q[None], k[None], v[None])
+    B, n_q, dt = Q.shape[0], Q.shape[1], q.dtype
+    O = np.empty((B, n_q, V.shape[2]), dt)
+    LSE = np.empty((B, n_q), dt)
+    if B * n_q * K.shape[1] < kernels.SMALL:  # small: the serial kernel with the fewest arguments
+        kernels.loops.plain_forward(Q, K, V, is_causal, scale, O, LSE)
+    else:
+        kernels.forward_into(Q, K, V, _NOBIAS[dt], _identity_batch(B), is_causal, scale, 0, O, LSE)
+    return (O, LSE) if q.ndim == 3 else (O[0], LSE)
+
+
+def _forward(p: _Problem):
     return kernels.forward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows)
 
 
 def attention(q, k, v, *, mask=None, is_causal=False, scale=None, masked_rows="zero") -> np.ndarray:
     """O = softmax(scale·q kᵀ + mask) v, shape (..., n_q, d_v)."""
+    sc = _plain(q, k, v, mask, is_causal, scale, masked_rows)
+    if sc is not None:
+        return _forward_plain(q, k, v, is_causal, sc)[0]
     p = _prepare(q, k, v, mask, is_causal, scale, masked_rows)
     check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
-    O, _ = _run_forward(p)
+    O, _ = _forward(p)
     return O.reshape(p.batch_shape + O.shape[1:])
 
 
@@ -172,9 +227,8 @@ def softmax_weights(S: np.ndarray, bias: np.ndarray, rows: np.ndarray, causal: b
     row log-sum-exp LSE (..., n_q). Serial: it runs between BLAS calls."""
     n_q, n_k = S.shape[-2:]
     LSE = np.empty(S.shape[:-1], dtype=S.dtype)
-    kernel = getattr(kernels.loops, f"softmax_rows_{'f32' if S.dtype == np.float32 else 'f64'}")
     B = math.prod(S.shape[:-2])
-    kernel(S.reshape(B, n_q, n_k), bias, rows, causal, scale, kernels.MASKED_ROWS[masked_rows], LSE.reshape(B, n_q))
+    kernels.loops.softmax_rows(S.reshape(B, n_q, n_k), bias, rows, causal, scale, kernels.MASKED_ROWS[masked_rows], LSE.reshape(B, n_q))
     return S, LSE
 
 
@@ -185,19 +239,71 @@ def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return g.sum(axis=axes, keepdims=True) if axes else g
 
 
+def _check_dO(dO, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """dO validated against the output's shape and dtype, as a C-contiguous array."""
+    dO = _array("dO", dO)
+    if dO.shape != shape:
+        raise InputError(f"dO must have the output's shape {shape}, got {dO.shape}")
+    if dO.dtype != dtype:
+        raise InputError(f"dO must have the dtype of q, k, v ({dtype}), got {dO.dtype}")
+    return np.ascontiguousarray(dO)
+
+
+def attention_vjp(q, k, v, *, mask=None, is_causal=False, scale=None, masked_rows="zero"):
+    """(O, pullback): O = attention(q, k, v, ...) and pullback(dO) -> {"q": dq, "k": dk, "v": dv}, the gradients
+    of L = Σ dO∘O with their inputs' shapes. The forward runs once; its row log-sum-exp is kept for the pullback,
+    which may be called any number of times."""
+    sc = _plain(q, k, v, mask, is_causal, scale, masked_rows)
+    if sc is not None:
+        O, LSE = _forward_plain(q, k, v, is_causal, sc)
+        return O, _plain_pullback(q, k, v, is_causal, sc, O, LSE)
+    p = _prepare(q, k, v, mask, is_causal, scale, masked_rows)
+    shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
+    check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
+    O, LSE = _forward(p)
+    out_shape = p.batch_shape + O.shape[1:]
+
+    def pullback(dO) -> dict:
+        dO = _check_dO(dO, out_shape, p.Q.dtype).reshape(O.shape)
+        grads = kernels.backward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows, O, LSE, dO)
+        return {name: _unbroadcast(g.reshape(p.batch_shape + g.shape[1:]), shapes[name])
+                for name, g in zip(("q", "k", "v"), grads)}
+    return O.reshape(out_shape), pullback
+
+
+def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
+    """The pullback of plain inputs: dO of O's shape and dtype, C-contiguous, goes straight to the kernels."""
+    three = q.ndim == 3
+    Q, K, V, O3 = (q, k, v, O) if three else (q[None], k[None], v[None], O[None])
+    B, dt = Q.shape[0], q.dtype
+    small = B * Q.shape[1] * K.shape[1] < kernels.SMALL
+
+    def pullback(dO) -> dict:
+        if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:
+            dO = _check_dO(dO, O.shape, dt)
+        dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+        if three:
+            dO3, dq3, dk3, dv3 = dO, dq, dk, dv
+        else:
+            dO3, dq3, dk3, dv3 = dO[None], dq[None], dk[None], dv[None]
+        if small:
+            kernels.loops.plain_backward(Q, K, V, is_causal, scale, O3, LSE, dO3, dq3, dk3, dv3)
+        else:
+            kernels.backward_into(Q, K, V, _NOBIAS[dt], _identity_batch(B), is_causal, scale, 0, O3, LSE, dO3, dq3,
+                                  dk3, dv3)
+        return {"q": dq, "k": dk, "v": dv}
+    return pullback
+
+
 def attention_backward(q, k, v, dO, *, mask=None, is_causal=False, scale=None, masked_rows="zero"):
-    """(dq, dk, dv) of L = Σ dO∘attention(q, k, v), each with its input's shape."""
+    """(dq, dk, dv) of L = Σ dO∘attention(q, k, v), each with its input's shape (one forward, one backward)."""
     q, k, v = _array("q", q), _array("k", k), _array("v", v)
     dO = _array("dO", dO)
     p = _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=(("dO", dO),))
-    expected = p.batch_shape + (q.shape[-2], v.shape[-1])
-    if dO.shape != expected:
-        raise InputError(f"dO must have the output's shape {expected}, got {dO.shape}")
-    if dO.dtype != q.dtype:
-        raise InputError(f"dO must have the dtype of q, k, v ({q.dtype}), got {dO.dtype}")
-    O, LSE = _run_forward(p)
+    dO = _check_dO(dO, p.batch_shape + (q.shape[-2], v.shape[-1]), q.dtype)
+    O, LSE = _forward(p)
     dQ, dK, dV = kernels.backward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows, O, LSE,
-                                  _flat(dO))
+                                  dO.reshape(O.shape))
     full = p.batch_shape
     return (_unbroadcast(dQ.reshape(full + dQ.shape[1:]), q.shape),
             _unbroadcast(dK.reshape(full + dK.shape[1:]), k.shape),

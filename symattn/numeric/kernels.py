@@ -1,7 +1,8 @@
-"""Dispatch to the generated loop kernels (symattn/numeric/attention_loops.py): dtype, serial or parallel.
+"""Dispatch to the generated kernels (symattn/numeric/attention_loops.py): serial loop kernels for small problems,
+flash-style tile kernels (BLAS tiles, prange) for the rest, with BLAS held to one thread while they run.
 
-Arrays arrive validated and flattened: Q (Bq, n_q, d_k), K (Bk, n_k, d_k), V (Bv, n_k, d_v),
-bias (Bm, n_q, n_k) or (0, 0, 0), batch (B, 4) rows of each flattened batch element.
+Arrays arrive validated and flattened: Q (Bq, n_q, d_k), K (Bk, n_k, d_k), V (Bv, n_k, d_v) C-contiguous,
+bias (Bm, n_q, n_k) or (0, 0, 0), batch (B, 4) int64 rows [q, k, v, bias] of each flattened batch element.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from . import attention_loops as loops
@@ -18,18 +20,50 @@ from ..filestamp import damage
 from ..progress import silent
 
 MASKED_ROWS = {"zero": 0, "uniform": 1, "nan": 2}
-#: prange pays off above this many multiply-adds (a parallel call costs ~1.2 us more, measured here).
-PARALLEL_WORK = 1 << 17
+#: Below this many score entries (B·n_q·n_k) the serial loop kernels win: no BLAS call, no thread start.
+SMALL = 1 << 15
+#: Tile sizes (query rows x keys): forward 128 x 256 (64 x 64 measured 35% slower), backward 128 x 128.
+BQ, BK, BQ_BWD, BK_BWD = 128, 256, 128, 128
 
 
-def _pick(name: str, dtype: np.dtype, batch: np.ndarray, work: int):
-    suffix = "f32" if dtype == np.float32 else "f64"
-    parallel = batch.shape[0] > 1 and work >= PARALLEL_WORK
-    return getattr(loops, f"{name}_parallel_{suffix}" if parallel else f"{name}_{suffix}")
+class _Blas:
+    """The BLAS libraries loaded in this process (threadpoolctl's controllers), held to one thread while a tile
+    kernel runs: its prange workers call BLAS on small tiles, and BLAS's own threads (which keep spinning after
+    every call) would fight them for the cores. Numba's np.dot calls SciPy's OpenBLAS (scipy.linalg.cython_blas),
+    not NumPy's; both are held, so the caller's NumPy matmuls before and after are untouched. The controllers are
+    found once (threadpoolctl scans the loaded libraries: milliseconds); holding and restoring them then costs
+    microseconds (threadpool_limits() per call was measured at 1.3-2.2 ms)."""
+
+    def __init__(self):
+        self._libs = None
+
+    def libs(self):
+        if self._libs is None:
+            import scipy.linalg.cython_blas  # noqa: F401  (loaded, so threadpoolctl lists the BLAS np.dot uses)
+            from threadpoolctl import ThreadpoolController
+            self._libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        return self._libs
+
+    def __enter__(self):
+        self._held = [(lib, n) for lib in self.libs() if (n := lib.get_num_threads()) != 1]
+        for lib, _ in self._held:
+            lib.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        for lib, n in self._held:
+            lib.set_num_threads(n)
 
 
-def _work(Q, K, V, batch) -> int:
-    return batch.shape[0] * Q.shape[1] * K.shape[1] * (Q.shape[2] + V.shape[2])
+one_blas_thread = _Blas()
+
+
+def forward_into(Q, K, V, bias, batch, causal: bool, scale: float, code: int, O, LSE) -> None:
+    """Write O (B, n_q, d_v) and the row log-sum-exp LSE (B, n_q); `code` is MASKED_ROWS[policy]."""
+    if batch.shape[0] * Q.shape[1] * K.shape[1] < SMALL:
+        loops.attention_forward(Q, K, V, bias, batch, causal, scale, code, O, LSE)
+    else:
+        with one_blas_thread:
+            loops.forward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE, BQ, BK)
 
 
 def forward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str):
@@ -37,9 +71,23 @@ def forward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str):
     B, n_q, d_v = batch.shape[0], Q.shape[1], V.shape[2]
     O = np.empty((B, n_q, d_v), dtype=Q.dtype)
     LSE = np.empty((B, n_q), dtype=Q.dtype)
-    kernel = _pick("attention_forward", Q.dtype, batch, _work(Q, K, V, batch))
-    kernel(Q, K, V, bias, batch, causal, scale, MASKED_ROWS[masked_rows], O, LSE)
+    forward_into(Q, K, V, bias, batch, causal, scale, MASKED_ROWS[masked_rows], O, LSE)
     return O, LSE
+
+
+def backward_into(Q, K, V, bias, batch, causal: bool, scale: float, code: int, O, LSE, dO, dQ, dK, dV) -> None:
+    """Write dQ (B, n_q, d_k), dK (B, n_k, d_k), dV (B, n_k, d_v) from the forward's O and LSE (no second
+    forward). Tiles: one task per (batch element, group of key blocks); with fewer batch elements than threads
+    the key blocks of an element are split into groups whose dQ partials are summed in a fixed order."""
+    B, n_q, n_k = batch.shape[0], Q.shape[1], K.shape[1]
+    if B * n_q * n_k < SMALL:
+        loops.attention_backward(Q, K, V, bias, batch, causal, scale, code, O, LSE, dO, dQ, dK, dV)
+        return
+    threads = numba.get_num_threads()
+    groups = 1 if B >= threads else min(-(-n_k // BK_BWD), -(-2 * threads // max(B, 1)))
+    with one_blas_thread:
+        loops.backward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE, dO, dQ, dK, dV, BQ_BWD, BK_BWD,
+                             groups)
 
 
 def backward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str, O, LSE, dO):
@@ -48,8 +96,7 @@ def backward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str,
     dQ = np.empty((B,) + Q.shape[1:], dtype=Q.dtype)
     dK = np.empty((B,) + K.shape[1:], dtype=Q.dtype)
     dV = np.empty((B,) + V.shape[1:], dtype=Q.dtype)
-    kernel = _pick("attention_backward", Q.dtype, batch, 2 * _work(Q, K, V, batch))
-    kernel(Q, K, V, bias, batch, causal, scale, MASKED_ROWS[masked_rows], O, LSE, dO, dQ, dK, dV)
+    backward_into(Q, K, V, bias, batch, causal, scale, MASKED_ROWS[masked_rows], O, LSE, dO, dQ, dK, dV)
     return dQ, dK, dV
 
 

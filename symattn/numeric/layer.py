@@ -1,13 +1,12 @@
-"""Numeric multi-head attention: projections with NumPy's matmul (BLAS), heads on the generated loop kernels.
+"""Numeric multi-head attention: projections with NumPy's matmul (BLAS), all heads in one call of the attention kernels.
 
 x (..., n_q, d_model); y (..., n_k, d_model) for cross-attention (default y = x); w_q (d_model, h·d_k),
 w_k (d_model, h_kv·d_k), w_v (d_model, h_kv·d_v), w_o (h·d_v, d_model); biases b_q (h·d_k,), b_k (h_kv·d_k,),
 b_v (h_kv·d_v,), b_o (d_model,). Heads are laid out (..., h_kv, h/h_kv, n, d) so a key/value group broadcasts
 over its heads (grouped-query attention) and its gradients sum over them. mask / is_causal / scale as in
-symattn.attention, shared by all heads. Each head's attention runs with BLAS for QK^T and PV and generated serial
-row kernels for the softmax and its backward (one thread pool at a time: BLAS's threads spin after each call and
-would steal the cores of a parallel Numba kernel); above TILE_BYTES of score tiles it streams rows through the
-loop kernels instead.
+symattn.attention, shared by all heads. All heads (batch x heads, each key/value group broadcast over its heads)
+go through one call of the attention kernels (symattn.attention_vjp: flash-style tiles, no n x n scores in memory);
+the backward reuses the forward's output and log-sum-exp instead of running the forward again.
 """
 from __future__ import annotations
 
@@ -16,9 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
-from .api import (_array, _bias, _unbroadcast, attention, attention_backward, bias_rows, check_causal,
-                  check_masked_rows, check_scale, softmax_weights)
+from .api import _array, _bias, _unbroadcast, attention, attention_vjp, check_causal, check_masked_rows, check_scale
 from ..errors import InputError
 
 
@@ -115,99 +112,105 @@ def _heads(x, y, w_q, w_k, w_v, layer: _Layer, biases):
     return _split(Qp, G, R, layer.d_k), _split(Kp, G, 1, layer.d_k), _split(Vp, G, 1, layer.d_v)
 
 
-#: Above this many bytes of score tiles (all heads) the layer streams rows through the loop kernels instead.
-TILE_BYTES = 1 << 28
+def _attention(function, Q, K, V, options):
+    """`function` (attention or attention_vjp) of every head at once: Q (..., h_kv, R, n_q, d_k), K and V
+    (..., h_kv, 1, n_k, d) with the layer's shared options (mask, causal, scale, masked_rows)."""
+    mask, is_causal, scale, masked_rows = options
+    return function(Q, K, V, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
 
 
-def _tiles_fit(Q, K) -> bool:
-    return np.prod(np.broadcast_shapes(Q.shape[:-1], K.shape[:-2] + (1,))) * K.shape[-2] * Q.itemsize <= TILE_BYTES
+@dataclass(frozen=True)
+class _Call:
+    """A validated layer call: arrays, layout, shared options, the input shapes gradients are summed back to."""
+    x: np.ndarray
+    y: np.ndarray | None
+    w: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # w_q, w_k, w_v, w_o
+    biases: dict
+    layer: _Layer
+    options: tuple
+    x_shape: tuple[int, ...]
+    y_shape: tuple[int, ...] | None
 
 
-def _core_forward(Q, K, V, mask, is_causal, scale, masked_rows):
-    """Attention of every head with BLAS for QK^T and PV and the generated softmax_rows kernel between them
-    (serial, so it never competes with BLAS's spinning threads). Q (..., h_kv, R, n_q, d_k), K and V
-    (..., h_kv, 1, n_k, d): returns O (..., n_q, d_v), P (..., n_q, n_k) and LSE (..., n_q)."""
-    n_q, n_k = Q.shape[-2], K.shape[-2]
-    S = Q @ np.swapaxes(K, -1, -2)  # (..., h_kv, R, n_q, n_k), BLAS
-    bias, rows = bias_rows(mask, S.dtype, n_q, n_k, S.shape[:-2])
-    S, LSE = softmax_weights(S, bias, rows, is_causal, scale, masked_rows)  # S becomes P
-    return S @ V, S, LSE  # O = P V, BLAS
+def _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows, biases) -> _Call:
+    x, y, w_q, w_k, w_v, w_o, biases = _arrays(x, y, w_q, w_k, w_v, w_o, biases)
+    layer = _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases)
+    x_shape, y_shape = x.shape, None if y is None else y.shape
+    options, x, y = _check_options(x, y, mask, is_causal, scale, masked_rows, layer.d_k)
+    return _Call(x, y, (w_q, w_k, w_v, w_o), biases, layer, options, x_shape, y_shape)
 
 
-def _core_backward(Q, K, V, dO, mask, is_causal, scale, masked_rows):
-    """dQ (..., R, n_q, d_k), dK and dV summed over each group's heads (..., 1, n_k, d)."""
-    O, P, LSE = _core_forward(Q, K, V, mask, is_causal, scale, masked_rows)
-    n_q, n_k = P.shape[-2:]
-    dV = (np.swapaxes(P, -1, -2) @ dO).sum(axis=-3, keepdims=True)  # P^T dO
-    dP = dO @ np.swapaxes(V, -1, -2)  # dO V^T
-    D = np.sum(dO * O, axis=-1)  # rowsum(dO * O)
-    kernel = getattr(kernels.loops, f"softmax_backward_rows_{'f32' if P.dtype == np.float32 else 'f64'}")
-    B = math.prod(P.shape[:-2])
-    kernel(P.reshape(B, n_q, n_k), dP.reshape(B, n_q, n_k), np.ascontiguousarray(D).reshape(B, n_q),
-           LSE.reshape(B, n_q), scale, kernels.MASKED_ROWS[masked_rows])  # dP <- scale * dS
-    return dP @ K, (np.swapaxes(dP, -1, -2) @ Q).sum(axis=-3, keepdims=True), dV
+def _check_d_out(c: _Call, d_out) -> np.ndarray:
+    d_out = _array("d_out", d_out)
+    x, y = c.x, c.y
+    expected = np.broadcast_shapes(x.shape[:-2], () if y is None else y.shape[:-2]) + (x.shape[-2], x.shape[-1])
+    if d_out.shape != expected:
+        raise InputError(f"d_out must have the output's shape {expected}, got {d_out.shape}")
+    if d_out.dtype != x.dtype:
+        raise InputError(f"d_out must have the dtype of x ({x.dtype}), got {d_out.dtype}")
+    return d_out
 
 
-def _attention(Q, K, V, mask, is_causal, scale, masked_rows):
-    if _tiles_fit(Q, K):
-        return _core_forward(Q, K, V, mask, is_causal, scale, masked_rows)[0]
-    return attention(Q, K, V, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
-
-
-def _attention_backward(Q, K, V, dO, mask, is_causal, scale, masked_rows):
-    if _tiles_fit(Q, K):
-        return _core_backward(Q, K, V, dO, mask, is_causal, scale, masked_rows)
-    return attention_backward(Q, K, V, dO, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
+def _output(c: _Call, C: np.ndarray) -> np.ndarray:
+    return C @ c.w[3] + (0 if c.biases["b_o"] is None else c.biases["b_o"])
 
 
 def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
                         scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero") -> np.ndarray:
     """Concat(head_0..head_{h-1}) w_o (+ b_o), shape (..., n_q, d_model)."""
-    biases = dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
-    x, y, w_q, w_k, w_v, w_o, biases = _arrays(x, y, w_q, w_k, w_v, w_o, biases)
-    layer = _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases)
-    options, x, y = _check_options(x, y, mask, is_causal, scale, masked_rows, layer.d_k)
-    Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
-    C = _merge(_attention(Q, K, V, *options))  # (..., n_q, h·d_v)
-    return C @ w_o + (0 if biases["b_o"] is None else biases["b_o"])
+    c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
+              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o))
+    Q, K, V = _heads(c.x, c.y, *c.w[:3], c.layer, c.biases)
+    return _output(c, _merge(_attention(attention, Q, K, V, c.options)))  # Concat(heads) (..., n_q, h·d_v) w_o
+
+
+def multihead_attention_vjp(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
+                            scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero"):
+    """(out, pullback): the layer's output and pullback(d_out) -> the gradients of multihead_attention_backward.
+    The forward runs once; the attention's output and log-sum-exp are kept for the pullback."""
+    c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
+              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o))
+    C, pullback = _vjp(c)
+    return _output(c, C), lambda d_out: pullback(_check_d_out(c, d_out))
 
 
 def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_heads=None, y=None, mask=None,
                                  is_causal=False, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
                                  masked_rows="zero") -> dict:
     """Gradients of L = Σ d_out∘multihead_attention(...), keyed by argument name (x, y, w_*, b_* given)."""
-    biases = dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
-    x, y, w_q, w_k, w_v, w_o, biases = _arrays(x, y, w_q, w_k, w_v, w_o, biases)
-    layer = _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases)
-    x_shape, y_shape = x.shape, None if y is None else y.shape
-    options, x, y = _check_options(x, y, mask, is_causal, scale, masked_rows, layer.d_k)
-    d_out = _array("d_out", d_out)
-    expected = np.broadcast_shapes(x.shape[:-2], () if y is None else y.shape[:-2]) + (x.shape[-2], x.shape[-1])
-    if d_out.shape != expected:
-        raise InputError(f"d_out must have the output's shape {expected}, got {d_out.shape}")
-    if d_out.dtype != x.dtype:
-        raise InputError(f"d_out must have the dtype of x ({x.dtype}), got {d_out.dtype}")
+    c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
+              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o))
+    d_out = _check_d_out(c, d_out)
+    return _vjp(c)[1](d_out)
+
+
+def _vjp(c: _Call):
+    """Concat(heads) C (..., n_q, h·d_v) and the pullback of the whole layer for a checked d_out."""
+    x, y, (w_q, w_k, w_v, w_o), layer, biases = c.x, c.y, c.w, c.layer, c.biases
     Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
-    C = _merge(_attention(Q, K, V, *options))  # (..., n_q, h·d_v)
-    dC = d_out @ w_o.T  # (..., n_q, h·d_v)
-    dO = _split(dC, layer.kv_heads, layer.heads // layer.kv_heads, layer.d_v)
-    dQ, dK, dV = _attention_backward(Q, K, V, dO, *options)  # dK, dV summed over each group's heads
-    dQp, dKp, dVp = _merge(dQ), _merge(dK), _merge(dV)
-    src = x if y is None else y
+    O, core_pullback = _attention(attention_vjp, Q, K, V, c.options)  # the forward runs once
+    C = _merge(O)  # (..., n_q, h·d_v)
 
-    def weight_grad(a, g):  # (..., n, p), (..., n, q) -> (p, q) summed over the batch: one GEMM
-        a = np.broadcast_to(a, g.shape[:-2] + a.shape[-2:])
-        return a.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+    def pullback(d_out) -> dict:
+        dC = d_out @ w_o.T  # (..., n_q, h·d_v)
+        g = core_pullback(_split(dC, layer.kv_heads, layer.heads // layer.kv_heads, layer.d_v))
+        dQp, dKp, dVp = _merge(g["q"]), _merge(g["k"]), _merge(g["v"])  # dK, dV summed over each group's heads
+        src = x if y is None else y
 
-    grads = {"x": dQp @ w_q.T, "w_q": weight_grad(x, dQp), "w_k": weight_grad(src, dKp),
-             "w_v": weight_grad(src, dVp), "w_o": weight_grad(C, d_out)}
-    dy = dKp @ w_k.T + dVp @ w_v.T
-    if y is None:
-        grads["x"] = grads["x"] + dy
-    else:
-        grads["y"] = _unbroadcast(dy, y_shape)
-    grads["x"] = _unbroadcast(grads["x"], x_shape)
-    for name, g in (("b_q", dQp), ("b_k", dKp), ("b_v", dVp), ("b_o", d_out)):
-        if biases[name] is not None:
-            grads[name] = g.reshape(-1, g.shape[-1]).sum(axis=0)
-    return grads
+        def weight_grad(a, g):  # (..., n, p), (..., n, q) -> (p, q) summed over the batch: one GEMM
+            a = np.broadcast_to(a, g.shape[:-2] + a.shape[-2:])
+            return a.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+
+        grads = {"x": dQp @ w_q.T, "w_q": weight_grad(x, dQp), "w_k": weight_grad(src, dKp),
+                 "w_v": weight_grad(src, dVp), "w_o": weight_grad(C, d_out)}
+        dy = dKp @ w_k.T + dVp @ w_v.T
+        if y is None:
+            grads["x"] = grads["x"] + dy
+        else:
+            grads["y"] = _unbroadcast(dy, c.y_shape)
+        grads["x"] = _unbroadcast(grads["x"], c.x_shape)
+        for name, g in (("b_q", dQp), ("b_k", dKp), ("b_v", dVp), ("b_o", d_out)):
+            if biases[name] is not None:
+                grads[name] = g.reshape(-1, g.shape[-1]).sum(axis=0)
+        return grads
+    return C, pullback

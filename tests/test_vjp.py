@@ -1,0 +1,118 @@
+"""attention_vjp: equal to attention_backward, the forward run once, the fast path equal to the validated path."""
+import numpy as np
+import pytest
+
+import symattn
+from symattn import InputError, reference
+from symattn.numeric import api, kernels
+
+FORWARDS = ("attention_forward", "plain_forward", "forward_tiles")
+BACKWARDS = ("attention_backward", "plain_backward", "backward_tiles")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Kernel name -> number of calls, counted by wrapping the generated kernels the dispatch looks up."""
+    counts = {}
+    for name in FORWARDS + BACKWARDS:
+        real = getattr(kernels.loops, name)
+
+        def counted(*args, real=real, name=name):
+            counts[name] = counts.get(name, 0) + 1
+            return real(*args)
+        monkeypatch.setattr(kernels.loops, name, counted)
+    return counts
+
+
+CASES = {  # name -> (shapes of q, k, v, options)
+    "plain-3d": (((2, 7, 4), (2, 9, 4), (2, 9, 3)), {}),
+    "plain-2d": (((7, 4), (9, 4), (9, 3)), {"is_causal": True}),
+    "broadcast-mask": (((2, 1, 7, 4), (3, 9, 4), (3, 9, 3)), {"mask": "rows", "masked_rows": "uniform"}),
+}
+
+
+@pytest.mark.parametrize("tiles", [False, True], ids=["loops", "tiles"])
+@pytest.mark.parametrize("case", CASES)
+def test_vjp_equals_backward_and_runs_the_forward_once(rng, monkeypatch, calls, case, tiles):
+    monkeypatch.setattr(kernels, "SMALL", 0 if tiles else 1 << 62)
+    shapes, options = CASES[case]
+    q, k, v = (rng.standard_normal(s) for s in shapes)
+    if options.get("mask") == "rows":
+        mask = rng.random((7, 9)) < 0.5
+        mask[2] = False
+        options = dict(options, mask=mask)
+    O, pullback = symattn.attention_vjp(q, k, v, **options)
+    np.testing.assert_array_equal(O, symattn.attention(q, k, v, **options))
+    calls.clear()
+    dO = rng.standard_normal(O.shape)
+    grads = pullback(dO)
+    assert sum(calls.get(n, 0) for n in FORWARDS) == 0 and sum(calls.get(n, 0) for n in BACKWARDS) == 1
+    assert list(grads) == ["q", "k", "v"]
+    for name, x, want in zip("qkv", (q, k, v), symattn.attention_backward(q, k, v, dO, **options)):
+        assert grads[name].shape == x.shape
+        np.testing.assert_array_equal(grads[name], want)
+    for name, want in zip("qkv", reference.attention_backward(q, k, v, dO, **options)):
+        np.testing.assert_allclose(grads[name], want, rtol=1e-10, atol=1e-12)
+    calls.clear()
+    symattn.attention_vjp(q, k, v, **options)[1](dO)
+    assert sum(calls.get(n, 0) for n in FORWARDS) == 1 and sum(calls.get(n, 0) for n in BACKWARDS) == 1
+
+
+def test_fast_path_is_taken_and_agrees_with_the_validated_path(rng, monkeypatch):
+    q, k, v, dO = (rng.standard_normal((3, 6, 4)).astype(np.float32) for _ in range(4))
+    fast = [symattn.attention(q, k, v, is_causal=True), symattn.attention_vjp(q, k, v, is_causal=True)[1](dO)]
+    # the same data through the validated path: a non-contiguous view, a NumPy scalar scale, lists
+    slow_q = np.asfortranarray(q)
+    assert api._plain(slow_q, k, v, None, True, None, "zero") is None
+    scale = np.float32(0.5)
+    assert api._plain(q, k, v, None, True, scale, "zero") is None
+    np.testing.assert_array_equal(symattn.attention(slow_q, k, v, is_causal=True), fast[0])
+    np.testing.assert_array_equal(symattn.attention(q, k, v, is_causal=True, scale=scale),
+                                  symattn.attention(q, k, v, is_causal=True, scale=0.5))
+    sub = q.view(type("Sub", (np.ndarray,), {}))  # a subclass: not an exact ndarray
+    assert api._plain(sub, k, v, None, True, None, "zero") is None
+    np.testing.assert_array_equal(symattn.attention(sub, k, v, is_causal=True), fast[0])
+    slow = symattn.attention_vjp(slow_q, k, v, is_causal=True)[1](dO)
+    for name in "qkv":
+        np.testing.assert_array_equal(slow[name], fast[1][name])
+    monkeypatch.setattr(api, "_prepare", lambda *a, **kw: pytest.fail("plain inputs went through _prepare"))
+    symattn.attention(q, k, v)
+    symattn.attention_vjp(q[0], k[0], v[0], scale=0.25)[1](dO[0])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(is_causal=1), "is_causal must be True or False"),
+    (dict(masked_rows="drop"), "masked_rows must be one of"),
+    (dict(scale=-1.0), "scale must be a positive"),
+    (dict(scale=float("nan")), "scale must be a positive"),
+])
+def test_plain_inputs_with_bad_options_are_refused(rng, bad, message):
+    q = rng.standard_normal((2, 3, 4))
+    for f in (symattn.attention, symattn.attention_vjp):
+        with pytest.raises(InputError, match=message):
+            f(q, q, q, **bad)
+
+
+@pytest.mark.parametrize("shapes, message", [
+    (((2, 3, 4), (2, 5, 3), (2, 5, 2)), "same last dim d_k"),
+    (((2, 3, 4), (2, 5, 4), (2, 6, 2)), "same number of keys"),
+    (((2, 3, 4), (3, 5, 4), (3, 5, 2)), "do not broadcast"),
+])
+def test_plain_looking_shapes_are_validated(shapes, message):
+    q, k, v = (np.zeros(s) for s in shapes)
+    with pytest.raises(InputError, match=message):
+        symattn.attention_vjp(q, k, v)
+
+
+def test_pullback_checks_dO(rng):
+    q = rng.standard_normal((2, 3, 4))
+    for x in (q, np.asfortranarray(q)):  # the fast path and the validated path
+        O, pullback = symattn.attention_vjp(x, x, x)
+        with pytest.raises(InputError, match=r"dO must have the output's shape \(2, 3, 4\)"):
+            pullback(np.zeros((2, 4, 4)))
+        with pytest.raises(InputError, match="dO must have the dtype"):
+            pullback(np.zeros(O.shape, np.float32))
+        with pytest.raises(InputError, match="dO .*float16"):
+            pullback(np.zeros(O.shape, np.float16))
+        strided = np.zeros((2, 3, 8))[..., ::2]
+        np.testing.assert_array_equal(pullback(strided)["q"], 0.0)  # non-contiguous dO is fine
