@@ -162,18 +162,21 @@ def _identity_batch(B: int) -> np.ndarray:
 
 def _plain(q, k, v, mask, is_causal, scale, masked_rows):
     """The scale when (q, k, v) take the fast path, else None: exact ndarrays, C-contiguous, one float dtype,
-    all 2-D or all 3-D with one batch size, matching sizes, no mask, plain options, and an output no larger than
-    the inputs (so no memory check is needed). Everything else goes through `_prepare`, which checks it all."""
+    all 2-D or all 3-D with one batch size, matching sizes, d_v <= d_k (the output is no larger than q, so no
+    memory check is needed), no mask, plain options. Everything else goes through `_prepare`, which checks all."""
     if mask is not None or type(q) is not np.ndarray or type(k) is not np.ndarray or type(v) is not np.ndarray:
         return None
     dt, qs, ks, vs = q.dtype, q.shape, k.shape, v.shape
-    if (dt is not _F32 and dt is not _F64) or k.dtype is not dt or v.dtype is not dt or len(qs) != len(ks) \
-            or len(ks) != len(vs) or not 2 <= len(qs) <= 3 or qs[-1] != ks[-1] or ks[-2] != vs[-2] or not ks[-2] \
-            or not qs[-1] or (len(qs) == 3 and (qs[0] != ks[0] or ks[0] != vs[0])) or qs[-2] * vs[-1] > q.size + v.size \
-            or (is_causal is not False and is_causal is not True) or type(masked_rows) is not str \
-            or masked_rows not in kernels.MASKED_ROWS:
+    if len(qs) == 3:
+        if len(ks) != 3 or len(vs) != 3 or not qs[0] == ks[0] == vs[0]:
+            return None
+    elif len(qs) != 2 or len(ks) != 2 or len(vs) != 2:
         return None
-    if not (q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous):
+    if (dt is not _F32 and dt is not _F64) or k.dtype is not dt or v.dtype is not dt or qs[-1] != ks[-1] \
+            or ks[-2] != vs[-2] or not ks[-2] or not 0 < vs[-1] <= qs[-1] or (is_causal is not False and is_causal
+                                                                             is not True) \
+            or (masked_rows != "zero" and (type(masked_rows) is not str or masked_rows not in kernels.MASKED_ROWS)) \
+            or not (q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous):
         return None
     if scale is None:
         sc = _SCALES.get(qs[-1])
@@ -273,24 +276,20 @@ def attention_vjp(q, k, v, *, mask=None, is_causal=False, scale=None, masked_row
 
 def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
     """The pullback of plain inputs: dO of O's shape and dtype, C-contiguous, goes straight to the kernels."""
-    three = q.ndim == 3
-    Q, K, V, O3 = (q, k, v, O) if three else (q[None], k[None], v[None], O[None])
-    B, dt = Q.shape[0], q.dtype
-    small = B * Q.shape[1] * K.shape[1] < kernels.SMALL
-
     def pullback(dO) -> dict:
+        dt = q.dtype
         if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:
             dO = _check_dO(dO, O.shape, dt)
-        dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-        if three:
-            dO3, dq3, dk3, dv3 = dO, dq, dk, dv
+        dq, dk, dv = np.empty(q.shape, dt), np.empty(k.shape, dt), np.empty(v.shape, dt)
+        if q.ndim == 3:
+            args = (q, k, v, is_causal, scale, O, LSE, dO, dq, dk, dv)
         else:
-            dO3, dq3, dk3, dv3 = dO[None], dq[None], dk[None], dv[None]
-        if small:
-            kernels.loops.plain_backward(Q, K, V, is_causal, scale, O3, LSE, dO3, dq3, dk3, dv3)
+            args = (q[None], k[None], v[None], is_causal, scale, O[None], LSE, dO[None], dq[None], dk[None], dv[None])
+        if args[0].shape[0] * args[0].shape[1] * args[1].shape[1] < kernels.SMALL:
+            kernels.loops.plain_backward(*args)
         else:
-            kernels.backward_into(Q, K, V, _NOBIAS[dt], _identity_batch(B), is_causal, scale, 0, O3, LSE, dO3, dq3,
-                                  dk3, dv3)
+            kernels.backward_into(*args[:3], _NOBIAS[dt], _identity_batch(args[0].shape[0]), is_causal, scale, 0,
+                                  *args[5:])
         return {"q": dq, "k": dk, "v": dv}
     return pullback
 
