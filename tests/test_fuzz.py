@@ -40,6 +40,13 @@ GOOD_PATH = st.sampled_from(["out/x.tex", "out/new/deeper/", "out/heat", "out/p.
                              "out/\u732b.md", "../outside/x.tex"])
 BAD_PATH = st.sampled_from(["out/", "missing/x.tex", "link/x.tex", "out/link.tex", "file.txt/x", "/proc/version",
                             "", "out/p.jpgx"])
+GOOD_VARIANT = st.sampled_from([[], ["--score", "general"], ["--score", "additive", "--hidden", "2"],
+                                ["--mask", "window:1"], ["--mask", "prefix:1|causal"], ["--score-mod", "alibi"],
+                                ["--score-mod", "softcap:3"], ["--score-mod", "relative-bias:1"]])
+BAD_VARIANT = st.sampled_from([["--score", "cosine"], ["--score", "additive"], ["--hidden", "2"],
+                               ["--mask", "window:"], ["--mask", "causal&"], ["--mask", "window:1", "--causal"],
+                               ["--score-mod", "softcap:0"], ["--score-mod", "relative-bias:-1"],
+                               ["--score", "additive", "--hidden", "2", "--scale", "2"]])
 GOOD_WORDS = st.lists(st.sampled_from(["the", "cat", "$x^$", "\\frac{", "\u732b", "sat", "%", "{}"]),
                       min_size=1, max_size=3).map(" ".join)
 BAD_WORDS = st.sampled_from(["", "a\udcffb c", " ".join("abcdefghij")])
@@ -60,7 +67,9 @@ def spec_args(draw, broken, layer_ok=True):
         args += draw(st.sampled_from([[], ["--kv-heads", "1"], ["--bias"], ["--cross", "--n-k", "2"]]))
     else:
         args += ["--n-k", size(), "--d-k", size()] + draw(st.sampled_from([[], ["--d-v", "2"]]))
-    args += draw(st.sampled_from([[], ["--causal"]]))
+        args += _pick(draw, broken, "variant", GOOD_VARIANT, BAD_VARIANT)
+    if "--mask" not in args:
+        args += draw(st.sampled_from([[], ["--causal"]]))
     if broken == "scale" or draw(st.booleans()):
         args += ["--scale", _pick(draw, broken, "scale", GOOD_SCALE, BAD_SCALE)]
     return args
@@ -70,7 +79,7 @@ def spec_args(draw, broken, layer_ok=True):
 def argvs(draw):
     """Half the examples well-formed (they do the real work); the others break one piece."""
     command = draw(st.sampled_from(["derive", "generate", "verify", "run", "nonsense"]))
-    broken = draw(st.sampled_from([None, None, None, "size", "scale", "path", "other"]))
+    broken = draw(st.sampled_from([None, None, None, None, "size", "scale", "path", "other", "variant"]))
     path = lambda: _pick(draw, broken, "path", GOOD_PATH, BAD_PATH)  # noqa: E731
     if command == "derive":
         argv = ["derive", *draw(spec_args(broken)), "--format",
