@@ -161,7 +161,7 @@ def test_adding_a_score_needs_only_its_formula_and_its_name(monkeypatch, tmp_pat
         W, w = theta["W_a"], theta["w_a"]
         return total(lambda a: q(a) * total(lambda b: W(a, b) * k(b), "d_k"), "d_k") + \
             total(lambda a: w(a) * k(a), "d_k")
-    w_a = scores.Param("w_a", "wk", "w_a", "wk", "w^{a}", ("d_k",))
+    w_a = scores.Param("w_a", "wb", "w_a", "wb", "w^{b}", ("d_k",))
     new = scores.Score("biased", "Bilinear similarities with a key bias", r"s_{ij} = \tau(q_i W_a k_j^\top + w_a k_j^\top)",
                        "A learned bilinear form plus a learned preference for some keys.",
                        (scores.W_GENERAL, w_a), biased, lambda n: n["d_k"] ** 2 + n["d_k"])
@@ -169,13 +169,13 @@ def test_adding_a_score_needs_only_its_formula_and_its_name(monkeypatch, tmp_pat
     monkeypatch.setattr(specs, "SCORES", specs.SCORES + ("biased",))
     spec = AttentionSpec(2, 3, 2, score="biased")
     d = symattn.derive(spec)
-    assert d.proved and {"dWg", "dwk"} <= {p.step for p in d.proofs if p.kind == "gradient"}
+    assert d.proved and {"dWg", "dwb"} <= {p.step for p in d.proofs if p.kind == "gradient"}
     rng = np.random.default_rng(3)
     x = {n: rng.integers(-8, 9, size=shape) / 8 for n, shape in
-         {"Q": (2, 2), "K": (3, 2), "V": (3, 2), "Wg": (2, 2), "wk": (2,), "dO": (2, 2)}.items()}
+         {"Q": (2, 2), "K": (3, 2), "V": (3, 2), "Wg": (2, 2), "wb": (2,), "dO": (2, 2)}.items()}
     exact = evaluate(d, x, [s.key for s in d.steps if not s.is_input and s.key not in ("jacobian", "weighted_values", "sum")])
     f, g = _unrolled_call(spec, load_unrolled(spec, tmp_path))
-    arrays = [x[n] for n in ("Q", "K", "V", "Wg", "wk")]
+    arrays = [x[n] for n in ("Q", "K", "V", "Wg", "wb")]
     np.testing.assert_allclose(f(*arrays), exact["O"], rtol=1e-12)
-    for got, name in zip(g(*arrays, x["dO"]), ("dQ", "dK", "dV", "dWg", "dwk")):
+    for got, name in zip(g(*arrays, x["dO"]), ("dQ", "dK", "dV", "dWg", "dwb")):
         np.testing.assert_allclose(got, exact[name], rtol=1e-10, atol=1e-12, err_msg=name)

@@ -357,11 +357,7 @@ class MultiHeadSpec:
 
     @property
     def scale_value(self) -> float:
-        """The scale as a float, correctly rounded, without SymPy."""
-        if self.scale is not None:
-            return float(self.scale)
-        with decimal.localcontext(prec=40):
-            return float(1 / decimal.Decimal(self.d_k).sqrt())
+        return self.head.scale_value
 
     def visible(self, i: int, j: int) -> bool:
         return j <= i if self.causal else True
