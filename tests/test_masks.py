@@ -42,6 +42,13 @@ def test_a_users_mask_mod_is_traced():
     assert symattn.verify(spec).passed
 
 
+def test_a_mask_mod_with_python_equality_is_refused():
+    def parity(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & ((q_idx - kv_idx) % 2 == 0)  # == on symbols: structural, traces to False
+    with pytest.raises(SpecError, match=r"disagrees with its value .* sympy.Eq"):
+        AttentionSpec(3, 3, 2, mask=parity)
+
+
 def test_a_mask_mod_that_cannot_be_traced_is_named():
     def pythonic(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx and q_idx - kv_idx < 3  # `and` needs a truth value: not traceable

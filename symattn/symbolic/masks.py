@@ -9,6 +9,7 @@ condition printed in the derivation. SymPy is imported only when a condition is 
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import re
 from dataclasses import dataclass, field
@@ -135,5 +136,10 @@ def traced(mod: MaskMod, name: str | None = None) -> Mask:
     except Exception as e:  # whatever the function does with symbols it cannot
         raise SpecError(f"cannot trace mask_mod {getattr(mod, '__name__', mod)!r} with symbolic indices: {e}; "
                         f"write it with comparisons (<, <=, ==, ...), &, | and ~ on its arguments") from None
+    for qi, kj in itertools.product(range(6), repeat=2):  # the traced condition must say what the ints say
+        if bool(sympy.sympify(condition).subs({b: 0, h: 0, q: qi, kv: kj})) != bool(mod(0, 0, qi, kj)):
+            raise SpecError(f"mask_mod {getattr(mod, '__name__', mod)!r} traces to {condition}, which disagrees with "
+                            f"its value at q_idx={qi}, kv_idx={kj}; with symbols, == compares expressions: write "
+                            f"sympy.Eq(a, b) (or (a <= b) & (a >= b)) for equality")
     text = name or "user_" + hashlib.sha256(sympy.srepr(condition).encode()).hexdigest()[:8]
     return Mask(text, mod, f"user mask: {condition}")
