@@ -140,9 +140,11 @@ def test_derive_prints_the_parameter_gradients(fmt, marks, capsys):
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (CI installs it)")
-@pytest.mark.parametrize("name", SPECS)
-def test_score_documents_compile(name, tmp_path):
-    spec = AttentionSpec(2, 3, 2, **SPECS[name])
+@pytest.mark.parametrize("variant", [*SPECS.values(), dict(score_mod="relative-bias:1", mask="window:1"),
+                                     dict(score_mod="alibi", mask="prefix:1|causal"),
+                                     dict(score="additive", hidden=2, score_mod="softcap:3")], ids=repr)
+def test_variant_documents_compile(variant, tmp_path):
+    spec = AttentionSpec(2, 3, 2, **variant)
     (tmp_path / "d.tex").write_text(symattn.derive(spec).to_tex_document())
     result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "d.tex"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)

@@ -46,7 +46,7 @@ def alibi(slope=Fraction(1, 256)) -> ScoreMod:
     slope = _number("alibi slope", slope)
     text = "alibi" if slope == Fraction(1, 256) else f"alibi:{slope}"
     return ScoreMod(text, lambda s, b, h, q, kv, theta: s + _exact(slope) * (kv - q),
-                    f"s + {slope}·(j − i): ALiBi's linear distance penalty", "alibi", slope)
+                    f"s + {slope}*(j - i): ALiBi's linear distance penalty", "alibi", slope)
 
 
 def softcap(c) -> ScoreMod:
@@ -56,7 +56,7 @@ def softcap(c) -> ScoreMod:
     def formula(s, b, h, q, kv, theta):
         import sympy
         return _exact(c) * sympy.tanh(s / _exact(c))
-    return ScoreMod(f"softcap:{c}", formula, f"{c}·tanh(s/{c}): soft-capped scores", "softcap", c)
+    return ScoreMod(f"softcap:{c}", formula, f"{c}*tanh(s/{c}): soft-capped scores", "softcap", c)
 
 
 def relative_bias(d: int) -> ScoreMod:
@@ -68,7 +68,7 @@ def relative_bias(d: int) -> ScoreMod:
     def formula(s, b, h, q, kv, theta):
         import sympy
         return s + theta["B_rel"](sympy.Min(sympy.Max(kv - q, -d), d) + d)
-    return ScoreMod(f"relative-bias:{d}", formula, f"s + B[clip(j − i, −{d}, {d}) + {d}]: a learned bias per "
+    return ScoreMod(f"relative-bias:{d}", formula, f"s + B[clip(j - i, -{d}, {d}) + {d}]: a learned bias per "
                     f"relative distance", "relative-bias", Fraction(d), (table,), (("n_rel", 2 * d + 1),))
 
 
