@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from .. import limits
 from ..errors import SymattnError
+from ..symbolic.spec import SCORES  # SymPy-free: start-up stays light
 from ..outputs import PICTURES, output_file, output_folder, write_atomic
 from ..progress import silent, to_stream
 
 FORMATS = ("text", "latex", "markdown", "tex")
-SCORE_NAMES = ("dot", "general", "additive")  # symattn.symbolic.spec.SCORES (not imported: start-up stays light)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +28,7 @@ def _spec_options(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="causal, window:W (causal, W keys back), prefix:P (first P keys seen by all, then causal), "
                         "joined by & (and) or | (or)")
     p.add_argument("--scale", default=None, help="score scale, e.g. 0.5 or 1/8 (default 1/sqrt(d_k), exact)")
-    p.add_argument("--score", default="dot", choices=SCORE_NAMES,
+    p.add_argument("--score", default="dot", choices=SCORES,
                    help="dot: scale q.k; general (Luong): scale q W_a k^T; additive (Bahdanau): "
                         "v_a^T tanh(q W_a + k U_a + b_a) (default dot)")
     p.add_argument("--hidden", type=int, default=None, metavar="D_A", help="hidden units d_a of the additive score")
@@ -75,14 +75,11 @@ def _write(path: str | None, text: str) -> None:
 
 
 def _seed(text: str) -> int:
-    """argparse type: a non-negative integer seed."""
+    """argparse type: a non-negative integer seed (limits.seed's rule)."""
     try:
-        value = int(text)
-    except ValueError:
+        return limits.seed(int(text))
+    except (ValueError, SymattnError):
         raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give a non-negative integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give a non-negative integer")
-    return value
 
 
 def cmd_derive(args) -> int:

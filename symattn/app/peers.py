@@ -68,7 +68,6 @@ def attention(q, k, v, dO, causal: bool, time) -> dict[str, dict[str, tuple[floa
         pass
     try:
         import jax
-        import jax.numpy as jnp
         jq, jk, jv, jdO = (jax.device_put(x) for x in (q, k, v, dO))
         keep = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) if causal else None
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -105,7 +104,6 @@ def layer(x, w_q, w_k, w_v, w_o, d_out, heads: int, kv_heads: int, time) -> dict
             pass
     try:
         import jax
-        import jax.numpy as jnp
 
         def f(x, w_q, w_k, w_v, w_o):
             B, n = x.shape[:2]

@@ -112,10 +112,7 @@ def _unrolled_call(spec, module):
     return f, g
 
 
-def _unrolled(spec, x, progress):
-    module = load_unrolled(spec, progress=progress)
-    if module is None:
-        return None
+def _unrolled(spec, x, module):
     f, g = _unrolled_call(spec, module)
     arrays = [x[n] for n in x if n != "dO"]
     return dict(zip(_quantities(spec), (f(*arrays), *g(*arrays, x["dO"]))))
@@ -158,9 +155,9 @@ def verify(spec: AttentionSpec, *, seed: int = 0, progress: Progress = silent) -
     truth = {name: exact[name] for name in _quantities(spec)}
     paths = {}
     progress("verify: unrolled kernels (generate and compile)")
-    unrolled = _unrolled(spec, x, progress)
-    if unrolled is not None:
-        paths["unrolled kernel f64"] = (unrolled, "float64")
+    module = load_unrolled(spec, progress=progress)
+    if module is not None:
+        paths["unrolled kernel f64"] = (_unrolled(spec, x, module), "float64")
     if _on_loop_kernels(spec):
         progress("verify: loop kernels")
         paths["loop kernel f64"] = (_loop(spec, x, np.float64), "float64")
@@ -174,8 +171,8 @@ def verify(spec: AttentionSpec, *, seed: int = 0, progress: Progress = silent) -
         kw = dict(**_mask_options(spec), scale=spec.scale_value)
         fd = gradcheck(lambda q, k, v: attention(q, k, v, **kw), inputs,
                        lambda q, k, v, dO: attention_backward(q, k, v, dO, **kw), dO=x["dO"])
-    elif unrolled is not None:
-        f, g = _unrolled_call(spec, load_unrolled(spec))
+    elif module is not None:
+        f, g = _unrolled_call(spec, module)
         fd = gradcheck(f, inputs, g, dO=x["dO"])
     else:
         raise SymattnError(f"verify needs the unrolled kernels of {spec.name} (the loop kernels have the plain dot "

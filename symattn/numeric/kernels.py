@@ -6,6 +6,7 @@ bias (Bm, n_q, n_k) or (0, 0, 0), batch (B, 4) int64 rows [q, k, v, bias] of eac
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -100,8 +101,10 @@ def backward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str,
     return dQ, dK, dV
 
 
+@functools.cache
 def _fingerprint() -> str:
-    """Hash of symattn's own source: generated kernels are cached per generator version."""
+    """Hash of symattn's own source: generated kernels are cached per generator version (read once a process:
+    the source does not change under a running program)."""
     import hashlib
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.parent.rglob("*.py")):

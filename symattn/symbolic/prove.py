@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import symengine as se
 import sympy
 
-from .tensors import TENSORS, flat, shape_of
+from .tensors import flat, shape_of
 
 if TYPE_CHECKING:  # type hints only: derive() runs the proofs, so prove must not import derive
     from .derive import Derivation, Progress

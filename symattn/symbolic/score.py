@@ -67,11 +67,6 @@ class Score:
         return self.formula(lambda x: Q[qi, x], lambda x: K[kj, x], theta,
                             lambda f, dim: sympy.Add(*(f(x) for x in range(spec.sizes[dim]))))
 
-    def full(self, spec, table: SymbolTable, qi: int, kj: int) -> sympy.Expr:
-        """The score s_ij itself (scale included) in element symbols: what the gradients differentiate."""
-        value = self.explicit(spec, table, qi, kj)
-        return spec.scale_exact * value if self.scaled else value
-
     # -- indexed -------------------------------------------------------------------------------------------
     def indexed(self, i: sympy.Symbol, j: sympy.Symbol, *, primed: bool = False) -> sympy.Expr:
         """The unscaled similarity with IndexedBase tensors and sympy.Sum (any size). Summation indices are the
@@ -90,15 +85,6 @@ class Score:
             depth[dim] -= 1
             return sympy.Sum(body, (x, 0, SIZES[dim] - 1))
         return self.formula(lambda x: Q[i, x], lambda x: K[j, x], theta, total)
-
-    def indexed_scaling(self, spec) -> sympy.Expr:
-        """scale · S̃_ij, the scaling step of a scaled score (the loop kernels print it)."""
-        return scale_symbolic(spec) * TENSORS["St"].base[INDEX_OF_DIM["n_q"], INDEX_OF_DIM["n_k"]]
-
-    def indexed_full(self, spec, i: sympy.Symbol, j: sympy.Symbol) -> sympy.Expr:
-        """s_ij itself (scale included), with primed summation indices: what the gradients differentiate."""
-        value = self.indexed(i, j, primed=True)
-        return scale_symbolic(spec) * value if self.scaled else value
 
 
 def partial(expr: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
@@ -169,6 +155,3 @@ SCORES: dict[str, Score] = {s.key: s for s in (
           "Each query-key pair goes through a hidden layer of d_a tanh units (Bahdanau's additive score); the "
           "score is not scaled.", ADDITIVE, _additive, lambda n: 2 * n["d_k"] * n["d_a"], scaled=False),
 )}
-
-#: The score the loop kernels are generated for (the dot product; the other scores have unrolled kernels).
-SCORE = SCORES["dot"]
