@@ -68,6 +68,7 @@ def attention(q, k, v, dO, causal: bool, time) -> dict[str, dict[str, tuple[floa
         pass
     try:
         import jax
+        import jax.numpy as jnp
         jq, jk, jv, jdO = (jax.device_put(x) for x in (q, k, v, dO))
         keep = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) if causal else None
         scale = 1.0 / math.sqrt(q.shape[-1])
