@@ -24,7 +24,7 @@ _LAZY: dict[str, str] = {  # public name -> module, imported on first use
     "multihead_attention": "numeric.layer", "multihead_attention_backward": "numeric.layer",
     "generate": "codegen", "verify": "check.verification", "VerifyReport": "check.verification",
     "verify_multihead": "check.verification", "gradcheck": "check.finite_differences",
-    "GradcheckReport": "check.finite_differences",
+    "GradcheckReport": "check.finite_differences", "latex": "render.notation", "Notation": "render.notation",
 }
 _MODULES = {"reference": "numeric.reference", "masks": "symbolic.masks", "mods": "symbolic.mods"}  # public modules
 

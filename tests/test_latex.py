@@ -21,7 +21,7 @@ def test_every_step_is_printed_in_every_format(d):
 
 
 def test_latex_uses_printer_names_not_code_names(d):
-    latex = d.to_latex()
+    latex = d.to_latex(max_entries=None)
     assert r"\mathrm{d}q_{0,0}" in latex and r"\mathrm{d}Q" in latex
     assert r"\tilde{s}_{2,1}" in latex
     assert "dq_{0,0}" not in latex.replace(r"\mathrm{d}q_{0,0}", "")

@@ -66,6 +66,39 @@ def _spec(args):
                          hidden=args.hidden, score_mod=args.score_mod or "none")
 
 
+def _notation_options(p) -> None:
+    p.add_argument("--entries", default="sample", metavar="sample|all|N",
+                   help="explicit entries per step: a few samples (default), all, or the first N of query row 0")
+    p.add_argument("--index-base", type=int, choices=(0, 1), default=0, help="indices from 0 (default) or 1")
+    p.add_argument("--numbered", action="store_true", help="numbered equations with \\label{LABEL:step} (LaTeX)")
+    p.add_argument("--label", default=None, help="label prefix of numbered equations (default eq)")
+    p.add_argument("--section-level", type=int, default=1, metavar="L",
+                   help="0 chapter, 1 section (default), 2 subsection, 3 subsubsection")
+    p.add_argument("--fragment", action="store_true", help="tex: a fragment for \\input, not a whole document")
+    p.add_argument("--name", action="append", default=[], metavar="TENSOR=LATEX",
+                   help="rename a tensor in LaTeX and Markdown, e.g. --name Q=X (repeatable)")
+
+
+def _notation(args):
+    """The Notation the derive options ask for (errors name the option)."""
+    from ..render.notation import Notation
+    entries = args.entries
+    if args.max_entries is not None:
+        entries = "all" if args.max_entries == 0 else args.max_entries
+    elif entries not in ("sample", "all"):
+        if not entries.isdigit() or int(entries) < 1:
+            raise SymattnError(f"--entries must be sample, all or a whole number >= 1, got {entries!r}")
+        entries = int(entries)
+    names = {}
+    for item in args.name:
+        tensor, sep, tex = item.partition("=")
+        if not sep:
+            raise SymattnError(f"--name takes TENSOR=LATEX (e.g. Q=X), got {item!r}")
+        names[tensor.strip()] = tex.strip()
+    return Notation(index_base=args.index_base, names=names, numbered=args.numbered, label=args.label,
+                    level=args.section_level, standalone=not args.fragment, entries=entries)
+
+
 def _write(path: str | None, text: str) -> None:
     if path is None:
         sys.stdout.write(text)
@@ -87,24 +120,25 @@ def cmd_derive(args) -> int:
     if args.output is not None:
         output_file(args.output)
     spec = _spec(args)
+    notation = _notation(args)  # checked before the derivation runs
     progress = silent if args.quiet else to_stream()
     if _is_layer(args):
         from ..symbolic.layer import derive_multihead as derive
     d = derive(spec, explicit=not args.indexed_only, prove=not args.no_prove and not args.indexed_only,
                progress=progress)
-    limit = None if args.max_entries == 0 else args.max_entries
     if args.query is not None and not 0 <= args.query < spec.n_q:
         raise SymattnError(f"--query must be in 0..{spec.n_q - 1}, got {args.query}")
     render = {"text": d.to_text, "latex": d.to_latex, "markdown": d.to_markdown, "tex": d.to_tex_document}
-    _write(args.output, render[args.format](query=args.query, max_entries=limit))
+    _write(args.output, render[args.format](query=args.query, notation=notation))
     return 0 if not d.proofs or d.proved else 1
 
 
 def cmd_run(args) -> int:
     from .run import run
     plot = None if args.plot is None else output_file(args.plot, PICTURES, default=".png")
-    result = run(args.sentence, query=args.query, causal=args.causal, d_model=args.d_model, d_k=args.d_k,
-                 d_v=args.d_v, progress=silent if args.quiet else to_stream(), plot=plot)
+    result = run(args.sentence, query=args.query, causal=args.causal, mask=args.mask, score=args.score,
+                 hidden=args.hidden, score_mod=args.score_mod, d_model=args.d_model, d_k=args.d_k, d_v=args.d_v,
+                 progress=silent if args.quiet else to_stream(), plot=plot)
     return 0 if result.passed else 1
 
 
@@ -175,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     der.add_argument("--format", choices=FORMATS, default="text")
     der.add_argument("-o", "--output", default=None, help="write to FILE instead of stdout")
     der.add_argument("--query", type=int, default=None, help="show explicit entries of this query row only")
-    der.add_argument("--max-entries", type=int, default=64, help="explicit entries per step (0 = all)")
+    der.add_argument("--max-entries", type=int, default=None, help="explicit entries per step from query row 0 "
+                     "(0 = all); the older form of --entries")
+    _notation_options(der)
     der.add_argument("--indexed-only", action="store_true", help="indexed formulas only (any size)")
     der.add_argument("--no-prove", action="store_true", help="skip the proofs")
     der.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")

@@ -11,13 +11,12 @@ from typing import TYPE_CHECKING
 import sympy
 from sympy.printing.latex import LatexPrinter
 
+from .notation import DEFAULT, LINE, Notation, doc_printer, fitted, one_based, visible_width
+
 from ..symbolic.tensors import TENSORS
 
 if TYPE_CHECKING:  # type hints only: printing never needs the derivation machinery
     from ..symbolic.derive import Derivation, Step
-
-#: Steps with more explicit entries than this print only query row `0` unless asked otherwise.
-MAX_ENTRIES = 64
 
 _TEX_SPECIALS = {"\\": r"\textbackslash{}", "_": r"\_", "^": r"\^{}", "&": r"\&", "%": r"\%",
                  "$": r"\$", "#": r"\#", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
@@ -29,42 +28,55 @@ def tex_escape(text: str) -> str:
     return "".join(_TEX_SPECIALS.get(c, c) for c in text)
 
 
-def printer(d: Derivation) -> LatexPrinter:
-    names = {t.label: t.latex for t in TENSORS.values()}
-    names.update({t.matrix_symbol(): t.latex for t in TENSORS.values() if len(t.dims) <= 2})  # matrix forms
-    if d.table is not None:
-        names.update(d.table.latex_names)
-    return LatexPrinter({"symbol_names": names, "mat_str": "bmatrix", "mat_delim": ""})
+def printer(d: Derivation, notation: Notation = DEFAULT, max_terms: int | None = None) -> LatexPrinter:
+    """The documents' printer for a derivation (its element symbols named as the notation says)."""
+    return doc_printer(d.table, notation, max_terms)
 
 
-def _entries(step: Step, query: int | None, max_entries: int | None):
-    """(index, value) pairs to show, and how many were left out."""
+def _chosen(notation: Notation, max_entries) -> str | int:
+    """The entries setting: an explicit `max_entries` (None = all; the older keyword) wins over the notation."""
+    if max_entries is _UNSET:
+        return notation.entries
+    return "all" if max_entries is None else max_entries
+
+
+_UNSET = object()
+
+
+def _entries(step: Step, query: int | None, entries: str | int):
+    """(index, value) pairs to show, and how many were left out: "sample" shows the first two entries and the
+    last (of the query row asked for, if any), an int the first N of the first query row, "all" everything."""
     array = step.explicit
     indices = list(itertools.product(*(range(n) for n in array.shape)))
-    by_query = TENSORS[step.tensor].dims[0] == "n_q"
-    if query is not None and by_query:  # one query row on purpose: nothing counts as omitted
-        return [(ix, array[ix]) for ix in indices if ix[0] == query], 0
-    elif max_entries is not None and len(indices) > max_entries:
+    if query is not None and TENSORS[step.tensor].dims[0] == "n_q":
+        indices = [ix for ix in indices if ix[0] == query]
+        total = len(indices)
+    else:
+        total = len(array)
+    if entries == "sample" and len(indices) > 3:
+        indices = indices[:2] + indices[-1:]
+    elif isinstance(entries, int) and len(indices) > entries:
         first = indices[0][0]
-        indices = [ix for ix in indices if ix[0] == first][:max_entries]
-    return [(ix, array[ix]) for ix in indices], len(array) - len(indices)
+        indices = [ix for ix in indices if ix[0] == first][:entries]
+    return [(ix, array[ix]) for ix in indices], total - len(indices)
 
 
 def _element(d: Derivation, step: Step, index) -> sympy.Symbol:
     return step.symbols[index]
 
 
-def equation_parts(d: Derivation, step: Step, *, query: int | None = None,
-                   max_entries: int | None = MAX_ENTRIES, values: dict | None = None):
+def equation_parts(d: Derivation, step: Step, *, query: int | None = None, max_entries=_UNSET,
+                   values: dict | None = None, notation: Notation = DEFAULT):
     """The step's equations as lists of SymPy objects, each list read `a = b = c`.
 
     Yields (kind, parts) with kind in {"indexed", "matrix", "explicit", "omitted"}; `values` maps element
-    symbols to numbers shown as a last `= value`.
+    symbols to numbers shown as a last `= value`. Indexed forms follow the notation's index base.
     """
+    shift = one_based if notation.index_base == 1 else (lambda e: e)
     if step.indexed is not None:
-        yield "indexed", [step.lhs, step.rhs]
+        yield "indexed", [shift(step.lhs), shift(step.rhs)]
     elif step.is_input:
-        yield "indexed", [step.lhs]
+        yield "indexed", [shift(step.lhs)]
     if step.matrix is not None:
         yield "matrix", [step.matrix.lhs, step.matrix.rhs]
     if step.explicit is None:
@@ -72,7 +84,7 @@ def equation_parts(d: Derivation, step: Step, *, query: int | None = None,
     if step.is_input:
         yield "explicit", [_input_matrix(d, step, query)]
         return
-    shown, omitted = _entries(step, query, max_entries)
+    shown, omitted = _entries(step, query, _chosen(notation, max_entries))
     for index, value in shown:
         symbol = _element(d, step, index)
         parts = [symbol, value]
@@ -97,25 +109,40 @@ def _as_matrix(array) -> sympy.ImmutableMatrix:
     return sympy.ImmutableMatrix(array.tolist() if array.rank() == 2 else [[x] for x in array])
 
 
-def _latex_parts(p: LatexPrinter, kind: str, parts) -> list[str]:
-    """Printed pieces of one display line, read `a = b = c`."""
+def _latex_parts(d: Derivation, notation: Notation, kind: str, parts) -> list[str]:
+    """Printed pieces of one display line, read `a = b = c`, long sums elided until the line fits."""
+    p = printer(d, notation)
     if kind == "omitted":
         return [rf"\text{{({parts[0]} further entries omitted)}}"]
     if kind == "indexed" and len(parts) == 1:
         return [p.doprint(parts[0]) + r" \text{ (input)}"]
     if len(parts) == 1:  # an input matrix, Eq(Q, [...])
         return [p.doprint(parts[0].lhs), p.doprint(parts[0].rhs)]
-    return [p.doprint(x) for x in parts]
+    return fitted(lambda limit: printer(d, notation, limit), parts)
 
 
-def step_latex(d: Derivation, step: Step, **kw) -> list[list[str]]:
+def step_latex(d: Derivation, step: Step, *, notation: Notation = DEFAULT, **kw) -> list[list[str]]:
     """LaTeX display lines of one step, each a list of pieces joined by `=`."""
-    p = printer(d)
-    return [_latex_parts(p, kind, parts) for kind, parts in equation_parts(d, step, **kw)]
+    return [_latex_parts(d, notation, kind, parts) for kind, parts in equation_parts(d, step, notation=notation, **kw)]
 
 
-def _align(lines: list[list[str]], env: str = "align*") -> str:
-    rows = [parts[0] + (" &= " + " = ".join(parts[1:]) if len(parts) > 1 else " &") for parts in lines]
+def _label(d: Derivation, notation: Notation, step: Step) -> str:
+    return f"{notation.label or 'eq'}:{step.key}"
+
+
+def _align(lines: list[list[str]], env: str = "align*", label: str | None = None) -> str:
+    """An align block, each piece after the first on its own `= ...` line when the row would be too wide;
+    with a label, the first row is numbered and labelled and the others are not."""
+    rows = []
+    for n, parts in enumerate(lines):
+        tail = [" &= " + x for x in parts[1:]]
+        if len(parts) > 2 and sum(map(visible_width, parts)) > LINE:
+            row = parts[0] + tail[0] + "".join(" \\\\\n  " + t for t in tail[1:])
+        else:
+            row = parts[0] + (" &= " + " = ".join(parts[1:]) if len(parts) > 1 else " &")
+        if label is not None:
+            row += f" \\label{{{label}}}" if n == 0 else " \\notag"
+        rows.append(row)
     return f"\\begin{{{env}}}\n" + " \\\\\n".join(rows) + f"\n\\end{{{env}}}"
 
 
@@ -130,32 +157,43 @@ def _sections(d: Derivation):
             yield heading, steps
 
 
-def to_latex(d: Derivation, *, query: int | None = None, max_entries: int | None = MAX_ENTRIES) -> str:
-    """LaTeX body (sections, explanations, align* blocks); needs amsmath."""
+def _step_block(d: Derivation, step: Step, notation: Notation, env: str, **kw) -> str:
+    label = _label(d, notation, step) if notation.numbered else None
+    return _align(step_latex(d, step, notation=notation, **kw), env, label)
+
+
+def to_latex(d: Derivation, *, query: int | None = None, max_entries=_UNSET, notation: Notation = DEFAULT) -> str:
+    """LaTeX body (sections, explanations, align blocks); needs amsmath."""
     out = []
+    env = "align" if notation.numbered else "align*"
     for heading, steps in _sections(d):
-        out.append(rf"\section*{{{heading}}}")
+        out.append(rf"{notation.section()}{{{heading}}}")
         for step in steps:
-            out.append(rf"\subsection*{{{_number(d.steps, step)}. {tex_escape(step.title)}}}")
+            number = "" if notation.numbered else f"{_number(d.steps, step)}. "  # numbered sections count themselves
+            out.append(rf"{notation.section(1)}{{{number}{tex_escape(step.title)}}}")
             out.append(tex_escape(step.explanation))
-            out.append(_align(step_latex(d, step, query=query, max_entries=max_entries)))
-    out.append(proofs_latex(d))
+            out.append(_step_block(d, step, notation, env, query=query, max_entries=max_entries))
+    out.append(proofs_latex(d, notation))
     return "\n\n".join(x for x in out if x) + "\n"
 
 
-def proofs_latex(d: Derivation) -> str:
+def proofs_latex(d: Derivation, notation: Notation = DEFAULT) -> str:
     if not d.proofs:
         return ""
     rows = [rf"{tex_escape(p.step)} & {tex_escape(p.claim)} & {tex_escape(p.method)} & "
             rf"{'passed' if p.passed else 'FAILED'} \\" for p in d.proofs]
-    return ("\\section*{Proofs at the chosen sizes}\n\\begin{tabular}{p{0.12\\linewidth}p{0.5\\linewidth}"
+    return (notation.section() + "{Proofs at the chosen sizes}\n\\begin{tabular}{p{0.12\\linewidth}p{0.5\\linewidth}"
             "p{0.2\\linewidth}l}\nstep & claim & method & result \\\\ \\hline\n" + "\n".join(rows) + "\n\\end{tabular}")
 
 
-def to_tex_document(d: Derivation, **kw) -> str:
-    """A standalone document that compiles with pdflatex."""
+def to_tex_document(d: Derivation, *, notation: Notation = DEFAULT, **kw) -> str:
+    """A standalone document that compiles with pdflatex, or (notation.standalone False) a fragment for
+    \\input in a document that loads amsmath."""
+    body = to_latex(d, notation=notation, **kw)
+    if not notation.standalone:
+        return f"% {tex_escape(d.spec.title)}: generated by symattn; needs \\usepackage{{amsmath}}\n" + body
     return "\n".join([
-        r"\documentclass[10pt]{article}",
+        r"\documentclass[10pt]{" + ("report" if notation.level == 0 else "article") + "}",
         r"\usepackage[margin=1.5cm]{geometry}",
         r"\usepackage{amsmath,amssymb}",
         r"\allowdisplaybreaks",
@@ -164,34 +202,37 @@ def to_tex_document(d: Derivation, **kw) -> str:
         r"\date{}",
         r"\begin{document}",
         r"\maketitle",
-        to_latex(d, **kw),
+        body,
         r"\end{document}",
         "",
     ])
 
 
-def to_markdown(d: Derivation, *, query: int | None = None, max_entries: int | None = MAX_ENTRIES) -> str:
-    """Markdown with $$...$$ display math, for documentation pages."""
-    out = [f"# {d.spec.title}"]
+def to_markdown(d: Derivation, *, query: int | None = None, max_entries=_UNSET, notation: Notation = DEFAULT) -> str:
+    """Markdown with $$...$$ display math, for documentation pages (headings one level per section level)."""
+    h = "#" * max(notation.level, 1)
+    out = [f"{h} {d.spec.title}"]
     for heading, steps in _sections(d):
-        out.append(f"## {heading}")
+        out.append(f"{h}# {heading}")
         for step in steps:
-            out.append(f"### {_number(d.steps, step)}. {step.title}\n\n{step.explanation}")
-            out.append(f"$$\n{_align(step_latex(d, step, query=query, max_entries=max_entries), 'aligned')}\n$$")
+            out.append(f"{h}## {_number(d.steps, step)}. {step.title}\n\n{step.explanation}")
+            lines = step_latex(d, step, query=query, max_entries=max_entries, notation=notation)
+            out.append(f"$$\n{_align(lines, 'aligned')}\n$$")
     if d.proofs:
-        out.append("## Proofs at the chosen sizes\n\n| step | claim | method | result |\n|---|---|---|---|\n" + "\n".join(
+        out.append(f"{h}# Proofs at the chosen sizes\n\n| step | claim | method | result |\n|---|---|---|---|\n" + "\n".join(
             f"| {p.step} | {p.claim} | {p.method} | {'passed' if p.passed else 'FAILED'} |" for p in d.proofs))
     return "\n\n".join(out) + "\n"
 
 
-def to_text(d: Derivation, *, query: int | None = None, max_entries: int | None = MAX_ENTRIES) -> str:
-    """Plain text: one line of explanation and the equations of each step."""
+def to_text(d: Derivation, *, query: int | None = None, max_entries=_UNSET, notation: Notation = DEFAULT) -> str:
+    """Plain text: one line of explanation and the equations of each step (SymPy's names, 0-based)."""
     out = [d.spec.title, "=" * len(d.spec.title)]
     for heading, steps in _sections(d):
         out.append(f"\n{heading}\n{'-' * len(heading)}")
         for step in steps:
             out.append(f"{_number(d.steps, step)}. {step.title}: {step.explanation}")
-            for kind, parts in equation_parts(d, step, query=query, max_entries=max_entries):
+            for kind, parts in equation_parts(d, step, query=query, max_entries=max_entries,
+                                              notation=notation.replace(index_base=0)):
                 if kind == "omitted":
                     out.append(f"     ({parts[0]} further entries omitted)")
                 elif len(parts) == 1 and kind == "indexed":

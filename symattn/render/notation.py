@@ -1,0 +1,214 @@
+"""The documents' notation: one LaTeX printer for every page, and `symattn.latex(obj)`.
+
+`Notation` holds the reader-facing choices (0- or 1-based indices, symbol names, numbered equations with labels,
+the section level, a fragment or a standalone document, how many explicit entries to show). `DocPrinter` is
+SymPy's `LatexPrinter` with the tensors' names (S̃ as \\tilde{S}, dS as \\mathrm{d}S) and long sums elided
+(`t_1 + t_2 + \\cdots + t_n`) so display lines fit the page.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+import sympy
+from sympy.printing.latex import LatexPrinter
+
+from ..errors import SpecError
+from ..symbolic.tensors import SIZES, TENSORS
+
+#: Section commands by level: 0 = \chapter (book/report), 1 = \section, 2 = \subsection, 3 = \subsubsection.
+SECTIONS = ("chapter", "section", "subsection", "subsubsection", "paragraph")
+#: Width of a display line in "visible characters" (about 5 pt each at 10 pt: 1.5 cm margins leave ~510 pt).
+LINE = 76
+
+
+@dataclass(frozen=True)
+class Notation:
+    """How derivations are printed.
+
+    index_base: 0 (q_{0,0}, sums from 0 to n-1; the code's convention) or 1 (q_{1,1}, sums from 1 to n).
+    names: tensor name -> LaTeX, overriding the defaults (e.g. {"Q": "X", "St": r"\\hat{S}"}).
+    numbered: numbered equations with \\label{<label>:<step>} (align instead of align*).
+    label: prefix of the labels (default: the spec's file tag).
+    level: section level of the forward/backward headings (1 = \\section; steps one level below).
+    standalone: a whole document (True) or a fragment for \\input (False); .tex files only.
+    entries: "sample" (a few explicit entries per step), "all", or a whole number (the first N of query row 0).
+    """
+
+    index_base: int = 0
+    names: dict = field(default_factory=dict)
+    numbered: bool = False
+    label: str | None = None
+    level: int = 1
+    standalone: bool = True
+    entries: str | int = "sample"
+
+    def __post_init__(self):
+        if self.index_base not in (0, 1) or isinstance(self.index_base, bool):
+            raise SpecError(f"index base must be 0 or 1, got {self.index_base!r}")
+        if isinstance(self.level, bool) or self.level not in range(len(SECTIONS) - 1):
+            raise SpecError(f"section level must be 0 (chapter) .. {len(SECTIONS) - 2}, got {self.level!r}")
+        if not (self.entries in ("sample", "all") or (isinstance(self.entries, int) and not isinstance(
+                self.entries, bool) and self.entries >= 1)):
+            raise SpecError(f"entries must be 'sample', 'all' or a whole number >= 1, got {self.entries!r}")
+        for name, tex in self.names.items():
+            if name not in TENSORS:
+                raise SpecError(f"unknown tensor {name!r} in the notation's names; known: {', '.join(TENSORS)}")
+            if not isinstance(tex, str) or not _SAFE_TEX.fullmatch(tex):
+                raise SpecError(f"name of {name} must be a short LaTeX symbol such as X, \\hat{{S}} or W^{{Q}}, "
+                                f"got {tex!r}")
+        if self.label is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9:_-]{0,40}", self.label):
+            raise SpecError(f"label must be letters, digits, ':', '_' or '-' (at most 41), got {self.label!r}")
+
+    def section(self, depth: int = 0) -> str:
+        """The sectioning command `depth` levels below the headings, starred unless numbered."""
+        return "\\" + SECTIONS[min(self.level + depth, len(SECTIONS) - 1)] + ("" if self.numbered else "*")
+
+    def replace(self, **changes) -> "Notation":
+        return dataclasses.replace(self, **changes)
+
+
+#: A user-given symbol name: letters, digits, braces, ^ _ and a few commands; no \input, no $ or %.
+_SAFE_TEX = re.compile(r"(\\(mathrm|mathbf|mathit|hat|tilde|bar|boldsymbol|alpha|beta|gamma|theta|sigma|tau|phi|"
+                       r"psi|omega|Omega|Sigma|Phi|Theta|Gamma|mathcal|operatorname)|[A-Za-z0-9{}^_' ])+")
+DEFAULT = Notation()
+
+
+class DocPrinter(LatexPrinter):
+    """LatexPrinter with the documents' names; `max_terms` elides sums of more terms to their first ones,
+    \\cdots and the last."""
+
+    _default_settings = {**LatexPrinter._default_settings, "max_terms": None}
+
+    def _print_Mul(self, expr):
+        """A factor 1/√m (SymPy writes √2/4 for 1/√8) prints as a division by √m, as the scale reads."""
+        factor, rest = expr.as_independent(*expr.free_symbols, as_Add=False)
+        if rest != 1 and factor.is_positive and factor.is_irrational:
+            inverse = 1 / factor**2
+            if inverse.is_Integer:
+                return r"\frac{%s}{\sqrt{%s}}" % (self._print(rest), inverse)
+        return super()._print_Mul(expr)
+
+    def _print_Add(self, expr, order=None):
+        limit = self._settings["max_terms"]
+        terms = self._as_ordered_terms(expr, order=order)
+        if limit is None or len(terms) <= limit + 1:
+            return super()._print_Add(expr, order=order)
+        return self._terms(terms[:limit] + [None, terms[-1]])
+
+    def _terms(self, terms: list) -> str:
+        """Terms joined by + and − as _print_Add joins them; None prints as \\cdots."""
+        tex = ""
+        for n, term in enumerate(terms):
+            if term is None:
+                tex += (" + " if n else "") + r"\cdots"
+                continue
+            negative = term.could_extract_minus_sign()
+            tex += (" - " if negative else " + ") if n else ("-" if negative else "")
+            term = -term if negative else term
+            text = self._print(term)
+            tex += r"\left(%s\right)" % text if self._needs_add_brackets(term) else text
+        return tex
+
+
+def symbol_names(table, notation: Notation) -> dict:
+    """Symbol -> LaTeX for tensors (matrix symbols and indexed bases) and, given a table, element symbols."""
+    names = {}
+    for t in TENSORS.values():
+        tex = notation.names.get(t.name, t.latex)
+        names[t.label] = tex
+        if len(t.dims) <= 2:
+            names[t.matrix_symbol()] = tex
+    if table is not None:
+        names.update(table.latex_names)
+        if notation.index_base == 1:
+            for symbol, (tensor, index, tag) in table._where.items():
+                sup = f"^{{({tag})}}" if tag else ""
+                names[symbol] = f"{TENSORS[tensor].elem_latex}{sup}_{{{','.join(str(k + 1) for k in index)}}}"
+    return names
+
+
+def doc_printer(table=None, notation: Notation = DEFAULT, max_terms: int | None = None) -> DocPrinter:
+    return DocPrinter({"symbol_names": symbol_names(table, notation), "mat_str": "bmatrix", "mat_delim": "",
+                       "max_terms": max_terms})
+
+
+# -- 1-based indices ------------------------------------------------------------------------------------------
+_SIZES = frozenset(SIZES.values())
+
+
+def _shift_sums(node):
+    if isinstance(node, sympy.Sum):
+        function, limits = _shift_sums(node.function), []
+        for x, lo, hi in node.limits:
+            function = function.xreplace({x: x - 1})
+            limits.append((x, lo + 1, hi + 1))
+        return sympy.Sum(function, *limits)
+    if node.args and not isinstance(node, sympy.Indexed):
+        return node.func(*(_shift_sums(arg) for arg in node.args))
+    return node
+
+
+def one_based(expr):
+    """The same formula read with indices from 1: every index x of the 0-based formula is x − 1 of the new one,
+    so sums run 1..n, Q[i, a] stays Q_{i,a}, and index arithmetic (a bias table's offset, a prefix length)
+    shifts where it must."""
+    if not isinstance(expr, sympy.Basic) or isinstance(expr, sympy.MatrixExpr) or not expr.free_symbols:
+        return expr
+    if isinstance(expr, sympy.Eq):
+        return sympy.Eq(one_based(expr.lhs), one_based(expr.rhs), evaluate=False)
+    e = _shift_sums(expr)
+    free = {s for s in e.free_symbols if isinstance(s, sympy.Symbol) and s.is_integer and s not in _SIZES}
+    e = e.xreplace({s: s - 1 for s in free})
+    e = e.replace(lambda x: isinstance(x, sympy.Indexed), lambda x: x.base[tuple(k + 1 for k in x.indices)])
+    e = e.replace(lambda x: isinstance(x, sympy.KroneckerDelta), lambda x: sympy.KroneckerDelta(*(a + 1 for a in x.args)))
+    return e.replace(lambda x: isinstance(x, sympy.core.relational.Relational), lambda x: x.func(x.lhs + 1, x.rhs + 1))
+
+
+def visible_width(tex: str) -> float:
+    """A rough width of printed LaTeX in characters: commands count as one glyph, sub/superscripts as 0.7."""
+    tex = re.sub(r"\\(left|right|mathrm|operatorname|displaystyle|text|frac)\b", "", tex)
+    tex = re.sub(r"\\(tanh|sinh|cosh)\b", "xxxx", tex)
+    tex = re.sub(r"\\(exp|log|max|min|sin|cos|cdots|sqrt)\b", "xxx", tex)
+    tex = re.sub(r"\\[A-Za-z]+", "x", tex)
+    small = sum(len(m) for m in re.findall(r"[_^]\{([^{}]*)\}", tex))
+    bare = re.sub(r"[{}\s_^]", "", tex)
+    return len(bare) - 0.3 * small
+
+
+def fitted(printer_for, parts: list, width: float = LINE) -> list[str]:
+    """Print `parts` (read a = b = c) eliding long sums until the line fits `width` (5, 3, 2, 1 terms kept)."""
+    for limit in (None, 5, 3, 2, 1, 0):
+        p = printer_for(limit)
+        texts = [p.doprint(x) for x in parts]
+        if sum(visible_width(t) for t in texts) + 2 * len(texts) <= width or limit == 0:
+            return texts
+    return texts  # pragma: no cover
+
+
+def latex(obj, notation: Notation | None = None, *, table=None) -> str:
+    """LaTeX of a step, an equation, an expression or a derivation, in the documents' notation.
+
+    A Step prints its indexed formula (and matrix form, on a second line); a Derivation its LaTeX body;
+    anything SymPy prints goes through the same printer (S̃ as \\tilde{S}, dS as \\mathrm{d}S)."""
+    notation = notation or DEFAULT
+    from ..symbolic.derive import Derivation, Step
+    if isinstance(obj, Derivation):
+        from .latex import to_latex
+        return to_latex(obj, notation=notation)
+    shift = one_based if notation.index_base == 1 else (lambda e: e)
+    p = doc_printer(table, notation)
+    if isinstance(obj, Step):
+        lines = []
+        if obj.indexed is not None:
+            lines.append(f"{p.doprint(shift(obj.lhs))} = {p.doprint(shift(obj.rhs))}")
+        if obj.matrix is not None:
+            lines.append(f"{p.doprint(obj.matrix.lhs)} = {p.doprint(obj.matrix.rhs)}")
+        return " \\\\\n".join(lines) if lines else p.doprint(shift(obj.lhs))
+    if isinstance(obj, sympy.Eq):
+        return f"{p.doprint(shift(obj.lhs))} = {p.doprint(shift(obj.rhs))}"
+    if isinstance(obj, (sympy.Basic, sympy.MatrixBase, int, float)):
+        return p.doprint(shift(obj) if isinstance(obj, sympy.Basic) else obj)
+    raise TypeError(f"symattn.latex prints a Step, a Derivation, an equation or a SymPy expression, "
+                    f"got {type(obj).__name__}")

@@ -1,0 +1,128 @@
+"""The documents' notation: 1-based indices mean the same formulas, labels and fragments compile, long lines fit
+the page (checked from pdflatex's log), and symattn.latex prints steps and expressions in the documents' names."""
+import re
+import shutil
+import subprocess
+
+import pytest
+import sympy
+
+import symattn
+from symattn.app.cli import main
+from symattn.render.notation import Notation, one_based
+from symattn.symbolic.derive import derive
+from symattn.symbolic.layer import derive_multihead
+from symattn.symbolic.spec import AttentionSpec, MultiHeadSpec
+from symattn.symbolic.tensors import SIZES
+
+pdflatex = pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (CI installs it)")
+
+
+def _at(expr, values: dict, sizes: dict, shift: int):
+    """expr at concrete indices, with every tensor read I[k] turned into an element I_(k - shift) symbol, so a
+    1-based formula (shift 1) and a 0-based one (shift 0) can be compared entry by entry."""
+    concrete = expr.xreplace({**{SIZES[n]: v for n, v in sizes.items()}, **values}).doit()
+    return concrete.replace(lambda x: isinstance(x, sympy.Indexed),
+                            lambda x: sympy.Symbol(f"{x.base.label}_" + "_".join(str(int(k) - shift) for k in x.indices)))
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(score_mod="relative-bias:2", mask="prefix:1"),
+                                     dict(score="additive", hidden=2, mask="window:1"), dict(score_mod="alibi")])
+def test_one_based_formulas_say_the_same_as_zero_based(variant):
+    d = derive(AttentionSpec(3, 4, 2, **variant), explicit=False)
+    sizes = {"n_q": 3, "n_k": 4, "d_k": 2, "d_v": 2, "d_a": 2, "n_rel": 5}
+    size_symbols = set(SIZES.values())
+    checked = 0
+    for step in d.steps:
+        if step.rhs is None:
+            continue
+        free = sorted((s for s in step.rhs.free_symbols - size_symbols if isinstance(s, sympy.Symbol) and s.is_integer),
+                      key=str)  # the free indices i, j, a, b, l, t, ...
+        for point in ({"i": 0, "j": 1, "a": 1, "b": 0, "l": 2, "t": 3, "r": 1},
+                      {"i": 2, "j": 3, "a": 0, "b": 1, "l": 0, "t": 0, "r": 0}):
+            zero = {s: point[s.name] for s in free}
+            one = {s: v + 1 for s, v in zero.items()}
+            left = _at(step.rhs, zero, sizes, 0)
+            right = _at(one_based(step.rhs), one, sizes, 1)
+            assert sympy.simplify(left - right) == 0, (step.key, left, right)
+            checked += 1
+    assert checked >= 20
+
+
+def test_one_based_sums_and_offsets_print_from_one():
+    d = derive(AttentionSpec(3, 3, 2, score_mod="relative-bias:2"), explicit=False)
+    one = Notation(index_base=1)
+    assert r"\sum_{j=1}^{n_{k}}" in symattn.latex(d.step("dQ"), one)
+    assert "+ 3}" in symattn.latex(d.step("mod"), one) and "+ 2}" in symattn.latex(d.step("mod"))
+
+
+def test_latex_prints_steps_equations_and_expressions_in_document_names():
+    d = derive(AttentionSpec(2, 2, 2), explicit=False)
+    assert r"\tilde{S}" in symattn.latex(d.step("similarity"))
+    assert r"\mathrm{d}S" in symattn.latex(d.step("dS"))
+    assert symattn.latex(d.step("dQ").rhs).startswith(r"\frac{")
+    renamed = symattn.latex(d.step("similarity"), Notation(names={"Q": "X"}))
+    assert "{X}_{i,a}" in renamed and "{Q}" not in renamed
+    with pytest.raises(TypeError, match="prints a Step"):
+        symattn.latex(object())
+
+
+def test_scale_prints_as_division_by_a_root():
+    d = derive(AttentionSpec(2, 2, 8), prove=False)
+    assert r"{\sqrt{8}}" in d.to_latex() and r"\frac{\sqrt{2}" not in d.to_latex()
+
+
+def test_bad_notation_is_refused_with_the_option_named(capsys):
+    for args, words in ((["--entries", "some"], "--entries"), (["--name", "Q"], "--name"),
+                        (["--name", r"Q=\input{/etc/passwd}"], "name of Q"), (["--section-level", "7"], "level"),
+                        (["--label", "a b"], "label")):
+        assert main(["derive", "--n-q", "2", "--n-k", "2", "--d-k", "2", "--no-prove", *args]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_sample_entries_by_default_and_all_on_request():
+    d = derive(AttentionSpec(3, 3, 2), prove=False)
+    sample, full = d.to_latex(), d.to_latex(notation=Notation(entries="all"))
+    assert "further entries omitted" in sample and "further entries omitted" not in full
+    assert r"\tilde{s}_{2,2}" in full and r"\tilde{s}_{1,1}" not in sample  # first two and the last
+
+
+def _compile(tmp_path, name: str, tex: str) -> str:
+    (tmp_path / f"{name}.tex").write_text(tex)
+    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", f"{name}.tex"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:]
+    return (tmp_path / f"{name}.log").read_text(errors="replace")
+
+
+def _overfull(log: str) -> list[float]:
+    return [float(x) for x in re.findall(r"Overfull \\hbox \(([0-9.]+)pt too wide\)", log)]
+
+
+@pdflatex
+@pytest.mark.parametrize("name, make", [
+    ("dot8", lambda: derive(AttentionSpec(8, 8, 8), prove=False)),
+    ("layer", lambda: derive_multihead(MultiHeadSpec(4, 8, 2), prove=False)),
+    ("additive", lambda: derive(AttentionSpec(3, 4, 2, score="additive", hidden=2), prove=False)),
+    ("general", lambda: derive(AttentionSpec(3, 3, 2, score="general", score_mod="relative-bias:2", mask="window:1"),
+                               prove=False)),
+    ("softcap", lambda: derive(AttentionSpec(3, 4, 3, score_mod="softcap:30", mask="prefix:1"), prove=False)),
+])
+def test_no_display_line_runs_past_the_margin(tmp_path, name, make):
+    d = make()
+    for notation in (Notation(), Notation(entries="all", numbered=True, index_base=1)):
+        log = _compile(tmp_path, name, d.to_tex_document(notation=notation))
+        assert not [w for w in _overfull(log) if w > 5.0], (name, notation)
+
+
+@pdflatex
+def test_numbered_fragment_compiles_inside_a_document_and_labels_resolve(tmp_path):
+    d = derive(AttentionSpec(2, 3, 2), prove=False)
+    fragment = d.to_tex_document(notation=Notation(numbered=True, label="attn", standalone=False, level=2))
+    assert r"\documentclass" not in fragment and r"\label{attn:dQ}" in fragment and r"\subsection{" in fragment
+    (tmp_path / "derivation.tex").write_text(fragment)
+    doc = ("\\documentclass{article}\\usepackage{amsmath}\\begin{document}\\section{Attention}\n"
+           "\\input{derivation}\nEquation~\\eqref{attn:dQ} gives dQ.\n\\end{document}\n")
+    _compile(tmp_path, "main", doc)
+    log = _compile(tmp_path, "main", doc)  # second run resolves references
+    assert "undefined" not in log.lower() or "Reference `attn:dQ' on page" not in log
