@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import sympy
 from sympy.printing.latex import LatexPrinter
 
-from .notation import DEFAULT, LINE, Notation, doc_printer, fitted, one_based, visible_width
+from .notation import DEFAULT, LINE, Notation, doc_printer, fitted, one_based, visible_width, wrap
 
 from ..symbolic.tensors import TENSORS
 
@@ -118,6 +118,8 @@ def _latex_parts(d: Derivation, notation: Notation, kind: str, parts) -> list[st
         return [p.doprint(parts[0]) + r" \text{ (input)}"]
     if len(parts) == 1:  # an input matrix, Eq(Q, [...])
         return [p.doprint(parts[0].lhs), p.doprint(parts[0].rhs)]
+    if kind != "explicit":  # indexed formulas and matrix forms are printed whole
+        return [p.doprint(x) for x in parts]
     return fitted(lambda limit: printer(d, notation, limit), parts)
 
 
@@ -135,9 +137,10 @@ def _align(lines: list[list[str]], env: str = "align*", label: str | None = None
     with a label, the first row is numbered and labelled and the others are not."""
     rows = []
     for n, parts in enumerate(lines):
-        tail = [" &= " + x for x in parts[1:]]
-        if len(parts) > 2 and sum(map(visible_width, parts)) > LINE:
-            row = parts[0] + tail[0] + "".join(" \\\\\n  " + t for t in tail[1:])
+        if len(parts) > 1 and sum(map(visible_width, parts)) > LINE:  # one piece per line, long ones wrapped
+            pieces = [" &= " + "".join(f" \\\\\n  &\\quad {p}" if k else p for k, p in enumerate(wrap(x, LINE - 8)))
+                      for x in parts[1:]]
+            row = parts[0] + pieces[0] + "".join(" \\\\\n  " + t for t in pieces[1:])
         else:
             row = parts[0] + (" &= " + " = ".join(parts[1:]) if len(parts) > 1 else " &")
         if label is not None:

@@ -93,7 +93,7 @@ class DocPrinter(LatexPrinter):
     def _print_Add(self, expr, order=None):
         limit = self._settings["max_terms"]
         terms = self._as_ordered_terms(expr, order=order)
-        if limit is None or len(terms) <= limit + 1:
+        if limit is None or len(terms) <= max(limit + 1, 3):  # short sums (n - 1, i + 2) stay whole
             return super()._print_Add(expr, order=order)
         return self._terms(terms[:limit] + [None, terms[-1]])
 
@@ -185,6 +185,32 @@ def fitted(printer_for, parts: list, width: float = LINE) -> list[str]:
         if sum(visible_width(t) for t in texts) + 2 * len(texts) <= width or limit == 0:
             return texts
     return texts  # pragma: no cover
+
+
+def wrap(tex: str, width: float = LINE) -> list[str]:
+    """A long printed expression cut at its top-level + and − (outside braces and \\left ... \\right) into
+    pieces of at most `width` where the terms allow; each piece after the first starts with its sign."""
+    cuts, depth, n = [0], 0, 0
+    while n < len(tex):
+        if tex.startswith(r"\left", n):
+            depth, n = depth + 1, n + 5
+            continue
+        if tex.startswith(r"\right", n):
+            depth, n = depth - 1, n + 6
+            continue
+        c = tex[n]
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth == 0 and tex.startswith((" + ", " - "), n) and n > 0:
+            cuts.append(n)
+        n += 1
+    terms = [tex[a:b].strip() for a, b in zip(cuts, cuts[1:] + [len(tex)])]
+    pieces = [terms[0]]
+    for term in terms[1:]:
+        if visible_width(pieces[-1] + term) > width:
+            pieces.append(term)
+        else:
+            pieces[-1] += " " + term
+    return pieces
 
 
 def latex(obj, notation: Notation | None = None, *, table=None) -> str:
