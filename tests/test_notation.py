@@ -126,3 +126,17 @@ def test_numbered_fragment_compiles_inside_a_document_and_labels_resolve(tmp_pat
     _compile(tmp_path, "main", doc)
     log = _compile(tmp_path, "main", doc)  # second run resolves references
     assert "undefined" not in log.lower() or "Reference `attn:dQ' on page" not in log
+
+
+def test_indexed_formulas_and_mask_conditions_are_never_elided_or_cut():
+    d = derive(AttentionSpec(3, 3, 2, mask="window:2"), prove=False)
+    softmax = d.to_latex().split("Softmax normalisation")[1].split(r"\end{align*}")[0]
+    assert r"i - j \leq 2" in softmax and r"i - l \leq 2" in softmax and r"\sum_{l=0}^{n_{k} - 1}" in softmax
+    assert r"\cdots" not in softmax.split("\n")[2]  # the indexed line
+
+
+def test_wrap_cuts_only_top_level_sums():
+    from symattn.render.notation import wrap
+    tex = r"a_{1} + \left(b + c\right) - \begin{cases} x - y & z \end{cases} + e"
+    assert wrap(tex, 3) == ["a_{1}", r"+ \left(b + c\right)", r"- \begin{cases} x - y & z \end{cases}", "+ e"]
+    assert wrap(tex, 1000) == [tex]

@@ -188,12 +188,16 @@ def fitted(printer_for, parts: list, width: float = LINE) -> list[str]:
 
 
 def wrap(tex: str, width: float = LINE) -> list[str]:
-    """A long printed expression cut at its top-level + and − (outside braces and \\left ... \\right) into
-    pieces of at most `width` where the terms allow; each piece after the first starts with its sign."""
+    """A long printed expression cut at its top-level + and − (outside braces, \\left ... \\right and
+    environments) into pieces of at most `width` where the terms allow; each piece after the first starts with
+    its sign."""
     cuts, depth, n = [0], 0, 0
     while n < len(tex):
-        if tex.startswith(r"\left", n):
+        if tex.startswith((r"\left", r"\begin"), n):
             depth, n = depth + 1, n + 5
+            continue
+        if tex.startswith(r"\end", n):
+            depth, n = depth - 1, n + 4
             continue
         if tex.startswith(r"\right", n):
             depth, n = depth - 1, n + 6
