@@ -140,3 +140,20 @@ def test_wrap_cuts_only_top_level_sums():
     tex = r"a_{1} + \left(b + c\right) - \begin{cases} x - y & z \end{cases} + e"
     assert wrap(tex, 3) == ["a_{1}", r"+ \left(b + c\right)", r"- \begin{cases} x - y & z \end{cases}", "+ e"]
     assert wrap(tex, 1000) == [tex]
+
+
+def test_layer_documents_show_heads_as_superscripts_and_explanations_as_mathematics():
+    d = derive_multihead(MultiHeadSpec(2, 4, 2), prove=False)
+    latex, markdown, text = d.to_latex(), d.to_markdown(), d.to_text()
+    assert r"{Q^{(1)}}_{i,a}" in latex and r"\tilde{S}^{(1)} &= Q^{(1)}" in latex  # indexed and matrix lines
+    assert r"$Z = \operatorname{MultiHead}(x) = C W_O" in latex and r"$\hat{Q} = x W_Q" in markdown
+    assert "Q̂ = x W_Q" in text and "$" not in text and "\\hat" not in text
+
+
+def test_explanations_become_unicode_in_text_and_stay_escaped_prose_in_latex():
+    from symattn.render.notation import explanation_latex, explanation_markdown, explanation_text
+    src = r"With $\frac{1}{\sqrt{d_k}}$ and $\mathrm{d}S = P \odot (\mathrm{d}P - D \mathbf{1}^\top)$, n_q & 50%"
+    assert explanation_text(src) == "With 1/√d_k and dS = P ∘ (dP − D 1ᵀ), n_q & 50%"
+    assert explanation_latex(src).endswith(r"$, n\_q \& 50\%")
+    assert explanation_markdown(src).endswith(r"$, n\_q & 50%")
+    assert explanation_text("costs $5") == "costs $5"  # a lone $ is prose

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import sympy
 from sympy.printing.latex import LatexPrinter
 
-from .notation import DEFAULT, LINE, Notation, doc_printer, fitted, one_based, visible_width, wrap
+from .notation import (DEFAULT, LINE, Notation, doc_printer, explanation_latex, explanation_markdown, explanation_text,
+                       fitted, head_tagged, one_based, visible_width, wrap)
 
 from ..symbolic.tensors import TENSORS
 
@@ -72,13 +73,16 @@ def equation_parts(d: Derivation, step: Step, *, query: int | None = None, max_e
     Yields (kind, parts) with kind in {"indexed", "matrix", "explicit", "omitted"}; `values` maps element
     symbols to numbers shown as a last `= value`. Indexed forms follow the notation's index base.
     """
-    shift = one_based if notation.index_base == 1 else (lambda e: e)
+    base = one_based if notation.index_base == 1 else (lambda e: e)
+
+    def shift(expr):  # a head's tensors carry the head as a superscript
+        return base(head_tagged(expr, step.tag))
     if step.indexed is not None:
         yield "indexed", [shift(step.lhs), shift(step.rhs)]
     elif step.is_input:
         yield "indexed", [shift(step.lhs)]
     if step.matrix is not None:
-        yield "matrix", [step.matrix.lhs, step.matrix.rhs]
+        yield "matrix", [head_tagged(step.matrix.lhs, step.tag), head_tagged(step.matrix.rhs, step.tag)]
     if step.explicit is None:
         return
     if step.is_input:
@@ -173,8 +177,8 @@ def to_latex(d: Derivation, *, query: int | None = None, max_entries=_UNSET, not
         out.append(rf"{notation.section()}{{{heading}}}")
         for step in steps:
             number = "" if notation.numbered else f"{_number(d.steps, step)}. "  # numbered sections count themselves
-            out.append(rf"{notation.section(1)}{{{number}{tex_escape(step.title)}}}")
-            out.append(tex_escape(step.explanation))
+            out.append(rf"{notation.section(1)}{{{number}{explanation_latex(step.title)}}}")
+            out.append(explanation_latex(step.explanation))
             out.append(_step_block(d, step, notation, env, query=query, max_entries=max_entries))
     out.append(proofs_latex(d, notation))
     return "\n\n".join(x for x in out if x) + "\n"
@@ -218,7 +222,8 @@ def to_markdown(d: Derivation, *, query: int | None = None, max_entries=_UNSET, 
     for heading, steps in _sections(d):
         out.append(f"{h}# {heading}")
         for step in steps:
-            out.append(f"{h}## {_number(d.steps, step)}. {step.title}\n\n{step.explanation}")
+            out.append(f"{h}## {_number(d.steps, step)}. {explanation_markdown(step.title)}\n\n"
+                       f"{explanation_markdown(step.explanation)}")
             lines = step_latex(d, step, query=query, max_entries=max_entries, notation=notation)
             out.append(f"$$\n{_align(lines, 'aligned')}\n$$")
     if d.proofs:
@@ -233,7 +238,7 @@ def to_text(d: Derivation, *, query: int | None = None, max_entries=_UNSET, nota
     for heading, steps in _sections(d):
         out.append(f"\n{heading}\n{'-' * len(heading)}")
         for step in steps:
-            out.append(f"{_number(d.steps, step)}. {step.title}: {step.explanation}")
+            out.append(f"{_number(d.steps, step)}. {explanation_text(step.title)}: {explanation_text(step.explanation)}")
             for kind, parts in equation_parts(d, step, query=query, max_entries=max_entries,
                                               notation=notation.replace(index_base=0)):
                 if kind == "omitted":

@@ -122,10 +122,33 @@ def symbol_names(table, notation: Notation) -> dict:
             names[t.matrix_symbol()] = tex
     if table is not None:
         names.update(table.latex_names)
+        names.update(_tagged_names(notation, table.children))
         if notation.index_base == 1:
             for symbol, (tensor, index, tag) in table._where.items():
                 sup = f"^{{({tag})}}" if tag else ""
                 names[symbol] = f"{TENSORS[tensor].elem_latex}{sup}_{{{','.join(str(k + 1) for k in index)}}}"
+    return names
+
+
+def head_tagged(expr, tag: str):
+    """The formula of head `tag`: every tensor T printed T^{(tag)} (indexed bases and matrix symbols)."""
+    if not tag or not isinstance(expr, sympy.Basic):
+        return expr
+    bases = {b: sympy.IndexedBase(sympy.Symbol(f"{b.label}^({tag})")) for b in expr.atoms(sympy.IndexedBase)
+             if b.label.name in TENSORS}
+    mats = {m: sympy.MatrixSymbol(f"{m.name}^({tag})", *m.shape) for m in expr.atoms(sympy.MatrixSymbol)
+            if m.name in TENSORS}
+    return expr.xreplace({**bases, **mats})
+
+
+def _tagged_names(notation: Notation, tags) -> dict:
+    names = {}
+    for tag in tags:
+        for t in TENSORS.values():
+            tex = notation.names.get(t.name, t.latex) + f"^{{({tag})}}"
+            names[sympy.Symbol(f"{t.name}^({tag})")] = tex
+            if len(t.dims) <= 2:
+                names[sympy.MatrixSymbol(f"{t.name}^({tag})", *t.matrix_symbol().shape)] = tex
     return names
 
 
@@ -242,3 +265,51 @@ def latex(obj, notation: Notation | None = None, *, table=None) -> str:
         return p.doprint(shift(obj) if isinstance(obj, sympy.Basic) else obj)
     raise TypeError(f"symattn.latex prints a Step, a Derivation, an equation or a SymPy expression, "
                     f"got {type(obj).__name__}")
+
+
+# -- explanations: prose with $...$ mathematics ----------------------------------------------------------------
+_UNICODE = [(r"\mathrm{d}", "d"), (r"\sqrt", "√"), (r"\sum", "Σ"), (r"\odot", "∘"), (r"\circ", "∘"),
+            (r"\cdot", "·"), (r"\cdots", "⋯"), (r"\ldots", "…"), (r"\top", "ᵀ"), (r"\infty", "∞"), (r"\tau", "τ"),
+            (r"\delta", "δ"), (r"\partial", "∂"), (r"\leq", "≤"), (r"\geq", "≥"), (r"\neq", "≠"), (r"\to", "→"),
+            (r"\in", "∈"), (r"\times", "×"), (r"\tanh", "tanh"), (r"\exp", "exp"), (r"\log", "log"),
+            (r"\operatorname{softmax}", "softmax"), (r"\operatorname{diag}", "diag"), (r"\operatorname{Concat}", "Concat"),
+            (r"\operatorname{rowsum}", "rowsum"), (r"\mathbf{1}", "1"), (r"\quad", " "), (r"\,", " "), ("-", "−")]
+_ACCENTS = {"hat": "\u0302", "tilde": "\u0303", "bar": "\u0304"}
+
+
+def tex_to_unicode(tex: str) -> str:
+    """Inline LaTeX of an explanation as Unicode text (for the plain-text format and the terminal):
+    \\hat{Q} -> Q̂, ^\\top -> ᵀ, \\sqrt{d_k} -> √d_k, \\frac{a}{b} -> a/b."""
+    out = re.sub(r"\\(hat|tilde|bar)\{(\w)\}", lambda m: m.group(2) + _ACCENTS[m.group(1)], tex)
+    out = re.sub(r"\\sqrt\{([^{}]*)\}", r"√\1", out)
+    out = re.sub(r"\\mathrm\{d\}", "d", out)
+    out = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", out)
+    out = re.sub(r"\(([\w√]+)\)/", r"\1/", out)
+    out = re.sub(r"/\(([\w√]+)\)", r"/\1", out)
+    for a, b in _UNICODE:
+        out = out.replace(a, b)
+    out = re.sub(r"\^\{?(T|ᵀ)\}?", "ᵀ", out)
+    out = re.sub(r"\\mathrm\{(\w+)\}|\\text\{([^{}]*)\}", lambda m: m.group(1) or m.group(2), out)
+    return out.replace("{", "").replace("}", "").replace("\\", "")
+
+
+def explanation_parts(text: str) -> list[tuple[bool, str]]:
+    """(is_math, piece) of an explanation; math is written between $ signs."""
+    pieces = text.split("$")
+    if len(pieces) % 2 == 0:  # an odd number of $ (a user's mask description): all prose
+        return [(False, text)]
+    return [(n % 2 == 1, piece) for n, piece in enumerate(pieces) if piece]
+
+
+def explanation_latex(text: str) -> str:
+    from .latex import tex_escape
+    return "".join(f"${p}$" if math else tex_escape(p) for math, p in explanation_parts(text))
+
+
+def explanation_markdown(text: str) -> str:
+    """Markdown: math stays between $ signs (GitHub and MyST render it); * and _ in prose are escaped."""
+    return "".join(f"${p}$" if math else re.sub(r"([*_\\])", r"\\\1", p) for math, p in explanation_parts(text))
+
+
+def explanation_text(text: str) -> str:
+    return "".join(tex_to_unicode(p) if math else p for math, p in explanation_parts(text))

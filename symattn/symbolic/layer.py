@@ -126,33 +126,47 @@ def _indexed(spec: MultiHeadSpec) -> dict[str, tuple]:
     }
 
 
-TEXTS = {  # key -> (title, explanation)
-    "x": ("Input x", "Each of the n_q rows of x is a token's d_model-dimensional representation; it gives the queries"
-          " (and, in self-attention, the keys and values)."),
-    "y": ("Input y", "Cross-attention: the n_k rows of y give the keys and values."),
-    "w_q": ("Query projection W_Q", "Columns h*d_k:(h+1)*d_k project x into the queries of head h."),
-    "w_k": ("Key projection W_K", "One d_k-column block per key/value group (grouped-query attention when h_kv < h)."),
-    "w_v": ("Value projection W_V", "One d_v-column block per key/value group."),
-    "w_o": ("Output projection W_O", "Maps the concatenated head outputs (h*d_v) back to d_model."),
+TEXTS = {  # key -> (title, explanation); mathematics between $ signs (typeset in LaTeX/Markdown, Unicode in text)
+    "x": ("Input $x$", r"Each of the $n_q$ rows of $x$ is a token's $d_{\mathrm{model}}$-dimensional representation; "
+          r"it gives the queries (and, in self-attention, the keys and values)."),
+    "y": ("Input $y$", r"Cross-attention: the $n_k$ rows of $y$ give the keys and values."),
+    "w_q": ("Query projection $W_Q$", r"Columns $h d_k$ to $(h+1) d_k - 1$ project $x$ into the queries of head $h$."),
+    "w_k": ("Key projection $W_K$", r"One $d_k$-column block per key/value group (grouped-query attention when "
+            r"$h_{kv} < h$)."),
+    "w_v": ("Value projection $W_V$", r"One $d_v$-column block per key/value group."),
+    "w_o": ("Output projection $W_O$", r"Maps the concatenated head outputs ($h d_v$ columns) back to "
+            r"$d_{\mathrm{model}}$."),
     "b_q": ("Query bias", "Added to every projected query."), "b_k": ("Key bias", "Added to every projected key."),
     "b_v": ("Value bias", "Added to every projected value."), "b_o": ("Output bias", "Added to every output row."),
-    "project_q": ("Query projection", "Q^ = x W_Q (+ b_Q): all heads' queries at once."),
-    "project_k": ("Key projection", "K^ = y W_K (+ b_K): every key/value group's keys."),
-    "project_v": ("Value projection", "V^ = y W_V (+ b_V): every key/value group's values."),
-    "concat": ("Concatenation", "The heads' outputs side by side: column block h of C is head h's output."),
-    "project_out": ("Output projection", "Z = C W_O (+ b_O): the layer's output."),
-    "upstream": ("Upstream gradient", "Backward pass for a scalar loss L with dL/dZ = dZ, i.e. L = sum(dZ * Z)."),
-    "dWo": ("Gradient of W_O", "Z is linear in W_O: dW_O = C^T dZ."),
-    "dbo": ("Gradient of b_O", "Each output row adds b_O: db_O sums dZ over the rows."),
-    "dC": ("Gradient of the concatenation", "dC = dZ W_O^T; column block h is head h's upstream gradient dO."),
-    "dQp": ("Gradient of the projected queries", "Column block h of dQ^ is head h's dQ."),
-    "dKp": ("Gradient of the projected keys", "A key/value group's keys feed every head of the group: their dK add."),
-    "dVp": ("Gradient of the projected values", "A group's values feed every head of the group: their dV add."),
-    "dWq": ("Gradient of W_Q", "dW_Q = x^T dQ^."), "dbq": ("Gradient of b_Q", "db_Q sums dQ^ over the rows."),
-    "dWk": ("Gradient of W_K", "dW_K = y^T dK^."), "dbk": ("Gradient of b_K", "db_K sums dK^ over the rows."),
-    "dWv": ("Gradient of W_V", "dW_V = y^T dV^."), "dbv": ("Gradient of b_V", "db_V sums dV^ over the rows."),
-    "dX": ("Gradient of x", "dx = dQ^ W_Q^T (self-attention adds dK^ W_K^T + dV^ W_V^T: x feeds all three paths)."),
-    "dY": ("Gradient of y", "dy = dK^ W_K^T + dV^ W_V^T."),
+    "project_q": ("Query projection", r"$\hat{Q} = x W_Q + \mathbf{1} b_Q^\top$ (bias if any): all heads' queries at "
+                  r"once; head $h$ reads $Q^{(h)}$, column block $h$ of $\hat{Q}$."),
+    "project_k": ("Key projection", r"$\hat{K} = y W_K + \mathbf{1} b_K^\top$: every key/value group's keys."),
+    "project_v": ("Value projection", r"$\hat{V} = y W_V + \mathbf{1} b_V^\top$: every key/value group's values."),
+    "concat": ("Concatenation", r"$C = \operatorname{Concat}(O^{(0)}, \ldots, O^{(h-1)})$: the heads' outputs side "
+               r"by side, column block $h$ of $C$ is head $h$'s output."),
+    "project_out": ("Output projection", r"$Z = \operatorname{MultiHead}(x) = C W_O + \mathbf{1} b_O^\top$: the "
+                    r"layer's output."),
+    "upstream": ("Upstream gradient", r"Backward pass for a scalar loss $L$ with $\partial L / \partial Z = "
+                 r"\mathrm{d}Z$, i.e. $L = \sum_{i,m} \mathrm{d}Z_{im} Z_{im}$."),
+    "dWo": ("Gradient of $W_O$", r"$Z$ is linear in $W_O$: $\mathrm{d}W_O = C^\top \mathrm{d}Z$."),
+    "dbo": ("Gradient of $b_O$", r"Each output row adds $b_O$: $\mathrm{d}b_O$ sums $\mathrm{d}Z$ over the rows."),
+    "dC": ("Gradient of the concatenation", r"$\mathrm{d}C = \mathrm{d}Z W_O^\top$; column block $h$ is head $h$'s "
+           r"upstream gradient $\mathrm{d}O^{(h)}$."),
+    "dQp": ("Gradient of the projected queries", r"Column block $h$ of $\mathrm{d}\hat{Q}$ is head $h$'s "
+            r"$\mathrm{d}Q^{(h)}$."),
+    "dKp": ("Gradient of the projected keys", r"A key/value group's keys feed every head of the group: their "
+            r"$\mathrm{d}K^{(h)}$ add."),
+    "dVp": ("Gradient of the projected values", r"A group's values feed every head of the group: their "
+            r"$\mathrm{d}V^{(h)}$ add."),
+    "dWq": ("Gradient of $W_Q$", r"$\mathrm{d}W_Q = x^\top \mathrm{d}\hat{Q}$."),
+    "dbq": ("Gradient of $b_Q$", r"$\mathrm{d}b_Q$ sums $\mathrm{d}\hat{Q}$ over the rows."),
+    "dWk": ("Gradient of $W_K$", r"$\mathrm{d}W_K = y^\top \mathrm{d}\hat{K}$."),
+    "dbk": ("Gradient of $b_K$", r"$\mathrm{d}b_K$ sums $\mathrm{d}\hat{K}$ over the rows."),
+    "dWv": ("Gradient of $W_V$", r"$\mathrm{d}W_V = y^\top \mathrm{d}\hat{V}$."),
+    "dbv": ("Gradient of $b_V$", r"$\mathrm{d}b_V$ sums $\mathrm{d}\hat{V}$ over the rows."),
+    "dX": ("Gradient of $x$", r"$\mathrm{d}x = \mathrm{d}\hat{Q} W_Q^\top$ (self-attention adds "
+           r"$\mathrm{d}\hat{K} W_K^\top + \mathrm{d}\hat{V} W_V^\top$: $x$ feeds all three paths)."),
+    "dY": ("Gradient of $y$", r"$\mathrm{d}y = \mathrm{d}\hat{K} W_K^\top + \mathrm{d}\hat{V} W_V^\top$."),
 }
 
 
