@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import peers
+from . import bench_variants, peers
 from ..errors import SymattnError
 from ..numeric import reference
 from ..numeric.api import attention, attention_vjp
@@ -205,13 +205,13 @@ def targets(rows: list[Row], empty: float) -> list[tuple[str, bool]]:
 def table(rows: list[Row]) -> str:
     paths = [ME] + sorted({p for r in rows for p in r.seconds} - {ME}, key=lambda p: (p == "NumPy", p))
     peer_cols = [p for p in paths if p != ME]
-    head = (f"{'case':<28}{'mode':<34}" + "".join(f"{p:>16}" for p in paths) + f"{'GF/s':>8}"
+    head = (f"{'case':<28}{'mode':<44}" + "".join(f"{p:>16}" for p in paths) + f"{'GF/s':>8}"
             + "".join(f"{'x' + p:>10}" for p in peer_cols))
     lines = [head, "(times: best of 5 groups; GF/s: symattn's; xPEER: how many times faster symattn ran than PEER)"]
     for r in rows:
         cells = "".join(f"{_fmt(r.seconds[p]) if p in r.seconds else '-':>16}" for p in paths)
         ratios = "".join(f"{r.ratio(p):>10.2f}" if p in r.seconds else f"{'-':>10}" for p in peer_cols)
-        lines.append(f"{r.label:<28}{r.mode:<34}{cells}{r.gflops:>8.1f}{ratios}")
+        lines.append(f"{r.label:<28}{r.mode:<44}{cells}{r.gflops:>8.1f}{ratios}")
     return "\n".join(lines)
 
 
@@ -229,7 +229,8 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
     others = sorted({p for r in rows for p in r.seconds} - {ME})
     panels = [("forward", lambda r: r.mode == "forward"), ("forward+backward", lambda r: r.mode == "forward+backward"),
-              ("multi-head layer", lambda r: r.mode.startswith("layer"))]
+              ("multi-head layer", lambda r: r.mode.startswith("layer")),
+              ("variants", lambda r: r.mode.startswith(("variant", "score")))]
     panels = [(title, keep) for title, keep in panels if any(keep(r) for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), sharey=True, squeeze=False)
     axes = axes[0]
@@ -240,8 +241,9 @@ def plot(rows: list[Row], path: Path) -> None:
         for k, p in enumerate(others):
             ax.bar(x + k * width, [r.ratio(p) or 0 for r in sel], width, label=p)
         ax.axhline(1.0, color="black", lw=0.8)
-        labels = [r.label.replace(" ", "\n") + (f"\n{r.mode[6:].rsplit(' ', 1)[0]}" if r.mode.startswith("layer")
-                                                else "") for r in sel]
+        labels = [r.label.replace(" ", "\n") + (f"\n{r.mode.split(' ', 1)[1]}" if r.mode.startswith(("layer", "variant",
+                                                                                              "score")) else "")
+                  for r in sel]
         ax.set_xticks(x + width * (len(others) - 1) / 2, labels, fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{mode}: symattn speed-up (peer time / symattn time)", fontsize=9)
@@ -252,8 +254,9 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def bench(cases=CASES, dtypes=(np.float32, np.float64), *, layer_cases=LAYER_CASES,
+def bench(cases=CASES, dtypes=(np.float32, np.float64), *, layer_cases=LAYER_CASES, variants: str | None = None,
           out_dir: str | Path | None = "bench-results", progress: Progress = silent, say=print) -> dict:
+    """Time every case; `variants` "quick" or "all" adds issue 8's variant rows (bench_variants)."""
     if out_dir is not None:
         output_folder(out_dir)  # before minutes of timing, not after
     import numba
@@ -271,9 +274,11 @@ def bench(cases=CASES, dtypes=(np.float32, np.float64), *, layer_cases=LAYER_CAS
             for causal in (False, True) if np.dtype(dt) == np.float32 and n >= CAUSAL_MIN_N else (False,):
                 rows += run_case(b, n, d, dt, causal, progress)
     rows += [row for case in layer_cases for row in run_layer_case(*case, progress=progress)]
-    say(table(rows))
+    extra = [] if variants is None else bench_variants.rows(_time, Row, quick=variants == "quick", progress=progress)
+    say(table(rows + extra))
     say(f"empty njit call: {_fmt(empty)}")
-    checks = targets(rows, empty)
+    checks = targets(rows, empty) + bench_variants.targets(extra)
+    rows += extra
     for text, ok in checks:
         say(f"  [{'met' if ok else 'MISSED'}] {text}")
     result = {"environment": env, "empty_call_seconds": empty,

@@ -184,7 +184,8 @@ def cmd_bench(args) -> int:
     from . import bench
     cases = bench.QUICK if args.quick else bench.CASES
     layers = bench.LAYER_CASES[:1] if args.quick else bench.LAYER_CASES
-    bench.bench(cases, layer_cases=layers, out_dir=args.output, progress=silent if args.quiet else to_stream())
+    bench.bench(cases, layer_cases=layers, variants="quick" if args.quick else "all", out_dir=args.output,
+                progress=silent if args.quiet else to_stream())
     return 0
 
 
@@ -196,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the worked example: 'The cat sat on the mat'")
     run.add_argument("--sentence", default=None, help="whitespace-separated tokens (default: The cat sat on the mat)")
     run.add_argument("--query", default=None, help="token shown in detail (default: sat, or the first token)")
-    run.add_argument("--causal", action="store_true", help="causal mask")
+    run.add_argument("--causal", action="store_true", help="causal mask (= --mask causal)")
+    variant = run.add_argument_group("variant (the score, score mod and mask of `symattn derive --help`)")
+    variant.add_argument("--score", default="dot", choices=SCORES,
+                         help="dot (default), general: scale q W_a k^T, additive: v_a^T tanh(q W_a + k U_a + b_a); "
+                              "the parameters get exact example values")
+    variant.add_argument("--hidden", type=int, default=None, metavar="D_A", help="hidden units d_a (additive score)")
+    variant.add_argument("--score-mod", default=None, metavar="MOD", help="alibi[:SLOPE], softcap:C or relative-bias:D")
+    variant.add_argument("--mask", default=None, metavar="MASK", help="causal, window:W, prefix:P, joined by & or |")
     run.add_argument("--d-model", type=int, default=4, help="embedding width (default 4)")
     run.add_argument("--d-k", type=int, default=4, help="query/key width (default 4)")
     run.add_argument("--d-v", type=int, default=None, help="value width (default d_k)")

@@ -2,7 +2,8 @@
 
 The shipped default (data/default.json) covers "The cat sat on the mat" with d_model = d_k = d_v = 4.
 Other words and sizes get deterministic embeddings/projections from a SHA-256 of their name, with entries
-in {-1, -1/2, 0, 1/2, 1}, so every run of the same options gives the same numbers.
+in {-1, -1/2, 0, 1/2, 1}, so every run of the same options gives the same numbers; so do the parameters θ of
+a variant's score or score mod (W_a, U_a, v_a, b_a, a relative-bias table), from their name and shape.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from importlib import resources
 
+import numpy as np
 import sympy
 
 from ..errors import SymattnError
@@ -86,3 +88,15 @@ def example(sentence: str | None = None, *, query: str | None = None, d_model: i
         d_v, d_model, _hashed(f"W_O/{d_v}x{d_model}", d_v * d_model))
     return Example(tokens, lowered.index(query.lower()), X, projection("W_Q", d_k), projection("W_K", d_k),
                    projection("W_V", d_v), W_O)
+
+
+def parameters(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Exact deterministic values of a variant's parameters θ, keyed like `shapes` (parameter name -> shape):
+    object arrays of sympy.Rational entries in {-1, -1/2, 0, 1/2, 1}, from a SHA-256 of the name and shape."""
+    values = {}
+    for name, shape in shapes.items():
+        count = int(np.prod(shape, dtype=int))
+        values[name] = np.array(_hashed(f"{name}/{'x'.join(map(str, shape))}", count), dtype=object).reshape(shape)
+    if "tau" in values:  # a temperature: positive (cosine similarities times 2 span [-2, 2])
+        values["tau"] = np.full(values["tau"].shape, sympy.Integer(2), dtype=object)
+    return values

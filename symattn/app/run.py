@@ -1,8 +1,9 @@
-"""The main job: derive, prove and explain attention on a small sentence (`symattn run`)."""
+"""The main job: derive, prove and explain attention on a small sentence (`symattn run`), with the plain
+dot-product score or a variant (score, score mod, mask) whose parameters θ are exact example values."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -13,17 +14,19 @@ from ..errors import SymattnError
 from .. import limits
 from ..numeric import reference
 from ..symbolic.tensors import shape_of
-from ..symbolic.derive import Derivation, derive
-from .example import Example, example
+from ..symbolic.derive import Derivation, derive, parameters
+from .example import Example, example, parameters as example_parameters
 from ..render.latex import proof_lines, step_latex
 from ..outputs import save_figure
 from ..progress import Progress, silent
 from ..symbolic.layer import derive_multihead
 from ..numeric.layer import multihead_attention
-from ..symbolic.spec import AttentionSpec, MultiHeadSpec, _positive_int
+from ..symbolic.spec import UNSCALED, AttentionSpec, MultiHeadSpec, _positive_int
+from ..symbolic.tensors import TENSORS
 from ..check.verification import verify
 
 Say = Callable[[str], None]
+NUMBERS = {2: "two", 3: "three", 4: "four"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class RunResult:
     P_reference: np.ndarray  # (n, n) NumPy reference
     report: object = None  # verification.VerifyReport of the generated kernels
     layer: Derivation | None = None  # the two-head layer, with its proofs
+    params: dict = field(default_factory=dict)  # parameter name -> exact values (object array) of θ
 
     @property
     def passed(self) -> bool:
@@ -45,12 +49,13 @@ class RunResult:
         return float(np.max(np.abs(self.P - self.P_reference)))
 
 
-def exact_values(d: Derivation, inputs: dict[str, sympy.Matrix]) -> dict[sympy.Symbol, sympy.Expr]:
-    """Exact value of every forward element symbol, from exact input matrices keyed by tensor name."""
+def exact_values(d: Derivation, inputs: dict) -> dict[sympy.Symbol, sympy.Expr]:
+    """Exact value of every forward element symbol, from exact inputs (matrices or object arrays of any rank)
+    keyed by tensor name."""
     t = d.table
     values = {}
     for name, M in inputs.items():
-        values.update({t[name][r, c]: M[r, c] for r in range(M.rows) for c in range(M.cols)})
+        values.update({t[name][ix]: M[ix] for ix in np.ndindex(*M.shape)})
     for step in d.forward():
         if not step.is_input:
             for index in np.ndindex(*shape_of(step.explicit)):
@@ -71,11 +76,23 @@ def _weights_table(ex: Example, d: Derivation, values: dict) -> list[str]:
     return rows
 
 
-def two_heads(ex: Example, causal: bool, say: Say, progress: Progress) -> Derivation:
-    """The same sentence through a two-head layer: each head's weights for the query token, the output."""
-    n, i = len(ex.tokens), ex.query
+def _layer_refusal(ex: Example, head: AttentionSpec) -> str | None:
+    """Why the two-head layer is not shown for this example and variant, or None."""
     if ex.W_Q.cols % 2 or ex.W_V.cols % 2:
-        say("\n(two-head layer skipped: d_k and d_v must be even to split into two heads)")
+        return "d_k and d_v must be even to split into two heads"
+    if head.score != "dot" or head.mod_object is not None:
+        return "the multi-head layer has the plain dot-product score only, without score mods"
+    if head.mask not in ("none", "causal"):
+        return f"the multi-head layer takes no mask or the causal mask only, not {head.mask}"
+    return None
+
+
+def two_heads(ex: Example, head: AttentionSpec, say: Say, progress: Progress) -> Derivation | None:
+    """The same sentence through a two-head layer: each head's weights for the query token, the output."""
+    n, i, causal = len(ex.tokens), ex.query, head.causal
+    refusal = _layer_refusal(ex, head)
+    if refusal:
+        say(f"\n(two-head layer skipped: {refusal})")
         return None
     spec = MultiHeadSpec(n, ex.X.cols, 2, d_k=ex.W_Q.cols // 2, d_v=ex.W_V.cols // 2,
                          mask="causal" if causal else "none")
@@ -133,11 +150,58 @@ def check_sentence(sentence: str | None) -> None:
             raise SymattnError("the sentence is not valid UTF-8 text: give words in UTF-8") from None
 
 
-def run(sentence: str | None = None, *, query: str | None = None, causal: bool = False, d_model: int = 4,
+def variant_spec(n: int, d_k: int, d_v: int, *, causal: bool = False, mask: str | None = None,
+                 score: str = "dot", hidden: int | None = None, score_mod: str | None = None) -> AttentionSpec:
+    """The single-head spec of the worked example (n tokens attend to each other) with the variant; refuses a
+    bad variant, or one too large to expand exactly, before any work."""
+    if causal and mask not in (None, "causal"):
+        raise SymattnError(f"causal and mask {mask!r} disagree: give one of them")
+    spec = AttentionSpec(n, n, d_k, d_v, mask="causal" if causal else (mask or "none"), score=score,
+                         hidden=hidden, score_mod=score_mod or "none")
+    spec.check_explicit()
+    return spec
+
+
+def _describe(spec: AttentionSpec) -> str:
+    """The variant in words: 'no mask' for plain attention; the score, score mod and mask otherwise."""
+    words = [f"{spec.score} score" + (f" (d_a = {spec.hidden})" if spec.hidden else "")] if spec.score != "dot" else []
+    words += [f"score mod {spec.score_mod}"] if spec.mod_object is not None else []
+    return ", ".join(words + [{"none": "no mask", "causal": "causal mask"}.get(spec.mask, f"mask {spec.mask}")])
+
+
+def _parameters(spec: AttentionSpec, say: Say) -> dict[str, np.ndarray]:
+    """Exact example values of the variant's parameters θ, keyed by parameter name (none for the dot product)."""
+    params = example_parameters({p.name: TENSORS[p.tensor].shape(spec) for p in parameters(spec)})
+    if params:
+        say("Parameters of the variant, exact deterministic example values:")
+    for name, x in params.items():
+        say(f"  {name} {x.shape} = {x.tolist()}")
+    return params
+
+
+def _reference_weights(spec: AttentionSpec, ex: Example, params: dict[str, np.ndarray]) -> np.ndarray:
+    """P (n, n) of the NumPy reference for the example's Q, K and the variant."""
+    Q, K = (np.array(M, dtype=float) for M in (ex.Q, ex.K))
+    return reference.weights(Q, K, is_causal=spec.causal, mask=None if spec.causal else spec.mask_array(),
+                             scale=None if spec.score in UNSCALED else spec.scale_value, score=spec.score,
+                             params={name: x.astype(float) for name, x in params.items()},
+                             score_mod=spec.mod_object)
+
+
+def _ways(report) -> str:
+    """The paths a verification compared, in words: 'four ways (symbolic, unrolled, loop, NumPy)'."""
+    kinds = ["symbolic", *dict.fromkeys(c.path.split()[0] for c in report.comparisons)]
+    return f"{NUMBERS.get(len(kinds), len(kinds))} ways ({', '.join(kinds)})"
+
+
+def run(sentence: str | None = None, *, query: str | None = None, causal: bool = False, mask: str | None = None,
+        score: str = "dot", hidden: int | None = None, score_mod: str | None = None, d_model: int = 4,
         d_k: int = 4, d_v: int | None = None, say: Say = print, progress: Progress = silent,
         plot: str | None = None) -> RunResult:
     """Derive and prove attention for `sentence`, print the forward steps of the query token in LaTeX,
-    its attention weights as a table, and the proofs. Returns the numbers for further use."""
+    its attention weights as a table, and the proofs. Returns the numbers for further use.
+    The variant: `score` ("dot", "general", "additive" with `hidden` units), `score_mod` (e.g. "alibi",
+    "softcap:30", "relative-bias:2") and `mask` (e.g. "causal", "window:2", "prefix:1"; `causal` = "causal")."""
     d_model, d_k = _positive_int("d_model", d_model, "run"), _positive_int("d_k", d_k, "run")
     d_v = d_k if d_v is None else _positive_int("d_v", d_v, "run")
     check_sentence(sentence)
@@ -145,14 +209,17 @@ def run(sentence: str | None = None, *, query: str | None = None, causal: bool =
     limits.check_run_sizes(len((sentence or "").split()), d_model, d_k, d_v)
     ex = example(sentence, query=query, d_model=d_model, d_k=d_k, d_v=d_v)
     n = len(ex.tokens)
-    spec = AttentionSpec(n, n, ex.W_Q.cols, ex.W_V.cols, mask="causal" if causal else "none")
+    spec = variant_spec(n, ex.W_Q.cols, ex.W_V.cols, causal=causal, mask=mask, score=score, hidden=hidden,
+                        score_mod=score_mod)
     i = ex.query
     say(f"symattn run: \"{' '.join(ex.tokens)}\" ({n} tokens), d_model = {ex.X.cols}, "
-        f"d_k = {spec.d_k}, d_v = {spec.d_v}, {'causal mask' if causal else 'no mask'}")
+        f"d_k = {spec.d_k}, d_v = {spec.d_v}, {_describe(spec)}")
+    params = _parameters(spec, say)
     say(f"Q = X W_Q, K = X W_K, V = X W_V from exact embeddings X ({n} x {ex.X.cols}).\n")
     d = derive(spec, progress=progress)
     progress("evaluating the exact forward values")
-    values = exact_values(d, {"Q": ex.Q, "K": ex.K, "V": ex.V})
+    theta = {p.tensor: params[p.name] for p in parameters(spec)}
+    values = exact_values(d, {"Q": ex.Q, "K": ex.K, "V": ex.V, **theta})
     shown = {sym: sympy.Float(v.evalf(12), 4) for sym, v in values.items()}
     say(f"Forward steps for the query token \"{ex.tokens[i]}\" (i = {i}), LaTeX:\n")
     for number, step in enumerate(d.forward(), 1):
@@ -161,8 +228,7 @@ def run(sentence: str | None = None, *, query: str | None = None, causal: bool =
             say("  " + " = ".join(parts))
         say("")
     P = np.array([[float(values[d.table["P"][r, c]]) for c in range(n)] for r in range(n)])
-    Q, K = (np.array(M, dtype=float) for M in (ex.Q, ex.K))
-    result = RunResult(ex, d, P, reference.weights(Q, K, is_causal=causal, scale=spec.scale_value))
+    result = RunResult(ex, d, P, _reference_weights(spec, ex, params), params=params)
     say(f"Attention weights of \"{ex.tokens[i]}\" (row {i} of P):")
     for row in _weights_table(ex, d, values):
         say(row)
@@ -175,10 +241,9 @@ def run(sentence: str | None = None, *, query: str | None = None, causal: bool =
     if plot:
         heatmap(result, plot)
         say(f"Heatmap of all attention weights written to {plot}")
-    result = dataclasses.replace(result, layer=two_heads(ex, causal, say, progress))
+    result = dataclasses.replace(result, layer=two_heads(ex, spec, say, progress))
     progress("generating and verifying the kernels of this spec")
     report = verify(spec, progress=progress)
-    say(f"\nGenerated kernels of {spec.name} checked four ways (symbolic, unrolled, loop, NumPy) "
-        f"and against finite differences:")
+    say(f"\nGenerated kernels of {spec.name} checked {_ways(report)} and against finite differences:")
     say(str(report))
     return dataclasses.replace(result, report=report)

@@ -8,16 +8,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..symbolic.derive import derive
+from ..symbolic.derive import derive, parameters
 from ..errors import SymattnError
 from ..filestamp import stamp
 from ..symbolic.layer import derive_multihead
 from ..progress import Progress, silent
 from ..symbolic.spec import AttentionSpec, MultiHeadSpec
+from ..symbolic.tensors import TENSORS
 from .files import diff_files, refused, write_files
 from .loop import LOOP_MODULE, render as render_loops
-from .templates import DOC_HEADER, HEADER, LAYER_FILE, LAYER_KERNEL, UNROLLED_FILE, UNROLLED_KERNEL, decorator
-from .unrolled import KernelCode, kernel_code, pays_for
+from .templates import DOC_HEADER, ENV, HEADER, decorator
+from .unrolled import kernel_code, pays_for
 
 #: The specs whose kernels are committed in generated/: the embedded default (plain and causal), the
 #: benchmark's and tests' small shapes, and the default two-head layer and a grouped-query layer.
@@ -35,26 +36,6 @@ def command(spec, out_dir: str = "generated/") -> str:
     return f"symattn generate {spec.cli_args()} -o {out_dir}"
 
 
-def _kernel(code: KernelCode, doc: str, batched: bool = False) -> str:
-    indent = " " * (8 if batched else 4)
-    fields = dict(
-        decorator=decorator(), name=code.name, arguments=", ".join(code.arguments), doc=doc, ops=code.block.ops,
-        inputs="\n".join(f"{indent}{local} = {read}" for local, read in code.inputs),
-        terms="\n".join(f"{indent}{lhs} = {rhs}" for lhs, rhs in code.block.statements),
-        outputs="\n".join(f"{indent}{write} {op} {local}" for write, op, local in code.outputs))
-    if not batched:
-        return UNROLLED_KERNEL.substitute(fields)
-    zero = "\n".join(f"    {name}[...] = 0.0" for name in code.accumulated) or "    pass"
-    return LAYER_KERNEL.substitute(fields, zero=zero, first=code.arguments[0])
-
-
-DOCS = {  # (forward, backward) kernel docstrings
-    False: ("Writes O = softmax(scale Q K^T) V for Q, K, V", "Writes dQ, dK, dV of L = sum(dO * O) for Q, K, V, dO"),
-    True: ("Writes Z (batch, n_q, d_model) of the layer", "Writes dx (and dy), dW_Q, dW_K, dW_V, dW_O (and bias "
-                                                          "gradients) of L = sum(dZ * Z)"),
-}
-
-
 def render_unrolled(spec, progress: Progress = silent) -> str:
     """Source of the unrolled forward and backward kernels of a single head or a multi-head layer."""
     layer = isinstance(spec, MultiHeadSpec)
@@ -63,14 +44,26 @@ def render_unrolled(spec, progress: Progress = silent) -> str:
     for kind in ("forward", "backward"):
         progress(f"generate: unrolled {kind} of {spec.name}")
         code[kind] = kernel_code(d, kind)
-    kernels = "".join(_kernel(code[kind], doc, batched=layer) for kind, doc in zip(code, DOCS[layer]))
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "_"}
     fields["scale"] = None if spec.scale is None else str(spec.scale)
     fields["mask"] = spec.mask if isinstance(spec.mask, str) else spec.mask.text  # a user's mask: its name
-    return stamp((LAYER_FILE if layer else UNROLLED_FILE).substitute(
-        header=HEADER.substitute(source=repr(spec), command=command(spec)), title=spec.title, kernels=kernels,
-        spec=repr(fields), forward_ops=code["forward"].block.ops, backward_ops=code["backward"].block.ops,
-        **spec.sizes))
+    template = ENV.get_template("layer.py.j2" if layer else "unrolled.py.j2")
+    variant = {} if layer else dict(variant=_variant(spec, fields["mask"]),
+                                    params=[(p.tensor, TENSORS[p.tensor].shape(spec)) for p in parameters(spec)])
+    return stamp(template.render(header=HEADER.substitute(source=repr(spec), command=command(spec)),
+                                 title=spec.title, spec=repr(fields), jit=decorator(), **code, **variant,
+                                 **spec.sizes))
+
+
+def _variant(spec: AttentionSpec, mask: str) -> dict | None:
+    """The variant as the unrolled file's docstring names it (parameters by kernel argument name); None for the
+    dot product, unmasked or causal."""
+    if spec.score == "dot" and spec.mod_object is None and mask in ("none", "causal"):
+        return None
+    mod_params = [p.tensor for p in spec.mod_object.params] if spec.mod_object else []
+    return {"score": spec.score, "score_params": [p.tensor for p in parameters(spec) if p.tensor not in mod_params],
+            "mod": spec.mod_object and spec.score_mod, "mod_params": mod_params,
+            "mask": None if mask == "none" else mask}
 
 
 def render(spec, progress: Progress = silent) -> dict[str, str]:

@@ -107,7 +107,13 @@ class KernelCode:
     inputs: tuple[tuple[str, str], ...]  # (local, array read)
     block: Block
     outputs: tuple[tuple[str, str, str], ...]  # (array write, "=" or "+=", local)
+    written: tuple[str, ...]  # the output arrays: the last arguments
     accumulated: tuple[str, ...] = ()  # outputs summed over the batch: zeroed before the batch loop
+
+    @property
+    def read(self) -> tuple[str, ...]:
+        """The input arrays: the arguments before the outputs."""
+        return self.arguments[:len(self.arguments) - len(self.written)]
 
 
 def kernel_code(d: Derivation, kind: str) -> KernelCode:
@@ -125,7 +131,7 @@ def kernel_code(d: Derivation, kind: str) -> KernelCode:
                     for n in p.outputs for x in flat(t[n]))
     keep = {x for n in p.outputs for x in flat(t[n])}
     return KernelCode(check_identifier(f"{d.spec.name}_{kind}"), p.inputs + p.outputs, inputs,
-                      cse_block(assignments(d, p), printer, keep), outputs, accumulated)
+                      cse_block(assignments(d, p), printer, keep), outputs, p.outputs, accumulated)
 
 
 def _read(array: str, index: tuple) -> str:

@@ -12,22 +12,12 @@ import sympy
 from sympy.printing.latex import LatexPrinter
 
 from .notation import (DEFAULT, LINE, Notation, doc_printer, explanation_latex, explanation_markdown, explanation_text,
-                       fitted, head_tagged, one_based, visible_width, wrap)
+                       fitted, head_tagged, one_based, tex_escape, visible_width, wrap)
 
 from ..symbolic.tensors import TENSORS
 
 if TYPE_CHECKING:  # type hints only: printing never needs the derivation machinery
     from ..symbolic.derive import Derivation, Step
-
-_TEX_SPECIALS = {"\\": r"\textbackslash{}", "_": r"\_", "^": r"\^{}", "&": r"\&", "%": r"\%",
-                 "$": r"\$", "#": r"\#", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                 "<": r"\textless{}", ">": r"\textgreater{}"}
-
-
-def tex_escape(text: str) -> str:
-    """Plain text -> LaTeX text mode."""
-    return "".join(_TEX_SPECIALS.get(c, c) for c in text)
-
 
 def printer(d: Derivation, notation: Notation = DEFAULT, max_terms: int | None = None) -> LatexPrinter:
     """The documents' printer for a derivation (its element symbols named as the notation says)."""

@@ -246,18 +246,18 @@ def latex(obj, notation: Notation | None = None, *, table=None) -> str:
     A Step prints its indexed formula (and matrix form, on a second line); a Derivation its LaTeX body;
     anything SymPy prints goes through the same printer (S̃ as \\tilde{S}, dS as \\mathrm{d}S)."""
     notation = notation or DEFAULT
-    from ..symbolic.derive import Derivation, Step
-    if isinstance(obj, Derivation):
-        from .latex import to_latex
-        return to_latex(obj, notation=notation)
+    if hasattr(obj, "steps") and hasattr(obj, "to_latex"):  # a Derivation (duck-typed: render never imports derive)
+        return obj.to_latex(notation=notation)
     shift = one_based if notation.index_base == 1 else (lambda e: e)
     p = doc_printer(table, notation)
-    if isinstance(obj, Step):
+    if all(hasattr(obj, name) for name in ("lhs", "rhs", "indexed", "matrix", "tag")):  # a Step
         lines = []
         if obj.indexed is not None:
-            lines.append(f"{p.doprint(shift(obj.lhs))} = {p.doprint(shift(obj.rhs))}")
+            lines.append(f"{p.doprint(shift(head_tagged(obj.lhs, obj.tag)))} = "
+                         f"{p.doprint(shift(head_tagged(obj.rhs, obj.tag)))}")
         if obj.matrix is not None:
-            lines.append(f"{p.doprint(obj.matrix.lhs)} = {p.doprint(obj.matrix.rhs)}")
+            lines.append(f"{p.doprint(head_tagged(obj.matrix.lhs, obj.tag))} = "
+                         f"{p.doprint(head_tagged(obj.matrix.rhs, obj.tag))}")
         return " \\\\\n".join(lines) if lines else p.doprint(shift(obj.lhs))
     if isinstance(obj, sympy.Eq):
         return f"{p.doprint(shift(obj.lhs))} = {p.doprint(shift(obj.rhs))}"
@@ -301,8 +301,17 @@ def explanation_parts(text: str) -> list[tuple[bool, str]]:
     return [(n % 2 == 1, piece) for n, piece in enumerate(pieces) if piece]
 
 
+_TEX_SPECIALS = {"\\": r"\textbackslash{}", "_": r"\_", "^": r"\^{}", "&": r"\&", "%": r"\%",
+                 "$": r"\$", "#": r"\#", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                 "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def tex_escape(text: str) -> str:
+    """Plain text -> LaTeX text mode."""
+    return "".join(_TEX_SPECIALS.get(c, c) for c in text)
+
+
 def explanation_latex(text: str) -> str:
-    from .latex import tex_escape
     return "".join(f"${p}$" if math else tex_escape(p) for math, p in explanation_parts(text))
 
 
