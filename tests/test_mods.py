@@ -1,16 +1,22 @@
 """Score mods (issue 8): ALiBi, soft-cap and a learned relative-position bias, applied to any score, derived (their
 slope ∂f/∂s and parameter gradients by SymPy), proven, printed, generated and verified."""
 import dataclasses
+import math
+import re
+import shutil
+import subprocess
 from fractions import Fraction
 
 import numpy as np
 import pytest
+import sympy
 
 import symattn
 from conftest import reference_gradcheck
 from symattn import AttentionSpec, SpecError, reference
 from symattn.app.cli import main
-from symattn.symbolic.mods import alibi, mod_of, parse, relative_bias, softcap
+from symattn.symbolic import masks
+from symattn.symbolic.mods import alibi, mod_of, ops, parse, relative_bias, score_mod, softcap, table
 
 
 @pytest.mark.parametrize("mod", ["alibi", "alibi:1/8", "softcap:5", "relative-bias:1"])
@@ -80,3 +86,134 @@ def test_mod_texts_and_errors():
         with pytest.raises(SpecError, match=message):
             AttentionSpec(2, 2, 2, score_mod=bad)
     assert main(["derive", "--n-q", "2", "--d-model", "4", "--heads", "2", "--score-mod", "alibi"]) == 2
+
+
+# -- per-head ALiBi ---------------------------------------------------------------------------------------------
+
+def test_per_head_alibi_slopes(rng):
+    mod = alibi(heads=8)
+    assert mod.text == "alibi:heads=8" and parse("alibi:heads=8").text == mod.text and alibi().text == "alibi"
+    assert [mod.slope(h) for h in (0, 7)] == [0.5, 2.0 ** -8] and alibi().slope(3) == 2.0 ** -8
+    q, k, v = rng.normal(size=(2, 3, 4, 2)), rng.normal(size=(2, 3, 5, 2)), rng.normal(size=(2, 3, 5, 2))
+    O = reference.attention(q, k, v, score_mod=alibi(heads=3))
+    distance = np.arange(5)[None, :] - np.arange(4)[:, None]
+    for h in range(3):  # head h: the float mask 2^(-8(h+1)/3)·(j − i), written independently
+        np.testing.assert_allclose(O[:, h], reference.attention(q[:, h], k[:, h], v[:, h],
+                                                                mask=2.0 ** (-8 * (h + 1) / 3) * distance), rtol=1e-13)
+    np.testing.assert_allclose(reference.attention(q, k, v, score_mod=alibi(heads=1))[:, 0],
+                               reference.attention(q[:, 0], k[:, 0], v[:, 0], score_mod=alibi()), rtol=1e-13)
+
+
+def test_per_head_alibi_derivation_shows_m_h():
+    d = symattn.derive(AttentionSpec(2, 3, 1, score_mod="alibi:heads=8"))
+    assert d.proved
+    from symattn.symbolic.tensors import HEAD
+    assert HEAD in d.step("mod").rhs.free_symbols and "m_h" in d.step("mod").explanation
+    sr = d.table["Sr"]
+    assert d.step("mod").explicit[1, 0] - sr[1, 0] == Fraction(-1, 2)  # head 0 of 8: m_0 = 2^-1
+
+
+# -- a user's score mod, traced ---------------------------------------------------------------------------------
+
+def _clipped_bias(score, b, h, q_idx, kv_idx):
+    return score + _TABLE[ops.minimum(ops.maximum(kv_idx - q_idx, -1), 1) + 1]
+
+
+_TABLE = None
+
+
+def test_a_traced_bias_is_the_library_relative_bias(rng):
+    global _TABLE
+    _TABLE = table("rb", 3)
+    mod = score_mod(_clipped_bias)
+    assert mod.kind == "user" and mod.text.startswith("user_") and score_mod(_clipped_bias).text == mod.text
+    assert mod_of(_clipped_bias).text == mod.text and AttentionSpec(2, 2, 1, score_mod=mod).score_mod == mod.text
+    d = symattn.derive(AttentionSpec(2, 3, 1, score_mod=mod, mask="causal"))
+    assert d.proved and "dthrb" in {p.step for p in d.proofs if p.kind == "gradient"}
+    q, k, v, dO = (rng.normal(size=s) for s in ((2, 3, 2), (2, 4, 2), (2, 4, 3), (2, 3, 3)))
+    B = rng.normal(size=3)
+    ours = reference.gradients(q, k, v, dO, score_mod=mod, params={"rb": B})
+    library = reference.gradients(q, k, v, dO, score_mod=relative_bias(1), params={"B_rel": B})
+    for name, other in (("q", "q"), ("k", "k"), ("v", "v"), ("rb", "B_rel")):
+        np.testing.assert_allclose(ours[name], library[other], rtol=1e-12, err_msg=name)
+
+
+def test_a_traced_mod_with_where_and_a_per_head_table_agrees_with_finite_differences(rng):
+    def mod(score, b, h, q_idx, kv_idx, theta):  # declared params, FlexAttention's bias[h, distance]
+        boosted = ops.where(kv_idx > q_idx, 2 * score, ops.maximum(score, -1))
+        return boosted + theta["hb"][h, kv_idx - q_idx + 3]
+    traced = score_mod(mod, params={"hb": (2, 7)}, name="gated_bias")
+    assert traced.text == "gated_bias" and mod_of("gated_bias") is traced
+    hb = rng.normal(size=(2, 7))
+    arrays = {"q": rng.normal(size=(1, 2, 3, 2)), "k": rng.normal(size=(1, 2, 4, 2)),
+              "v": rng.normal(size=(1, 2, 4, 2)), "hb": hb}
+    report = reference_gradcheck(arrays, {"hb": hb}, score_mod=traced)
+    assert report.passed, [c.failure() for c in report.comparisons if not c.passed]
+    d = symattn.derive(AttentionSpec(2, 3, 1, score_mod=traced))
+    assert d.proved, [p.failure for p in d.proofs if not p.passed]
+
+
+def test_a_traced_mod_is_verified_four_ways(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYMATTN_CACHE", str(tmp_path))
+    mod = score_mod(lambda score, b, h, q_idx, kv_idx: 3 * ops.tanh(score / 3) - abs(kv_idx - q_idx) / 4)
+    report = symattn.verify(AttentionSpec(3, 3, 2, score_mod=mod))
+    assert report.passed, report.failures()
+    assert {c.path for c in report.comparisons} >= {"unrolled kernel f64", "NumPy reference f64"}
+
+
+@pytest.mark.parametrize("fn, operation", [
+    (lambda s, b, h, q, kv: math.sin(s), "math.sin"),
+    (lambda s, b, h, q, kv: s if s > 0 else -s, "truth value"),
+    (lambda s, b, h, q, kv: sympy.sin(s), "uses sin"),
+    (lambda s, b, h, q, kv: q >= kv, "not a score"),
+    (lambda s, b, h, q, kv: ops.where(q >= kv, s, -math.inf), "mask_mod"),
+    (lambda s, b, h, q, kv: ops.where(q == kv, 2 * s, s), "ops.eq"),
+])
+def test_unsupported_operations_are_named(fn, operation):
+    with pytest.raises(SpecError, match=re.escape(operation)) as error:
+        score_mod(fn)
+    assert "ops.where" in str(error.value) or "mask_mod" in operation or "not a score" in operation
+
+
+def test_a_torch_function_is_refused():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(SpecError, match="torch.tanh") as error:
+        score_mod(lambda s, b, h, q, kv: torch.tanh(s))
+    assert "ops.tanh" in str(error.value)
+
+
+def test_a_table_read_out_of_range_is_refused(rng):
+    small = table("small", 2)
+    mod = score_mod(lambda score, b, h, q_idx, kv_idx: score + small[kv_idx - q_idx])
+    with pytest.raises(SpecError, match="outside the table"):
+        symattn.derive(AttentionSpec(2, 3, 1, score_mod=mod), prove=False)
+    with pytest.raises(IndexError, match="outside its shape"):
+        reference.gradients(*(rng.normal(size=(3, 1)),) * 4, score_mod=mod, params={"small": np.zeros(2)})
+
+
+def test_reference_mask_mod_over_index_grids(rng):
+    q, k, v = rng.normal(size=(2, 3, 4, 2)), rng.normal(size=(2, 3, 4, 2)), rng.normal(size=(2, 3, 4, 2))
+    window = masks.sliding_window(1)
+    banded = AttentionSpec(4, 4, 2, mask="window:1").mask_array()
+    np.testing.assert_array_equal(reference.attention(q, k, v, mask_mod=window), reference.attention(q, k, v, mask=banded))
+
+    def per_head(b, h, q_idx, kv_idx):  # head h sees h keys back, batch 1 also the first key
+        return (kv_idx <= q_idx) & (q_idx - kv_idx <= h) | ((b == 1) & (kv_idx == 0))
+    O = reference.attention(q, k, v, mask_mod=per_head)
+    for b_, h_ in np.ndindex(2, 3):
+        visible = np.array([[bool(per_head(b_, h_, i, j)) for j in range(4)] for i in range(4)])
+        np.testing.assert_allclose(O[b_, h_], reference.attention(q[b_, h_], k[b_, h_], v[b_, h_], mask=visible))
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (CI installs it)")
+def test_a_traced_mod_document_compiles(tmp_path):
+    gate = table("gate", 3)
+
+    def gated(score, b, h, q_idx, kv_idx):
+        return ops.where(kv_idx >= q_idx, ops.maximum(score, -2), score * gate[kv_idx]) + ops.exp(-abs(kv_idx - q_idx))
+    d = symattn.derive(AttentionSpec(2, 3, 2, score_mod=score_mod(gated)))
+    assert d.proved, [p.failure for p in d.proofs if not p.passed]
+    (tmp_path / "d.tex").write_text(d.to_tex_document())
+    result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "d.tex"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]

@@ -112,7 +112,7 @@ def test_verify_command(argv, capsys, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(score="cosine"), "score must be one of"), (dict(score="additive"), "hidden .* is required"),
+    (dict(score="bogus"), "score must be one of"), (dict(score="additive"), "hidden .* is required"),
     (dict(hidden=2), "applies to score='additive' only"),
     (dict(score="additive", hidden=2, scale=0.5), "does not apply to score='additive'"),
     (dict(score="additive", hidden=0), "hidden must be a positive integer")])
@@ -142,7 +142,8 @@ def test_derive_prints_the_parameter_gradients(fmt, marks, capsys):
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (CI installs it)")
 @pytest.mark.parametrize("variant", [*SPECS.values(), dict(score_mod="relative-bias:1", mask="window:1"),
                                      dict(score_mod="alibi", mask="prefix:1|causal"),
-                                     dict(score="additive", hidden=2, score_mod="softcap:3")], ids=repr)
+                                     dict(score="additive", hidden=2, score_mod="softcap:3"),
+                                     dict(score="cosine", score_mod="alibi:heads=4")], ids=repr)
 def test_variant_documents_compile(variant, tmp_path):
     spec = AttentionSpec(2, 3, 2, **variant)
     (tmp_path / "d.tex").write_text(symattn.derive(spec).to_tex_document())

@@ -59,7 +59,11 @@ def _inputs(spec: AttentionSpec, seed: int) -> dict[str, np.ndarray]:
     shapes = {"Q": (spec.n_q, spec.d_k), "K": (spec.n_k, spec.d_k), "V": (spec.n_k, spec.d_v)}
     shapes.update({p.tensor: TENSORS[p.tensor].shape(spec) for p in parameters(spec)})
     shapes["dO"] = (spec.n_q, spec.d_v)
-    return {name: rng.integers(-16, 17, size=shape) / 8.0 for name, shape in shapes.items()}
+    x = {name: rng.integers(-16, 17, size=shape) / 8.0 for name, shape in shapes.items()}
+    if spec.score == "cosine":  # a zero row is the norm's kink: finite differences across it mean nothing
+        for name in ("Q", "K"):
+            x[name][np.all(x[name] == 0, axis=-1), 0] = 1 / 8
+    return x
 
 
 def evaluate(d, inputs: dict[str, np.ndarray], keys, digits: int = 40) -> dict[str, np.ndarray]:
@@ -130,8 +134,10 @@ def _loop(spec, x, dtype):
 
 
 def _reference(spec, x) -> dict[str, np.ndarray]:
+    """The NumPy reference; a mask other than causal goes in as the mask_mod it is (evaluated over index grids)."""
     params = {p.name: x[p.tensor] for p in parameters(spec)}
-    kw = dict(**_mask_options(spec), scale=None if spec.score in UNSCALED else spec.scale_value,
+    masking = dict(is_causal=True) if spec.causal else dict(mask_mod=spec.mask_object)
+    kw = dict(**masking, scale=None if spec.score in UNSCALED else spec.scale_value,
               score=spec.score, params=params, score_mod=spec.mod_object)
     grads = reference.gradients(x["Q"], x["K"], x["V"], x["dO"], **kw)
     values = [reference.attention(x["Q"], x["K"], x["V"], **kw), grads["q"], grads["k"], grads["v"],

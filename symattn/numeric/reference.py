@@ -3,6 +3,8 @@
 Semantics follow PyTorch's scaled_dot_product_attention: arrays (..., n, d); boolean mask True = may
 attend; float mask added to the scores; is_causal = lower-triangular, top-left aligned. Fully masked rows
 follow `masked_rows`: "zero" (output 0, zero gradients), "uniform" (uniform weights), "nan".
+Score mods and mask mods see FlexAttention's indices: for (..., B, H, n, d) inputs b indexes dim -4 and h dim
+-3 where present (0 otherwise), q_idx and kv_idx the rows of q and k.
 """
 from __future__ import annotations
 
@@ -14,26 +16,61 @@ def causal_mask(n_q: int, n_k: int) -> np.ndarray:
     return np.tril(np.ones((n_q, n_k), dtype=bool))
 
 
-def _bias(mask, is_causal: bool, n_q: int, n_k: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Additive bias (0 or -inf, or the float mask) and the boolean 'visible' array."""
+def _bias(mask, is_causal: bool, n_q: int, n_k: int, dtype, mask_mod=None, shape=None):
+    """Additive bias (0 or -inf, or the float mask) and the boolean 'visible' array; a mask_mod is evaluated at
+    scores of `shape` (..., n_q, n_k)."""
     bias = np.zeros((n_q, n_k), dtype=dtype)
     if mask is not None:
         mask = np.asarray(mask)
         bias = np.where(mask, 0.0, -np.inf).astype(dtype) if mask.dtype == bool else mask.astype(dtype)
     if is_causal:
         bias = np.where(causal_mask(n_q, n_k), bias, -np.inf)
+    if mask_mod is not None:
+        bias = np.where(mask_visible(mask_mod, shape), bias, -np.inf)
     return bias, np.isfinite(bias) | np.isnan(bias)
 
 
 def scores(q, k, *, score="dot", params=None, scale=None) -> np.ndarray:
-    """S (..., n_q, n_k): dot scale·q kᵀ, general scale·q W_a kᵀ, additive v_aᵀ tanh(q W_a + k U_a + b_a)."""
+    """S (..., n_q, n_k): dot scale·q kᵀ, general scale·q W_a kᵀ, additive v_aᵀ tanh(q W_a + k U_a + b_a),
+    cosine tau·(q/max(‖q‖, eps))·(k/max(‖k‖, eps))ᵀ (eps = 1e-12, as torch.nn.functional.normalize)."""
     q, k, theta = np.asarray(q), np.asarray(k), params or {}
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     if score == "dot":
         return scale * (q @ np.swapaxes(k, -1, -2))
     if score == "general":
         return scale * (q @ theta["W_a"] @ np.swapaxes(k, -1, -2))
+    if score == "cosine":
+        return _tau(theta) * (_unit(q)[0] @ np.swapaxes(_unit(k)[0], -1, -2))
     return _hidden(q, k, theta) @ theta["v_a"]  # additive: (..., n_q, n_k, d_a) @ (d_a,)
+
+
+NORM_EPS = 1e-12
+
+
+def _unit(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x / max(‖x‖, eps) row by row (..., n, d), the norms (..., n, 1), and where the clamp is off (‖x‖ >= eps)
+    (..., n, 1)."""
+    norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
+    return x / np.maximum(norm, NORM_EPS), norm, norm >= NORM_EPS
+
+
+def _tau(theta) -> float:
+    """The cosine score's temperature: a scalar, shape () or (1,)."""
+    return float(np.asarray(theta["tau"]).reshape(()))
+
+
+def _cosine_backward(q, k, dS, theta) -> dict:
+    """dQ, dK, dtau of S = tau ûkᵀ with û = q / max(‖q‖, eps); the clamp passes no gradient to the norm where it
+    holds (‖x‖ < eps), as torch's clamp_min."""
+    tau, (u, nq, on_q), (w, nk, on_k) = _tau(theta), _unit(q), _unit(k)
+    dU, dW = tau * dS @ w, tau * np.swapaxes(dS, -1, -2) @ u  # (..., n_q, d_k), (..., n_k, d_k)
+
+    def through_norm(x, unit, norm, on, d_unit):  # d(x / max(‖x‖, eps)) applied to d_unit
+        radial = np.sum(d_unit * unit, axis=-1, keepdims=True) * unit
+        return (d_unit - np.where(on, radial, 0.0)) / np.maximum(norm, NORM_EPS)
+    dtau = np.sum(dS * (u @ np.swapaxes(w, -1, -2)))
+    return {"q": through_norm(q, u, nq, on_q, dU), "k": through_norm(k, w, nk, on_k, dW),
+            "tau": np.reshape(dtau, np.shape(theta["tau"]))}
 
 
 def _hidden(q, k, theta) -> np.ndarray:
@@ -49,6 +86,8 @@ def score_backward(q, k, dS, *, score="dot", params=None, scale=None) -> dict:
     dST = np.swapaxes(dS, -1, -2)
     if score == "dot":
         return {"q": scale * dS @ k, "k": scale * dST @ q}
+    if score == "cosine":
+        return _cosine_backward(q, k, dS, theta)
     if score == "general":
         W = theta["W_a"]
         return {"q": scale * dS @ k @ W.T, "k": scale * dST @ q @ W,  # (..., n, d_k)
@@ -66,42 +105,101 @@ def _total(g: np.ndarray, rank: int) -> np.ndarray:
     return g.reshape((-1,) + g.shape[g.ndim - rank:]).sum(axis=0)
 
 
+def _grids(shape: tuple[int, ...]) -> tuple:
+    """FlexAttention's (b, h, q_idx, kv_idx) for scores of `shape` (..., n_q, n_k), broadcastable against them."""
+    n_q, n_k = shape[-2:]
+    b = np.arange(shape[-4]).reshape(-1, 1, 1, 1) if len(shape) >= 4 else np.zeros((), int)  # (B, 1, 1, 1)
+    h = np.arange(shape[-3]).reshape(-1, 1, 1) if len(shape) >= 3 else np.zeros((), int)  # (H, 1, 1)
+    return b, h, np.arange(n_q).reshape(-1, 1), np.arange(n_k).reshape(1, -1)  # q (n_q, 1), kv (1, n_k)
+
+
 def modded(S, score_mod, params=None) -> np.ndarray:
-    """A score mod applied to S (..., n_q, n_k): alibi S + m(j − i), softcap c·tanh(S/c), relative bias
-    S + B[clip(j − i, −d, d) + d]. `score_mod` has `kind` and `value` (symattn.symbolic.mods.ScoreMod)."""
+    """A score mod applied to S (..., n_q, n_k): alibi S + m(j − i) (m = the slope, or 2^(-8(h+1)/H) of head h),
+    softcap c·tanh(S/c), relative bias S + B[clip(j − i, −d, d) + d], a user's traced mod by its lambdified
+    expression. `score_mod` has `kind` and `value` (symattn.symbolic.mods.ScoreMod)."""
     if score_mod is None:
         return S
     kind, value = score_mod.kind, float(score_mod.value)
-    distance = np.arange(S.shape[-1])[None, :] - np.arange(S.shape[-2])[:, None]  # (n_q, n_k): j - i
+    b, h, q, kv = _grids(S.shape)
     if kind == "alibi":
-        return S + value * distance
+        return S + value * (kv - q)
+    if kind == "alibi-heads":
+        return S + 2.0 ** (-8.0 * (h + 1) / value) * (kv - q)
     if kind == "softcap":
         return value * np.tanh(S / value)
+    if kind == "user":
+        f, _, leaves = score_mod.trace.numpy()
+        tables = _tables(score_mod, params)
+        for name, index_fns, _ in leaves:  # NumPy would wrap a negative index silently
+            _entry_index(name, index_fns, (b, h, q, kv), S.shape, dict(zip(score_mod.trace.tables, tables)))
+        return np.broadcast_to(f(S, b, h, q, kv, *tables), S.shape)
     d = int(value)
-    return S + (params or {})["B_rel"][np.clip(distance, -d, d) + d]
+    return S + (params or {})["B_rel"][np.clip(kv - q, -d, d) + d]
+
+
+def _tables(score_mod, params) -> list[np.ndarray]:
+    """A user's mod's tables from `params`, in its order."""
+    missing = [t.name for t in score_mod.trace.tables if t.name not in (params or {})]
+    if missing:
+        raise KeyError(f"params lacks the score mod's table(s) {missing}")
+    return [np.asarray(params[t.name]) for t in score_mod.trace.tables]
 
 
 def mod_backward(S_raw, dS, score_mod, params=None) -> tuple[np.ndarray, dict]:
     """dS before the mod (dS·∂f/∂s) and the mod's parameter gradients."""
-    if score_mod is None:
+    if score_mod is None or score_mod.kind in ("alibi", "alibi-heads"):
         return dS, {}
     if score_mod.kind == "softcap":
         return dS * (1 - np.tanh(S_raw / float(score_mod.value)) ** 2), {}
-    if score_mod.kind == "alibi":
-        return dS, {}
+    b, h, q, kv = _grids(dS.shape)
+    if score_mod.kind == "user":
+        return _user_backward(S_raw, dS, score_mod, params, (b, h, q, kv))
     d = int(score_mod.value)
-    distance = np.arange(dS.shape[-1])[None, :] - np.arange(dS.shape[-2])[:, None]
     dB = np.zeros(2 * d + 1)
-    np.add.at(dB, np.clip(distance, -d, d) + d, dS.reshape((-1,) + dS.shape[-2:]).sum(axis=0))
+    np.add.at(dB, np.clip(kv - q, -d, d) + d, dS.reshape((-1,) + dS.shape[-2:]).sum(axis=0))
     return dS, {"B_rel": dB}
 
 
+def _user_backward(S_raw, dS, score_mod, params, grids) -> tuple[np.ndarray, dict]:
+    """dS·∂f/∂s, and each table's gradient: Σ dS·∂f/∂entry scattered to the entry's index (np.add.at)."""
+    _, slope, leaves = score_mod.trace.numpy()
+    tables = _tables(score_mod, params)
+    args = (S_raw, *grids, *tables)
+    grads = {t.name: np.zeros(np.shape(x)) for t, x in zip(score_mod.trace.tables, tables)}
+    for name, index_fns, partial in leaves:
+        index = _entry_index(name, index_fns, grids, dS.shape, dict(zip(score_mod.trace.tables, tables)))
+        np.add.at(grads[name], index, dS * np.broadcast_to(partial(*args), dS.shape))
+    return dS * np.broadcast_to(slope(*args), dS.shape), grads
+
+
+def _entry_index(name: str, index_fns, grids, shape, tables: dict) -> tuple[np.ndarray, ...]:
+    """The table index a mod reads at every score of `shape`, checked to lie in the table."""
+    size = next(np.shape(x) for t, x in tables.items() if t.name == name)
+    index = tuple(np.broadcast_to(np.asarray(f(*grids)), shape) for f in index_fns)
+    if any(np.any(ix != np.round(ix)) or np.any(ix < 0) or np.any(ix >= n) for ix, n in zip(index, size)):
+        raise IndexError(f"the score mod reads {name} outside its shape {size}")
+    return tuple(ix.astype(int) for ix in index)
+
+
+def mask_visible(mask_mod, shape: tuple[int, ...]) -> np.ndarray:
+    """The boolean visibility of a mask (a symattn Mask, or a mask_mod(b, h, q_idx, kv_idx) function) at scores of
+    `shape` (..., n_q, n_k): its mod called over index grids, or pair by pair where it takes Python ints only."""
+    mod = getattr(mask_mod, "mod", mask_mod)
+    b, h, q, kv = _grids(shape)
+    try:
+        visible = np.asarray(mod(b, h, q, kv), dtype=bool)
+    except Exception:  # a mod written for one (b, h, q_idx, kv_idx) at a time
+        visible = np.vectorize(lambda *ix: bool(mod(*(int(x) for x in ix))))(b, h, q, kv)
+    return np.broadcast_to(visible, np.broadcast_shapes(visible.shape, shape))
+
+
 def weights(q, k, *, mask=None, is_causal=False, scale=None, masked_rows="zero", score="dot",
-            params=None, score_mod=None) -> np.ndarray:
-    """P = row-softmax(S + bias), shape (..., n_q, n_k), S from `scores` (and `modded`)."""
+            params=None, score_mod=None, mask_mod=None) -> np.ndarray:
+    """P = row-softmax(S + bias), shape (..., n_q, n_k), S from `scores` (and `modded`); `mask_mod` (a Mask or
+    a mask_mod function) hides keys besides `mask` and `is_causal`."""
     q, k = np.asarray(q), np.asarray(k)
     S = modded(scores(q, k, score=score, params=params, scale=scale), score_mod, params)  # (..., n_q, n_k)
-    bias, visible = _bias(mask, is_causal, q.shape[-2], k.shape[-2], S.dtype)
+    bias, visible = _bias(mask, is_causal, q.shape[-2], k.shape[-2], S.dtype, mask_mod, S.shape)
     S = S + bias
     empty = ~np.any(visible, axis=-1, keepdims=True)  # (..., n_q, 1) fully masked rows
     m = np.max(np.where(empty, 0.0, S), axis=-1, keepdims=True)
@@ -116,10 +214,10 @@ def weights(q, k, *, mask=None, is_causal=False, scale=None, masked_rows="zero",
 
 
 def attention(q, k, v, *, mask=None, is_causal=False, scale=None, masked_rows="zero", score="dot",
-              params=None, score_mod=None) -> np.ndarray:
+              params=None, score_mod=None, mask_mod=None) -> np.ndarray:
     """O = PV, shape (..., n_q, d_v)."""
     P = weights(q, k, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows, score=score,
-                params=params, score_mod=score_mod)
+                params=params, score_mod=score_mod, mask_mod=mask_mod)
     return P @ np.asarray(v)  # (..., n_q, d_v)
 
 
@@ -130,19 +228,19 @@ def attention_backward(q, k, v, dO, *, mask=None, is_causal=False, scale=None, m
 
 
 def gradients(q, k, v, dO, *, mask=None, is_causal=False, scale=None, masked_rows="zero", score="dot",
-              params=None, score_mod=None) -> dict:
+              params=None, score_mod=None, mask_mod=None) -> dict:
     """Every gradient of L = Σ dO∘O keyed "q", "k", "v" and by parameter name; inputs' gradients have their
     input's shape (summed over broadcast dims)."""
     q, k, v, dO = map(np.asarray, (q, k, v, dO))
     P = weights(q, k, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows, score=score,
-                params=params, score_mod=score_mod)  # (..., n_q, n_k)
+                params=params, score_mod=score_mod, mask_mod=mask_mod)  # (..., n_q, n_k)
     O = P @ v  # (..., n_q, d_v)
     dV = np.swapaxes(P, -1, -2) @ dO  # (..., n_k, d_v)
     dP = dO @ np.swapaxes(v, -1, -2)  # (..., n_q, n_k)
     D = np.sum(dO * O, axis=-1, keepdims=True)  # (..., n_q, 1)
     dS = P * (dP - D)  # (..., n_q, n_k)
     if masked_rows == "uniform":  # uniform rows do not depend on S
-        bias, visible = _bias(mask, is_causal, q.shape[-2], k.shape[-2], dS.dtype)
+        bias, visible = _bias(mask, is_causal, q.shape[-2], k.shape[-2], dS.dtype, mask_mod, dS.shape)
         dS = np.where(np.any(visible, axis=-1, keepdims=True), dS, 0.0)
     S_raw = scores(q, k, score=score, params=params, scale=scale) if score_mod is not None else None
     dS, mod_grads = mod_backward(S_raw, dS, score_mod, params)

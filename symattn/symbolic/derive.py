@@ -13,8 +13,8 @@ from typing import Callable
 
 import sympy
 
-from .tensors import SIZES, TENSORS, SymbolTable, a, b, flat, i, j, l
-from .score import SCORES, Score, partial, scale_symbolic
+from .tensors import HEAD, SIZES, TENSORS, SymbolTable, a, b, flat, i, j, l
+from .score import SCORES, Score, derivative, partial, scale_symbolic
 from .spec import AttentionSpec
 
 Progress = Callable[[str], None]
@@ -129,16 +129,16 @@ def _score_steps(spec: AttentionSpec, score: Score, table: SymbolTable) -> dict[
                                                                                      theta))
         for p in mod.params:
             steps["d" + p.tensor] = lambda p=p: sympy.ImmutableDenseNDimArray(
-                [sum(table["dS"][x, y] * sympy.diff(mod.formula(table["Sr"][x, y], 0, 0, x, y, theta), e)
+                [sum(table["dS"][x, y] * derivative(mod.formula(table["Sr"][x, y], 0, 0, x, y, theta), e)
                      for x in range(spec.n_q) for y in range(spec.n_k)) for e in flat(table[p.tensor])],
                 table[p.tensor].shape)
     return steps
 
 
-def _mod_slope(mod, s_bar, x, y, theta) -> sympy.Expr:
-    """∂f/∂s of a score mod at s = s̄, by sympy.diff."""
+def _mod_slope(mod, s_bar, x, y, theta, h=0) -> sympy.Expr:
+    """∂f/∂s of a score mod at s = s̄, by sympy.diff (head h: 0 in explicit forms, HEAD in indexed ones)."""
     sigma = sympy.Symbol("sigma", real=True)
-    return sympy.diff(mod.formula(sigma, 0, 0, x, y, theta), sigma).subs(sigma, s_bar)
+    return derivative(mod.formula(sigma, 0, h, x, y, theta), sigma).subs(sigma, s_bar)
 
 
 def _score_gradients(spec: AttentionSpec, score: Score, table: SymbolTable) -> dict[str, Callable[[], sympy.Array]]:
@@ -154,14 +154,14 @@ def _score_gradients(spec: AttentionSpec, score: Score, table: SymbolTable) -> d
     dS, Q, K = table["dSr" if spec.mod_object else "dS"], table["Q"], table["K"]
     rows, cols = range(spec.n_q), range(spec.n_k)
     out = {
-        "dQ": lambda: _array([[tau * sum(dS[x, y] * sympy.diff(s(x, y), Q[x, z]) for y in cols)
+        "dQ": lambda: _array([[tau * sum(dS[x, y] * derivative(s(x, y), Q[x, z]) for y in cols)
                                for z in range(spec.d_k)] for x in rows]),  # (n_q, d_k)
-        "dK": lambda: _array([[tau * sum(dS[x, y] * sympy.diff(s(x, y), K[y, z]) for x in rows)
+        "dK": lambda: _array([[tau * sum(dS[x, y] * derivative(s(x, y), K[y, z]) for x in rows)
                                for z in range(spec.d_k)] for y in cols]),  # (n_k, d_k)
     }
     for p in score.params:
         def gradient(theta=table[p.tensor]):
-            entries = [tau * sum(dS[x, y] * sympy.diff(s(x, y), t) for x in rows for y in cols) for t in flat(theta)]
+            entries = [tau * sum(dS[x, y] * derivative(s(x, y), t) for x in rows for y in cols) for t in flat(theta)]
             return sympy.ImmutableDenseNDimArray(entries, theta.shape)  # θ's shape
         out["d" + p.tensor] = gradient
     return out
@@ -276,7 +276,7 @@ def _mod_rows(spec: AttentionSpec) -> list[tuple]:
         return []
     return [("mod", "forward", "S", (i, j), f"Score mod: {mod.text}", f"Each score is modified by {mod.description} "
              f"(FlexAttention's score_mod(score, b, h, q_idx, kv_idx)).",
-             mod.formula(TENSORS["Sr"].base[i, j], 0, 0, i, j, _mod_theta(spec)), None)]
+             mod.formula(TENSORS["Sr"].base[i, j], 0, HEAD, i, j, _mod_theta(spec)), None)]
 
 
 def _mod_gradient_rows(spec: AttentionSpec) -> list[tuple]:
@@ -284,7 +284,7 @@ def _mod_gradient_rows(spec: AttentionSpec) -> list[tuple]:
     mod = spec.mod_object
     if mod is None:
         return []
-    slope = _mod_slope(mod, TENSORS["Sr"].base[i, j], i, j, _mod_theta(spec))
+    slope = _mod_slope(mod, TENSORS["Sr"].base[i, j], i, j, _mod_theta(spec), HEAD)
     return [("dSr", "backward", "dSr", (i, j), "Gradient through the score mod",
              "The score mod is applied element by element: dS before it is dS after it times df/ds (by SymPy).",
              TENSORS["dS"].base[i, j] * slope, None)]
@@ -295,19 +295,21 @@ def _mod_param_rows(spec: AttentionSpec) -> list[tuple]:
     if spec.mod_object is None:
         return []
     nq, nk = SIZES["n_q"], SIZES["n_k"]
-    f = spec.mod_object.formula(TENSORS["Sr"].base[i, j], 0, 0, i, j, _mod_theta(spec))
+    f = spec.mod_object.formula(TENSORS["Sr"].base[i, j], 0, HEAD, i, j, _mod_theta(spec))
     return [(f"d{p.tensor}", "backward", f"d{p.tensor}", TENSORS[p.tensor].indices(), f"Gradient of the parameter "
              f"{p.name}", f"{p.name} enters the modified scores: the sum over all (i, j) of dS_ij times df_ij/d{p.name}.",
-             sympy.Sum(TENSORS["dS"].base[i, j] * sympy.diff(f, TENSORS[p.tensor].base[TENSORS[p.tensor].indices()]),
+             sympy.Sum(TENSORS["dS"].base[i, j] * derivative(f, TENSORS[p.tensor].base[TENSORS[p.tensor].indices()]),
                        (i, 0, nq - 1), (j, 0, nk - 1)), None) for p in spec.mod_object.params]
 
 
 def _param_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
     """Input steps of the parameters θ of the score and of the score mod."""
     owner = {p.tensor: f"the {score.key} score" for p in score.params}
+    shape = {p.tensor: "a scalar" if TENSORS[p.tensor].dims == ("one",) else
+             f"of shape ({', '.join(TENSORS[p.tensor].dims)})" for p in parameters(spec)}
     return [(p.tensor, "forward", p.tensor, TENSORS[p.tensor].indices(), f"The parameter {p.name}",
-             f"A learned parameter of {owner.get(p.tensor, 'the score mod')}, of shape "
-             f"({', '.join(TENSORS[p.tensor].dims)}).", None, None) for p in parameters(spec)]
+             f"A learned parameter of {owner.get(p.tensor, 'the score mod')}, {shape[p.tensor]}.", None, None)
+            for p in parameters(spec)]
 
 
 def _score_rows(spec: AttentionSpec, score: Score) -> list[tuple]:

@@ -49,8 +49,45 @@ class Proof:
 
 
 def _opaque_exp(expr: sympy.Expr):
-    """SymPy expression -> SymEngine, with exp(x) written as the opaque E(x)."""
-    return se.sympify(expr.replace(sympy.exp, sympy.Function("E")))
+    """SymPy expression -> SymEngine, with exp(x) written as the opaque E(x), max and min as the Piecewise they
+    are and |x|, sign(x) as sqrt(x²), x/sqrt(x²) (SymEngine differentiates those, not a Max or an Abs)."""
+    expr = expr.replace(lambda e: isinstance(e, (sympy.Max, sympy.Min)), _as_branches)
+    out = se.sympify(expr.replace(sympy.exp, sympy.Function("E")))
+    magnitudes = {a: se.sqrt(a.args[0] ** 2) for a in out.atoms(se.Abs)}  # SymEngine keeps sqrt(x²) as it is
+    magnitudes |= {g: g.args[0] / se.sqrt(g.args[0] ** 2) for g in out.atoms(se.sign)}
+    return out.xreplace(magnitudes) if magnitudes else out
+
+
+def _as_branches(e: sympy.Expr) -> sympy.Expr:
+    first, *rest = e.args
+    other = _as_branches(e.func(*rest)) if len(rest) > 1 else rest[0]
+    return sympy.Piecewise((first, first >= other if isinstance(e, sympy.Max) else first <= other), (other, True))
+
+
+def _has_branches(d: Derivation) -> bool:
+    """True when some step holds a max, min, |x|, sign or Piecewise: shown at random points, not by cancel."""
+    kinds = (sympy.Max, sympy.Min, sympy.Abs, sympy.sign, sympy.Piecewise)
+    return any(s.explicit is not None and not s.is_input and any(x.has(*kinds) for x in flat(s.explicit))
+               for s in d.steps)
+
+
+def _settle(expr):
+    """`expr` with its Piecewise nodes on numbers decided (by SymPy's exact comparison, square roots included),
+    innermost first; nodes that still hold symbols are left as they are."""
+    while True:
+        nodes = [p for p in expr.atoms(se.Piecewise) if not p.free_symbols
+                 and not any(a.atoms(se.Piecewise) for a in p.args)]
+        if not nodes:
+            return expr
+        expr = expr.xreplace({p: _branch_taken(p) for p in nodes})
+
+
+def _branch_taken(p):
+    args = p.args
+    for value, condition in zip(args[::2], args[1::2]):
+        if sympy.sympify(condition) == sympy.true:
+            return value
+    raise ValueError(f"no branch of {p} holds")  # a Piecewise of the derivation always ends in (x, True)
 
 
 def _exp_nodes(S_ij) -> list:
@@ -99,7 +136,7 @@ class _Chain:
             if step.is_input or step.tensor in leaves:
                 continue
             for sym, expr in self.entries[step.key]:
-                values[se.sympify(sym)] = expr.xreplace(exp_s).xreplace(values)
+                values[se.sympify(sym)] = _settle(expr.xreplace(exp_s).xreplace(values))
             if step.key == stop:
                 return values
         raise KeyError(stop)
@@ -149,8 +186,9 @@ def _gradient(chain: _Chain, key: str, target: str, leaves: tuple[str, ...], for
             at = {**point, **dict(zip(e_syms, e_values))}
             for x, p, sym in zip(wrt, plain, closed_syms):
                 checked += 1
-                if not _is_zero(p.xreplace(at) - vals[sym], False):
-                    failure = failure or f"{sym}: closed {vals[sym]} != diff {p.xreplace(at)}"
+                plain_value = _settle(p.xreplace(at))
+                if not _is_zero(plain_value - vals[sym], False):
+                    failure = failure or f"{sym}: closed {vals[sym]} != diff {plain_value}"
         method, detail = "random rational points", f"{POINTS} points, seed crc32({spec.name!r})"
     return Proof(key, "gradient", f"{chain.d.step(key).tensor} (closed form) = dL/d{target} (plain diff of L over "
                  f"{', '.join(leaves)})", method, detail, not failure, checked, time.perf_counter() - start, failure)
@@ -175,6 +213,12 @@ def _jacobian(chain: _Chain) -> Proof:
                  "SymPy cancel of (closed - diff) to 0", not failure, checked, time.perf_counter() - start, failure)
 
 
+def _expanded(expr: sympy.Expr) -> sympy.Expr:
+    """expand, with sign(x) written x/|x| (d|x|/dx of an explicit form; the indexed form at d_k = 1 gives
+    x/sqrt(x²) = x/|x|: equal wherever x != 0)."""
+    return sympy.expand(expr.replace(sympy.sign, lambda x: x / sympy.Abs(x)) if expr.has(sympy.sign) else expr)
+
+
 def _indexed(d: Derivation) -> list[Proof]:
     """Each indexed formula instantiated at the sizes equals the explicit entry, exactly."""
     proofs = []
@@ -186,7 +230,7 @@ def _indexed(d: Derivation) -> list[Proof]:
         for index in itertools.product(*map(range, shape_of(step.explicit))):
             value = d.table_for(step).instantiate(step.rhs, dict(zip(step.indices, index)))
             checked += 1
-            if sympy.expand(value - step.explicit[index]) != 0:
+            if _expanded(value - step.explicit[index]) != 0:
                 failure = failure or (f"{step.symbols[index]}: indexed {value} != explicit "
                                       f"{step.explicit[index]}")
         proofs.append(Proof(step.key, "indexed", f"indexed {step.tensor} formula at the sizes = explicit {step.tensor}",
@@ -223,7 +267,8 @@ def prove(d: Derivation, *, progress: Progress | None = None, exact: bool | None
     if d.table is None:
         raise ValueError("proofs need the explicit form: derive(spec, explicit=True)")
     note = progress or (lambda message: None)
-    exact = d.spec.explicit_cost <= EXACT_LIMIT if exact is None else exact
+    if exact is None:
+        exact = d.spec.explicit_cost <= EXACT_LIMIT and not _has_branches(d)
     chain = _Chain(d)
     note("prove: indexed formulas = explicit arrays")
     proofs = _indexed(d)

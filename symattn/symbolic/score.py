@@ -88,9 +88,45 @@ class Score:
 
 
 def partial(expr: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
-    """∂expr/∂wrt by SymPy; for indexed expressions, Kronecker deltas against summation dummies are contracted
-    and index-range conditions (always true for indices in range) dropped."""
-    return contract(sympy.diff(expr, wrt))
+    """∂expr/∂wrt by SymPy (see `derivative`); for indexed expressions, Kronecker deltas against summation
+    dummies are contracted and index-range conditions (always true for indices in range) dropped."""
+    return contract(derivative(expr, wrt))
+
+
+def derivative(expr: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
+    """sympy.diff, with max/min differentiated by the chain rule as the branch they pick: d max(g, c) =
+    Piecewise((dg, g >= c), (0, True)), 1 at the kink as PyTorch's clamp_min / maximum give; the max itself
+    stays a max. (SymPy's own Heaviside(g - c)·dg would put 0·(1/0) where a norm clamp holds.)"""
+    in_indices = {m for e in expr.atoms(sympy.Indexed) for x in e.indices for m in x.atoms(sympy.Max, sympy.Min)}
+    nodes = sorted(expr.atoms(sympy.Max, sympy.Min) - in_indices, key=sympy.default_sort_key)  # not table indices
+    if not nodes:
+        return steps_as_piecewise(sympy.diff(expr, wrt))
+    held = {m: sympy.Dummy("m") for m in nodes}
+    frozen = expr.xreplace(held)
+    out = sympy.diff(frozen, wrt)
+    for m, x in held.items():
+        outer = sympy.diff(frozen, x)
+        if outer != 0:
+            out += outer * _branch_derivative(m, wrt)
+    return out.xreplace({x: m for m, x in held.items()})
+
+
+def _branch_derivative(m: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
+    """d Max(x, rest...)/d wrt = dx where x >= max(rest), else d max(rest); x is a non-constant argument, so a
+    tie with a constant (a clamp at its threshold) passes the gradient through, as torch.clamp_min does."""
+    first, *rest = sorted(m.args, key=lambda x: x.is_number)
+    other = m.func(*rest) if len(rest) > 1 else rest[0]
+    test = first >= other if isinstance(m, sympy.Max) else first <= other
+    d_first, d_other = derivative(first, wrt), derivative(other, wrt)
+    if d_first == d_other:
+        return d_first
+    return sympy.Piecewise((d_first, test), (d_other, True))
+
+
+def steps_as_piecewise(expr: sympy.Expr) -> sympy.Expr:
+    """Heaviside(x) -> Piecewise((1, x >= 0), (0, True)) (a node every printer knows)."""
+    return expr.replace(lambda e: isinstance(e, sympy.Heaviside),
+                        lambda e: sympy.Piecewise((1, e.args[0] >= 0), (0, True)))
 
 
 def contract(expr: sympy.Expr) -> sympy.Expr:
@@ -108,12 +144,18 @@ def contract(expr: sympy.Expr) -> sympy.Expr:
                     limits.pop(n)
                     return rewrite(sympy.Sum(function, *limits) if limits else function)
             return sympy.Sum(function, *limits)
-        if isinstance(node, sympy.Piecewise) and len(node.args) == 2 and node.args[1] == (0, True):
+        if isinstance(node, sympy.Piecewise) and len(node.args) == 2 and node.args[1] == (0, True) \
+                and _is_range(node.args[0][1]):
             return rewrite(node.args[0][0])
         if node.args:
             return node.func(*(rewrite(arg) for arg in node.args))
         return node
     return rewrite(expr)
+
+
+def _is_range(condition) -> bool:
+    """An index-range condition (integer symbols only, no tensor entries), as diff leaves around a delta."""
+    return not condition.atoms(sympy.Indexed) and all(x.is_integer for x in condition.free_symbols)
 
 
 # -- the library ---------------------------------------------------------------------------------------------
@@ -133,6 +175,16 @@ def _additive(q, k, theta, total):
                                              + total(lambda a: k(a) * U(a, r), "d_k") + b(r)), "d_a")
 
 
+#: torch.nn.functional.normalize's eps: a norm below it is replaced by it (x / max(‖x‖, eps)).
+NORM_EPS = sympy.Rational(1, 10**12)
+
+
+def _cosine(q, k, theta, total):
+    norm_q = sympy.Max(sympy.sqrt(total(lambda a: q(a) ** 2, "d_k")), NORM_EPS)
+    norm_k = sympy.Max(sympy.sqrt(total(lambda a: k(a) ** 2, "d_k")), NORM_EPS)
+    return theta["tau"](0) * total(lambda a: q(a) * k(a), "d_k") / (norm_q * norm_k)
+
+
 def _matrix(expr: Callable[..., sympy.Expr]) -> Callable[[], sympy.Expr]:
     return lambda: expr(*(TENSORS[n].matrix_symbol() for n in ("Q", "K", "Wg")))
 
@@ -140,6 +192,8 @@ def _matrix(expr: Callable[..., sympy.Expr]) -> Callable[[], sympy.Expr]:
 W_GENERAL = Param("W_a", "Wg", "W_a", "wg", "w^{a}", ("d_k", "d_k"))
 ADDITIVE = (Param("W_a", "Wa", "W_a", "wa", "w^{a}", ("d_k", "d_a")), Param("U_a", "Ua", "U_a", "ua", "u^{a}", ("d_k", "d_a")),
             Param("v_a", "va", "v_a", "va", "v^{a}", ("d_a",)), Param("b_a", "ba", "b_a", "ba", "b^{a}", ("d_a",)))
+
+TAU = Param("tau", "tau", r"\tau", "tau", r"\tau", ("one",))
 
 SCORES: dict[str, Score] = {s.key: s for s in (
     Score("dot", "Query-key similarities by dot product", r"s_{ij} = \tau\, q_i \cdot k_j",
@@ -154,4 +208,11 @@ SCORES: dict[str, Score] = {s.key: s for s in (
           r"s_{ij} = v_a^\top \tanh(q_i W_a + k_j U_a + b_a)",
           "Each query-key pair goes through a hidden layer of d_a tanh units (Bahdanau's additive score); the "
           "score is not scaled.", ADDITIVE, _additive, lambda n: 2 * n["d_k"] * n["d_a"], scaled=False),
+    Score("cosine", "Query-key similarities by cosine (normalised dot product)",
+          r"s_{ij} = \tau\, \frac{q_i \cdot k_j}"
+          r"{\max(\lVert q_i \rVert, \epsilon)\, \max(\lVert k_j \rVert, \epsilon)}",
+          "Queries and keys are normalised to unit length (norms clamped at eps = 1e-12, as "
+          "torch.nn.functional.normalize does) and compared by a dot product times the learned temperature tau; "
+          "the score is not scaled by 1/sqrt(d_k): tau is the temperature.", (TAU,), _cosine,
+          lambda n: 3 * n["d_k"], scaled=False),
 )}

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 MASKS = ("none", "causal")
 #: The scores of symattn.symbolic.score (SCORES there holds each one's formula); additive is not scaled.
-SCORES = ("dot", "general", "additive")
-UNSCALED = ("additive",)
+SCORES = ("dot", "general", "additive", "cosine")
+UNSCALED = ("additive", "cosine")
 MASKED_ROWS = ("zero", "uniform", "nan")
 DTYPES = ("float32", "float64")
 
@@ -132,7 +132,8 @@ class AttentionSpec:
 
     S_ij = s(q_i, k_j; θ) (n_q, n_k), P = row-softmax(S) (n_q, n_k), O = PV (n_q, d_v). score: 'dot'
     (scale·q_i·k_j), 'general' (scale·q_i W_a k_jᵀ, Luong) or 'additive' (v_aᵀ tanh(q_i W_a + k_j U_a + b_a),
-    Bahdanau, with `hidden` = d_a units). scale defaults to 1/√d_k, kept exact (not for additive).
+    Bahdanau, with `hidden` = d_a units) or 'cosine' (tau·q̂_i·k̂_j, norms clamped at 1e-12; tau is the temperature).
+    scale defaults to 1/√d_k, kept exact (not for additive or cosine).
     mask: 'none' or 'causal' (top-left aligned, key j visible to query i iff j ≤ i). masked_rows: policy for
     fully masked rows in the numeric API ('zero', 'uniform', 'nan'). dtype: kernel dtype.
     """
@@ -227,7 +228,9 @@ class AttentionSpec:
     @property
     def sizes(self) -> dict[str, int]:
         sizes = {"n_q": self.n_q, "n_k": self.n_k, "d_k": self.d_k, "d_v": self.d_v}
-        return sizes | ({"d_a": self.hidden} if self.hidden else {}) | dict(self.mod_object.sizes if self.mod_object else ())
+        sizes |= {"d_a": self.hidden} if self.hidden else {}
+        sizes |= {"one": 1} if self.score == "cosine" else {}  # the scalar temperature tau
+        return sizes | dict(self.mod_object.sizes if self.mod_object else ())
 
     @property
     def score_work(self) -> int:
@@ -273,7 +276,7 @@ class AttentionSpec:
         scale = "" if self.scale is None else f", scale {self.scale}"
         kind = "Scaled dot-product attention" if self.score == "dot" else f"Attention with the {self.score} score"
         hidden = f", d_a={self.hidden}" if self.hidden else ""
-        mod = "" if self.mod_object is None else f", {self.score_mod.replace(':', ' ')}"
+        mod = "" if self.mod_object is None else f", {self.mod_object.text.replace(':', ' ')}"
         return f"{kind} (n_q={self.n_q}, n_k={self.n_k}, d_k={self.d_k}, d_v={self.d_v}{hidden}{mod}{mask}{scale})"
 
     def cli_args(self) -> str:

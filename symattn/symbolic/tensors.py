@@ -23,6 +23,20 @@ INDEX_OF_DIM = {"n_q": i, "n_k": j, "d_k": a, "d_v": b, "d_model": m, "hd_k": c,
                 "d_a": r, "n_rel": t}
 #: A second index for a dim that appears twice in one tensor (W_a of the general score is d_k x d_k).
 SECOND_INDEX = {"d_k": f}
+#: A scalar parameter (the cosine score's tau) is a tensor of one entry, dim "one", element index 0.
+INDEX_OF_DIM["one"] = sympy.Integer(0)
+#: The head index h of a score mod (FlexAttention's score_mod(score, b, h, q_idx, kv_idx)); a single-head
+#: derivation is head 0. Not SIZES["h"] (the number of heads of a layer).
+HEAD = sympy.Symbol("h", integer=True, nonnegative=True)
+#: Free indices of a user's parameter table: one per axis (rank 2 at most).
+TABLE_INDICES = (t, sympy.Symbol("u", integer=True, nonnegative=True))
+
+
+def declare_dim(name: str, axis: int) -> None:
+    """Register the size `name` of axis `axis` of a user's parameter table (idempotent)."""
+    if name not in SIZES:
+        SIZES[name] = DIMS[name] = sympy.Symbol(name, integer=True, positive=True)
+        INDEX_OF_DIM[name] = TABLE_INDICES[axis]
 
 
 @dataclass(frozen=True)
@@ -182,7 +196,7 @@ class SymbolTable:
     def instantiate(self, expr: sympy.Expr, values: dict[sympy.Symbol, int]) -> sympy.Expr:
         """Indexed formula at concrete sizes and indices, with Indexed[...] replaced by element symbols."""
         sizes = {SIZES[name]: n for name, n in self.spec.sizes.items() if name in SIZES}
-        concrete = expr.xreplace({**sizes, **values}).doit()
+        concrete = expr.xreplace({**sizes, HEAD: sympy.Integer(0), **values}).doit()
         return concrete.replace(lambda x: isinstance(x, sympy.Indexed), self._element)
 
     def _element(self, x: sympy.Indexed) -> sympy.Symbol:
