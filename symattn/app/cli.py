@@ -30,10 +30,11 @@ def _spec_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--scale", default=None, help="score scale, e.g. 0.5 or 1/8 (default 1/sqrt(d_k), exact)")
     p.add_argument("--score", default="dot", choices=SCORES,
                    help="dot: scale q.k; general (Luong): scale q W_a k^T; additive (Bahdanau): "
-                        "v_a^T tanh(q W_a + k U_a + b_a) (default dot)")
+                        "v_a^T tanh(q W_a + k U_a + b_a); cosine: tau q.k/(|q||k|) (default dot)")
     p.add_argument("--hidden", type=int, default=None, metavar="D_A", help="hidden units d_a of the additive score")
     p.add_argument("--score-mod", default=None, metavar="MOD",
-                   help="alibi[:SLOPE] (s + slope(j - i), slope 1/256 by default), softcap:C (C tanh(s/C)), "
+                   help="alibi[:SLOPE] (s + slope(j - i), slope 1/256 by default), alibi:heads=H (slope "
+                        "2^(-8(h+1)/H) for head h), softcap:C (C tanh(s/C)), "
                         "relative-bias:D (s + a learned B[clip(j - i, -D, D) + D])")
     layer = p.add_argument_group("multi-head layer (any of these makes it a layer)")
     layer.add_argument("--d-model", type=int, default=None, help="model width")
@@ -174,6 +175,14 @@ def cmd_generate(args) -> int:
 
 def cmd_verify(args) -> int:
     from ..check.verification import verify, verify_multihead
+    if args.gallery:
+        from ..check.gallery import verify_gallery
+        reports = verify_gallery(seed=args.seed, progress=silent if args.quiet else to_stream())
+        for name, report in reports.items():
+            print(f"== {name}\n{report}")
+        return 0 if all(r.passed for r in reports.values()) else 1
+    if args.n_q is None:
+        raise SymattnError("verify needs --n-q with --n-k and --d-k (or --d-model and --heads), or --gallery")
     check = verify_multihead if _is_layer(args) else verify
     report = check(_spec(args), seed=args.seed, progress=silent if args.quiet else to_stream())
     print(report)
@@ -236,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     ver = sub.add_parser("verify", help="symbolic vs unrolled vs loop kernels vs NumPy, and finite differences")
-    _spec_options(ver)
+    _spec_options(ver, required=False)
+    ver.add_argument("--gallery", action="store_true", help="verify the FlexAttention gallery of user-written "
+                     "score and mask mods (symattn.check.gallery) instead of one spec")
     ver.add_argument("--seed", type=_seed, default=0, help="seed of the random dyadic inputs")
     ver.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     ver.set_defaults(func=cmd_verify)
