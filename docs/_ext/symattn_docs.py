@@ -55,6 +55,7 @@ def worked_example() -> str:
     from symattn.app.example import example
     from symattn.app.run import exact_values
     from symattn.render.latex import step_latex
+    from symattn.render.notation import explanation_markdown
 
     ex = example()
     n, i = len(ex.tokens), ex.query
@@ -68,7 +69,7 @@ def worked_example() -> str:
            "$$\n" + r",\qquad ".join(_matrix(k, getattr(ex, k)) for k in ("W_K", "W_V")) + "\n$$\n",
            "$$\n" + r",\qquad ".join(_matrix(f"{k} = X W_{k}", getattr(ex, k)) for k in ("Q", "K", "V")) + "\n$$\n"]
     for number, step in enumerate(d.forward(), 1):
-        out.append(f"## Step {number}. {plain(step.title)}\n\n{plain(step.explanation)}\n")
+        out.append(f"## Step {number}. {explanation_markdown(step.title)}\n\n{explanation_markdown(step.explanation)}\n")
         out.append(display(step_latex(d, step, query=i, values=shown)) + "\n")
     P = np.array([[float(values[d.table["P"][r, c]]) for c in range(n)] for r in range(n)])
     S = np.array([[float(values[d.table["S"][r, c]]) for c in range(n)] for r in range(n)])
@@ -128,13 +129,14 @@ def variant(args: str) -> str:
     """The steps from the score to the weights (indexed, any size) and the commands that derive and verify it."""
     import symattn
     from symattn.render.latex import step_latex
+    from symattn.render.notation import explanation_markdown
     words, spec = _derive_args(args)
     d = symattn.derive(spec, explicit=False, prove=False)
     steps = [s for s in d.forward() if not s.is_input]
     last = next((k for k, s in enumerate(steps) if s.tensor == "P"), len(steps) - 1)
     out = [f"Derived by symattn for {plain(spec.title)}, in indexed form (valid at any size):\n"]
     for step in steps[:last + 1]:
-        out.append(f"**{plain(step.title)}.** {plain(step.explanation)}\n")
+        out.append(f"**{explanation_markdown(step.title)}.** {explanation_markdown(step.explanation)}\n")
         out.append(display(step_latex(d, step)) + "\n")
     command = " ".join(shlex.quote(w) for w in words)
     out.append("Derive it (every step, proofs included) and verify its generated kernels:\n")

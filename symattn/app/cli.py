@@ -30,7 +30,7 @@ def _spec_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--scale", default=None, help="score scale, e.g. 0.5 or 1/8 (default 1/sqrt(d_k), exact)")
     p.add_argument("--score", default="dot", choices=SCORES,
                    help="dot: scale q.k; general (Luong): scale q W_a k^T; additive (Bahdanau): "
-                        "v_a^T tanh(q W_a + k U_a + b_a); cosine: tau q.k/(|q||k|) (default dot)")
+                        "v_a^T tanh(q W_a + k U_a + b_a); cosine: tau q.k/(norm(q) norm(k)) (default dot)")
     p.add_argument("--hidden", type=int, default=None, metavar="D_A", help="hidden units d_a of the additive score")
     p.add_argument("--score-mod", default=None, metavar="MOD",
                    help="alibi[:SLOPE] (s + slope(j - i), slope 1/256 by default), alibi:heads=H (slope "

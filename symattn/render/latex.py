@@ -19,9 +19,10 @@ from ..symbolic.tensors import TENSORS
 if TYPE_CHECKING:  # type hints only: printing never needs the derivation machinery
     from ..symbolic.derive import Derivation, Step
 
-def printer(d: Derivation, notation: Notation = DEFAULT, max_terms: int | None = None) -> LatexPrinter:
+def printer(d: Derivation, notation: Notation = DEFAULT, max_terms: int | None = None,
+            order: str | None = None) -> LatexPrinter:
     """The documents' printer for a derivation (its element symbols named as the notation says)."""
-    return doc_printer(d.table, notation, max_terms)
+    return doc_printer(d.table, notation, max_terms, order)
 
 
 def _chosen(notation: Notation, max_entries) -> str | int:
@@ -67,8 +68,8 @@ def equation_parts(d: Derivation, step: Step, *, query: int | None = None, max_e
 
     def shift(expr):  # a head's tensors carry the head as a superscript
         return base(head_tagged(expr, step.tag))
-    if step.indexed is not None:
-        yield "indexed", [shift(step.lhs), shift(step.rhs)]
+    if step.indexed is not None:  # with its chain-rule line where it has one: lhs = ... = rhs
+        yield "indexed", [shift(step.lhs), *(shift(x) for x in (step.chain or (step.rhs,)))]
     elif step.is_input:
         yield "indexed", [shift(step.lhs)]
     if step.matrix is not None:
@@ -112,7 +113,9 @@ def _latex_parts(d: Derivation, notation: Notation, kind: str, parts) -> list[st
         return [p.doprint(parts[0]) + r" \text{ (input)}"]
     if len(parts) == 1:  # an input matrix, Eq(Q, [...])
         return [p.doprint(parts[0].lhs), p.doprint(parts[0].rhs)]
-    if kind != "explicit":  # indexed formulas and matrix forms are printed whole
+    if kind == "matrix":  # as written: dP - D 1^T, not -D 1^T + dP
+        return [printer(d, notation, order="none").doprint(x) for x in parts]
+    if kind != "explicit":  # indexed formulas are printed whole
         return [p.doprint(x) for x in parts]
     return fitted(lambda limit: printer(d, notation, limit), parts)
 

@@ -15,6 +15,7 @@ import sympy
 from sympy.printing.latex import LatexPrinter
 
 from ..errors import SpecError
+from ..symbolic.chains import ONE
 from ..symbolic.tensors import SIZES, TENSORS
 
 #: Section commands by level: 0 = \chapter (book/report), 1 = \section, 2 = \subsection, 3 = \subsubsection.
@@ -90,11 +91,25 @@ class DocPrinter(LatexPrinter):
                 return r"\frac{%s}{\sqrt{%s}}" % (self._print(rest), inverse)
         return super()._print_Mul(expr)
 
+    def _print_DiagMatrix(self, expr):
+        return r"\operatorname{diag}\left(%s\right)" % self._print(expr.args[0])
+
+    def _print_Derivative(self, expr):
+        """∂f/∂x as a fraction (SymPy prints ∂/∂x f, ambiguous inside a product)."""
+        if len(expr.variables) != 1:
+            return super()._print_Derivative(expr)
+        f = self._print(expr.expr)
+        f = r"\left(%s\right)" % f if isinstance(expr.expr, sympy.Add) else f
+        return r"\frac{\partial %s}{\partial %s}" % (f, self._print(expr.variables[0]))
+
     def _print_Add(self, expr, order=None):
         limit = self._settings["max_terms"]
         terms = self._as_ordered_terms(expr, order=order)
+        if terms[0].could_extract_minus_sign():  # a - b, not -b + a
+            first = next((n for n, t in enumerate(terms) if not t.could_extract_minus_sign()), 0)
+            terms = [terms[first]] + terms[:first] + terms[first + 1:]
         if limit is None or len(terms) <= max(limit + 1, 3):  # short sums (n - 1, i + 2) stay whole
-            return super()._print_Add(expr, order=order)
+            return self._terms(terms)
         return self._terms(terms[:limit] + [None, terms[-1]])
 
     def _terms(self, terms: list) -> str:
@@ -114,7 +129,7 @@ class DocPrinter(LatexPrinter):
 
 def symbol_names(table, notation: Notation) -> dict:
     """Symbol -> LaTeX for tensors (matrix symbols and indexed bases) and, given a table, element symbols."""
-    names = {}
+    names = {ONE: r"\mathbf{1}"}
     for t in TENSORS.values():
         tex = notation.names.get(t.name, t.latex)
         names[t.label] = tex
@@ -152,9 +167,10 @@ def _tagged_names(notation: Notation, tags) -> dict:
     return names
 
 
-def doc_printer(table=None, notation: Notation = DEFAULT, max_terms: int | None = None) -> DocPrinter:
+def doc_printer(table=None, notation: Notation = DEFAULT, max_terms: int | None = None,
+                order: str | None = None) -> DocPrinter:
     return DocPrinter({"symbol_names": symbol_names(table, notation), "mat_str": "bmatrix", "mat_delim": "",
-                       "max_terms": max_terms})
+                       "max_terms": max_terms, "order": order})
 
 
 # -- 1-based indices ------------------------------------------------------------------------------------------
@@ -273,7 +289,8 @@ _UNICODE = [(r"\mathrm{d}", "d"), (r"\sqrt", "√"), (r"\sum", "Σ"), (r"\odot",
             (r"\delta", "δ"), (r"\partial", "∂"), (r"\leq", "≤"), (r"\geq", "≥"), (r"\neq", "≠"), (r"\to", "→"),
             (r"\in", "∈"), (r"\times", "×"), (r"\tanh", "tanh"), (r"\exp", "exp"), (r"\log", "log"),
             (r"\operatorname{softmax}", "softmax"), (r"\operatorname{diag}", "diag"), (r"\operatorname{Concat}", "Concat"),
-            (r"\operatorname{rowsum}", "rowsum"), (r"\mathbf{1}", "1"), (r"\quad", " "), (r"\,", " "), ("-", "−")]
+            (r"\operatorname{rowsum}", "rowsum"), (r"\mathbf{1}", "1"), (r"\quad", " "), (r"\,", " "), ("-", "−"),
+            (r"\epsilon", "ε"), (r"\lVert", "‖"), (r"\rVert", "‖"), (r"\bar{S}", "S̄"), (r"\circ", "∘")]
 _ACCENTS = {"hat": "\u0302", "tilde": "\u0303", "bar": "\u0304"}
 
 

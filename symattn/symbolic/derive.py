@@ -13,7 +13,9 @@ from typing import Callable
 
 import sympy
 
-from .tensors import HEAD, SIZES, TENSORS, SymbolTable, a, b, flat, i, j, l
+from .tensors import SIZES, TENSORS, SymbolTable, a, b, flat, i, j, l
+from .chains import MASK, chains, dS_matrix, jacobian_matrix
+from .modsteps import mod_gradient_rows, mod_param_rows, mod_rows, mod_slope
 from .score import SCORES, Score, derivative, partial, scale_symbolic
 from .spec import AttentionSpec
 
@@ -35,6 +37,7 @@ class Step:
     matrix: sympy.Eq | None = None
     symbols: sympy.ImmutableDenseNDimArray | None = None  # element symbols the explicit entries define
     tag: str = ""  # the head of a multi-head layer this step belongs to ("" for the layer or a single head)
+    chain: tuple = ()  # chain-rule line: lhs = chain[0] = chain[1] = ...; the last member is rhs (chains.py)
 
     @property
     def lhs(self) -> sympy.Indexed:
@@ -125,7 +128,7 @@ def _score_steps(spec: AttentionSpec, score: Score, table: SymbolTable) -> dict[
     if mod is not None:  # S_ij = f(S̄_ij, i, j; θ) and dS̄_ij = dS_ij ∂f/∂s, the derivative by SymPy
         theta = {p.name: (lambda *ix, t=p.tensor: table[t][ix]) for p in mod.params}
         steps["mod"] = lambda: pairs(lambda x, y: mod.formula(table["Sr"][x, y], 0, 0, x, y, theta))
-        steps["dSr"] = lambda: pairs(lambda x, y: table["dS"][x, y] * _mod_slope(mod, table["Sr"][x, y], x, y,
+        steps["dSr"] = lambda: pairs(lambda x, y: table["dS"][x, y] * mod_slope(mod, table["Sr"][x, y], x, y,
                                                                                      theta))
         for p in mod.params:
             steps["d" + p.tensor] = lambda p=p: sympy.ImmutableDenseNDimArray(
@@ -133,12 +136,6 @@ def _score_steps(spec: AttentionSpec, score: Score, table: SymbolTable) -> dict[
                      for x in range(spec.n_q) for y in range(spec.n_k)) for e in flat(table[p.tensor])],
                 table[p.tensor].shape)
     return steps
-
-
-def _mod_slope(mod, s_bar, x, y, theta, h=0) -> sympy.Expr:
-    """∂f/∂s of a score mod at s = s̄, by sympy.diff (head h: 0 in explicit forms, HEAD in indexed ones)."""
-    sigma = sympy.Symbol("sigma", real=True)
-    return derivative(mod.formula(sigma, 0, h, x, y, theta), sigma).subs(sigma, s_bar)
 
 
 def _score_gradients(spec: AttentionSpec, score: Score, table: SymbolTable) -> dict[str, Callable[[], sympy.Array]]:
@@ -214,49 +211,60 @@ def _step_table(spec: AttentionSpec):
     score = SCORES[spec.score]
     softmax = sympy.Function("softmax")
     mask = spec.mask_object
-    causal = "" if mask is None else (f" Mask ({mask.text}): {mask.description}; masked keys are absent from the "
-                                      f"sum and get weight 0.")
+    masked = "" if mask is None else (
+        f" Mask ({mask.text}): {mask.description}. In matrix form $P = \\operatorname{{softmax}}(S + M)$ with "
+        r"$M_{ij} = 0$ where key $j$ is visible to query $i$ and $M_{ij} = -\infty$ where it is masked: masked "
+        r"keys are absent from the sum and get weight 0. The kernels never form $-\infty$: they skip masked keys "
+        r"(and whole masked tiles).")
     L = sympy.Symbol("L")
     return [
         ("query", "forward", "Q", (i, a), "The query vectors",
-         "Each of the n_q queries is a row vector q_i of d_k features.", None, None),
+         "Each of the $n_q$ queries is a row vector $q_i$ of $d_k$ features.", None, None),
         ("keys", "forward", "K", (j, a), "The key vectors",
-         "Each of the n_k keys is a row vector k_j of d_k features.", None, None),
+         "Each of the $n_k$ keys is a row vector $k_j$ of $d_k$ features.", None, None),
         *_param_rows(spec, score),
         *_score_rows(spec, score),
-        *_mod_rows(spec),
+        *mod_rows(spec),
         ("softmax", "forward", "P", (i, j), "Softmax normalisation into weights",
-         "Each row of scores goes through a softmax: weights are positive and sum to 1 over the keys." + causal,
-         _indexed_softmax(spec), sympy.Eq(M["P"], softmax(M["S"]), evaluate=False)),
+         r"Each row of scores goes through a softmax, $p_{ij} = e^{s_{ij}} / \sum_l e^{s_{il}}$: weights are positive "
+         r"and sum to 1 over the keys." + masked, _indexed_softmax(spec),
+         sympy.Eq(M["P"], softmax(sympy.MatAdd(M["S"], MASK, evaluate=False) if mask is not None else M["S"]),
+                  evaluate=False)),
         ("weighted_values", "forward", "Vt", (i, j, b), "Value vectors scaled by their weights",
-         "For query i, each value vector v_j is multiplied by its weight p_ij.", B["P"][i, j] * B["V"][j, b], None),
+         "For query $i$, each value vector $v_j$ is multiplied by its weight $p_{ij}$.", B["P"][i, j] * B["V"][j, b],
+         None),
         ("sum", "forward", "O", (i, b), "Multiply and sum",
-         "The weighted value vectors of query i are summed over the keys.", Sum(B["Vt"][i, j, b], (j, 0, nk - 1)), None),
+         "The weighted value vectors of query $i$ are summed over the keys.", Sum(B["Vt"][i, j, b], (j, 0, nk - 1)),
+         None),
         ("output", "forward", "O", (i, b), "The attention output",
-         "Stacking the rows gives the output matrix O = PV, one d_v-vector per query.",
+         "Stacking the rows gives the output matrix $O = P V$, one $d_v$-vector per query.",
          Sum(B["P"][i, j] * B["V"][j, b], (j, 0, nk - 1)), sympy.Eq(M["O"], M["P"] * M["V"], evaluate=False)),
         ("upstream", "backward", "dO", (i, b), "Upstream gradient",
-         "Backward pass for a scalar loss L with dL/dO = dO, i.e. L = sum(dO * O).", None,
+         r"Backward pass for a scalar loss $L$ with $\partial L / \partial O = \mathrm{d}O$, i.e. "
+         r"$L = \sum_{i,b} \mathrm{d}O_{ib} O_{ib}$.", None,
          sympy.Eq(L, Sum(B["dO"][i, b] * B["O"][i, b], (i, 0, nq - 1), (b, 0, dv - 1)), evaluate=False)),
         ("dV", "backward", "dV", (j, b), "Gradient of the values",
-         "O is linear in V, so dV is the weights transposed times the upstream gradient.",
+         r"$O$ is linear in $V$, so $\mathrm{d}V = P^\top \mathrm{d}O$: the weights transposed times the upstream "
+         r"gradient.",
          Sum(B["P"][i, j] * B["dO"][i, b], (i, 0, nq - 1)), sympy.Eq(M["dV"], M["P"].T * M["dO"], evaluate=False)),
         ("dP", "backward", "dP", (i, j), "Gradient of the weights",
-         "O is linear in P, so dP is the upstream gradient times V transposed.",
+         r"$O$ is linear in $P$, so $\mathrm{d}P = \mathrm{d}O\, V^\top$.",
          Sum(B["dO"][i, b] * B["V"][j, b], (b, 0, dv - 1)), sympy.Eq(M["dP"], M["dO"] * M["V"].T, evaluate=False)),
         ("jacobian", "backward", "J", (i, j, l), "Softmax Jacobian",
-         "Within row i, the derivative of weight p_ij by score s_il is p_ij (delta_jl - p_il).",
-         B["P"][i, j] * (sympy.KroneckerDelta(j, l) - B["P"][i, l]), None),
+         r"Within row $i$, $\partial p_{ij} / \partial s_{il} = p_{ij} (\delta_{jl} - p_{il})$; as a matrix, the "
+         r"Jacobian of row $i$ is $\operatorname{diag}(p_i) - p_i p_i^\top$ ($p_i$ the row's weights as a column).",
+         B["P"][i, j] * (sympy.KroneckerDelta(j, l) - B["P"][i, l]), jacobian_matrix()),
         ("D", "backward", "D", (i,), "Row correction term",
-         "D_i = sum_b dO_ib O_ib equals sum_j P_ij dP_ij; it is the part of dP every weight of the row shares.",
+         r"$D_i = \sum_l P_{il}\, \mathrm{d}P_{il}$ is the part of $\mathrm{d}P$ every weight of row $i$ shares. "
+         r"Since $\mathrm{d}P_{il} = \sum_b \mathrm{d}O_{ib} V_{lb}$ and $\sum_l P_{il} V_{lb} = O_{ib}$, it equals "
+         r"$\sum_b \mathrm{d}O_{ib} O_{ib}$, a row sum of $\mathrm{d}O \circ O$: $d_v$ products instead of $n_k$.",
          Sum(B["dO"][i, b] * B["O"][i, b], (b, 0, dv - 1)), None),
         ("dS", "backward", "dS", (i, j), "Gradient of the scores",
-         "Applying the softmax Jacobian to dP collapses to P * (dP - D 1^T).",
-         B["P"][i, j] * (B["dP"][i, j] - B["D"][i]),
-         sympy.Eq(M["dS"], sympy.HadamardProduct(M["P"], M["dP"] - M["D"] * sympy.OneMatrix(1, nk)), evaluate=False)),
-        *_mod_gradient_rows(spec),
+         r"The chain rule through the softmax Jacobian collapses to $\mathrm{d}S = P \circ (\mathrm{d}P - "
+         r"D \mathbf{1}^\top)$.", B["P"][i, j] * (B["dP"][i, j] - B["D"][i]), dS_matrix()),
+        *mod_gradient_rows(spec),
         *_gradient_rows(spec, score),
-        *_mod_param_rows(spec),
+        *mod_param_rows(spec),
     ]
 
 
@@ -265,49 +273,12 @@ def parameters(spec: AttentionSpec) -> tuple:
     return SCORES[spec.score].params + (spec.mod_object.params if spec.mod_object else ())
 
 
-def _mod_theta(spec: AttentionSpec) -> dict:
-    return {p.name: (lambda *ix, t=p.tensor: TENSORS[t].base[ix]) for p in spec.mod_object.params}
-
-
-def _mod_rows(spec: AttentionSpec) -> list[tuple]:
-    """The score mod's forward step: S_ij = f(S̄_ij, i, j; θ)."""
-    mod = spec.mod_object
-    if mod is None:
-        return []
-    return [("mod", "forward", "S", (i, j), f"Score mod: {mod.text}", f"Each score is modified by {mod.description} "
-             f"(FlexAttention's score_mod(score, b, h, q_idx, kv_idx)).",
-             mod.formula(TENSORS["Sr"].base[i, j], 0, HEAD, i, j, _mod_theta(spec)), None)]
-
-
-def _mod_gradient_rows(spec: AttentionSpec) -> list[tuple]:
-    """dS̄_ij = dS_ij ∂f/∂s at s = S̄_ij, the derivative by SymPy."""
-    mod = spec.mod_object
-    if mod is None:
-        return []
-    slope = _mod_slope(mod, TENSORS["Sr"].base[i, j], i, j, _mod_theta(spec), HEAD)
-    return [("dSr", "backward", "dSr", (i, j), "Gradient through the score mod",
-             "The score mod is applied element by element: dS before it is dS after it times df/ds (by SymPy).",
-             TENSORS["dS"].base[i, j] * slope, None)]
-
-
-def _mod_param_rows(spec: AttentionSpec) -> list[tuple]:
-    """dθ of the score mod's parameters: Σ_ij dS_ij ∂f_ij/∂θ."""
-    if spec.mod_object is None:
-        return []
-    nq, nk = SIZES["n_q"], SIZES["n_k"]
-    f = spec.mod_object.formula(TENSORS["Sr"].base[i, j], 0, HEAD, i, j, _mod_theta(spec))
-    return [(f"d{p.tensor}", "backward", f"d{p.tensor}", TENSORS[p.tensor].indices(), f"Gradient of the parameter "
-             f"{p.name}", f"{p.name} enters the modified scores: the sum over all (i, j) of dS_ij times df_ij/d{p.name}.",
-             sympy.Sum(TENSORS["dS"].base[i, j] * derivative(f, TENSORS[p.tensor].base[TENSORS[p.tensor].indices()]),
-                       (i, 0, nq - 1), (j, 0, nk - 1)), None) for p in spec.mod_object.params]
-
-
 def _param_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
     """Input steps of the parameters θ of the score and of the score mod."""
     owner = {p.tensor: f"the {score.key} score" for p in score.params}
     shape = {p.tensor: "a scalar" if TENSORS[p.tensor].dims == ("one",) else
-             f"of shape ({', '.join(TENSORS[p.tensor].dims)})" for p in parameters(spec)}
-    return [(p.tensor, "forward", p.tensor, TENSORS[p.tensor].indices(), f"The parameter {p.name}",
+             f"of shape $({', '.join(TENSORS[p.tensor].dims)})$" for p in parameters(spec)}
+    return [(p.tensor, "forward", p.tensor, TENSORS[p.tensor].indices(), f"The parameter ${p.latex}$",
              f"A learned parameter of {owner.get(p.tensor, 'the score mod')}, {shape[p.tensor]}.", None, None)
             for p in parameters(spec)]
 
@@ -322,9 +293,9 @@ def _score_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
     similarity = None if score.matrix is None else sympy.Eq(M["St"], score.matrix(), evaluate=False)
     scaled = None if score.matrix is None else sympy.Eq(M["S"], tau * score.matrix(), evaluate=False)
     return [("similarity", "forward", "St", (i, j), score.title, score.explanation, score.indexed(i, j), similarity),
-            ("scaling", "forward", out, (i, j), r"Scaling by 1/sqrt(d_k)",
-             "The similarities are multiplied by the scale (1/sqrt(d_k) by default) so their variance does not "
-             "grow with d_k.", tau * TENSORS["St"].base[i, j], scaled if out == "S" else None)]
+            ("scaling", "forward", out, (i, j), r"Scaling by $\tau$",
+             r"The similarities are multiplied by the scale $\tau$ ($1/\sqrt{d_k}$ by default) so their variance "
+             r"does not grow with $d_k$.", tau * TENSORS["St"].base[i, j], scaled if out == "S" else None)]
 
 
 def _gradient_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
@@ -338,16 +309,20 @@ def _gradient_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
     for tensor, title, over in (("Q", "queries", ((j, 0, nk - 1),)), ("K", "keys", ((i, 0, nq - 1),))):
         index = (i, a) if tensor == "Q" else (j, a)
         matrix = _dot_matrix(spec, tensor) if score.key == "dot" else None
-        text = (f"S = scale * Q K^T, so {'dQ = scale * dS K' if tensor == 'Q' else 'dK = scale * dS^T Q'}."
+        small = tensor.lower()
+        S = r"\bar{S}" if spec.mod_object else "S"  # the score before its mod
+        text = ((f"${S} = \\tau Q K^\\top$, so " + (f"$\\mathrm{{d}}Q = \\tau\\, \\mathrm{{d}}{S}\\, K$." if tensor == "Q"
+                                                 else f"$\\mathrm{{d}}K = \\tau\\, \\mathrm{{d}}{S}^\\top Q$."))
                 if score.key == "dot" else f"Chain rule through every score the {title[:-1]} enters; "
-                f"ds_ij/d{tensor.lower()} is derived by SymPy from the {score.key} score.")
+                f"$\\partial s_{{ij}} / \\partial {small}_{{{'i' if small == 'q' else 'j'}a}}$ is derived by SymPy "
+                f"from the {score.key} score.")
         rows.append((f"d{tensor}", "backward", f"d{tensor}", index, f"Gradient of the {title}", text,
                      tau * Sum(dS[i, j] * partial(s, B[tensor][index]), *over), matrix if not spec.mod_object else None))
     for p in score.params:
         index = TENSORS[p.tensor].indices()
-        rows.append((f"d{p.tensor}", "backward", f"d{p.tensor}", index, f"Gradient of the parameter {p.name}",
-                     f"{p.name} enters every score: the sum over all (i, j) of dS_ij times ds_ij/d{p.name}, the "
-                     f"partial derived by SymPy.", tau * Sum(dS[i, j] * partial(s, B[p.tensor][index]),
+        rows.append((f"d{p.tensor}", "backward", f"d{p.tensor}", index, f"Gradient of the parameter ${p.latex}$",
+                     f"${p.latex}$ enters every score: $\\mathrm{{d}}{p.latex} = \\sum_{{i,j}} \\mathrm{{d}}S_{{ij}}\\, "
+                     f"\\partial s_{{ij}} / \\partial {p.latex}$, the partial derived by SymPy.", tau * Sum(dS[i, j] * partial(s, B[p.tensor][index]),
                                                              (i, 0, nq - 1), (j, 0, nk - 1)), None))
     return rows
 
@@ -373,12 +348,17 @@ def derive(spec: AttentionSpec, *, explicit: bool = True, prove: bool = True,
         table = SymbolTable(spec) if table is None else table
         builders = _explicit(spec, table)
     rows = _step_table(spec)
+    mod = spec.mod_object
+    lines = chains({row[0]: (row[2], row[3], row[6]) for row in rows if row[1] == "backward"},
+                   {"dQ", "dK", *("d" + p.tensor for p in SCORES[spec.score].params)},
+                   {"d" + p.tensor for p in (mod.params if mod else ())}, mod is not None)
     steps = []
     for n, (key, phase, tensor, indices, title, text, rhs, matrix) in enumerate(rows, 1):
         note(f"derive {n}/{len(rows)}: {key}")
         values = builders[key]() if explicit else None
         symbols = table[tensor] if explicit else None
-        steps.append(Step(key, title, text, phase, tensor, indices, rhs, values, matrix, symbols))
+        steps.append(Step(key, title, text, phase, tensor, indices, rhs, values, matrix, symbols,
+                          chain=lines.get(key, ())))
     derivation = Derivation(spec, tuple(steps), table)
     if prove and explicit:
         from .prove import prove as run_proofs

@@ -197,22 +197,22 @@ TAU = Param("tau", "tau", r"\tau", "tau", r"\tau", ("one",))
 
 SCORES: dict[str, Score] = {s.key: s for s in (
     Score("dot", "Query-key similarities by dot product", r"s_{ij} = \tau\, q_i \cdot k_j",
-          "Each query is compared with every key by a dot product over the d_k features.", (), _dot,
+          r"Each query is compared with every key by a dot product over the $d_k$ features.", (), _dot,
           lambda n: n["d_k"], matrix=lambda: TENSORS["Q"].matrix_symbol() * TENSORS["K"].matrix_symbol().T),
     Score("general", "Query-key similarities through a learned bilinear form (Luong)",
           r"s_{ij} = \tau\, q_i W_a k_j^\top",
-          "Each query is compared with every key through a learned d_k x d_k matrix W_a (Luong's general "
-          "score); W_a = I gives the dot product.", (W_GENERAL,), _general, lambda n: n["d_k"] ** 2,
+          r"Each query is compared with every key through a learned $d_k \times d_k$ matrix $W_a$ (Luong's "
+          r"general score); $W_a = I$ gives the dot product.", (W_GENERAL,), _general, lambda n: n["d_k"] ** 2,
           matrix=_matrix(lambda Q, K, W: Q * W * K.T)),
     Score("additive", "Query-key scores by a one-layer network (Bahdanau)",
           r"s_{ij} = v_a^\top \tanh(q_i W_a + k_j U_a + b_a)",
-          "Each query-key pair goes through a hidden layer of d_a tanh units (Bahdanau's additive score); the "
-          "score is not scaled.", ADDITIVE, _additive, lambda n: 2 * n["d_k"] * n["d_a"], scaled=False),
+          r"Each query-key pair goes through a hidden layer of $d_a$ $\tanh$ units (Bahdanau's additive score); "
+          r"the score is not scaled.", ADDITIVE, _additive, lambda n: 2 * n["d_k"] * n["d_a"], scaled=False),
     Score("cosine", "Query-key similarities by cosine (normalised dot product)",
           r"s_{ij} = \tau\, \frac{q_i \cdot k_j}"
           r"{\max(\lVert q_i \rVert, \epsilon)\, \max(\lVert k_j \rVert, \epsilon)}",
-          "Queries and keys are normalised to unit length (norms clamped at eps = 1e-12, as "
-          "torch.nn.functional.normalize does) and compared by a dot product times the learned temperature tau; "
-          "the score is not scaled by 1/sqrt(d_k): tau is the temperature.", (TAU,), _cosine,
+          r"Queries and keys are normalised to unit length (norms clamped at $\epsilon = 10^{-12}$, as "
+          r"torch.nn.functional.normalize does) and compared by a dot product times the learned temperature "
+          r"$\tau$; the score is not scaled by $1/\sqrt{d_k}$: $\tau$ is the temperature.", (TAU,), _cosine,
           lambda n: 3 * n["d_k"], scaled=False),
 )}
