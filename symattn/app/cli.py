@@ -134,13 +134,40 @@ def cmd_derive(args) -> int:
     return 0 if not d.proofs or d.proved else 1
 
 
+DOCUMENT_SUFFIXES = {".tex": "tex", ".md": "markdown", ".markdown": "markdown", ".txt": "text"}
+
+
 def cmd_run(args) -> int:
     from .run import run
     plot = None if args.plot is None else output_file(args.plot, PICTURES, default=".png")
-    result = run(args.sentence, query=args.query, causal=args.causal, mask=args.mask, score=args.score,
-                 hidden=args.hidden, score_mod=args.score_mod, d_model=args.d_model, d_k=args.d_k, d_v=args.d_v,
-                 progress=silent if args.quiet else to_stream(), plot=plot)
+    out = None if args.output is None else output_file(args.output)
+    fmt = args.format or (DOCUMENT_SUFFIXES.get(out.suffix.lower(), "text") if out is not None else None)
+    to_stdout = fmt is not None and out is None  # the document is the output: no narration
+    result = run(args.sentence, inputs=args.inputs, query=args.query, causal=args.causal, mask=args.mask,
+                 score=args.score, hidden=args.hidden, score_mod=args.score_mod, d_model=args.d_model, d_k=args.d_k,
+                 d_v=args.d_v, progress=silent if args.quiet else to_stream(), plot=plot,
+                 say=(lambda line: None) if to_stdout else print)
+    if fmt is not None:
+        _write(None if out is None else str(out), result.document.render(fmt))
     return 0 if result.passed else 1
+
+
+def cmd_docs(args) -> int:
+    from .docs import build_docs, worked_variant
+    from .run import run
+    output_folder(args.output)
+    if args.n_q is None and not _is_layer(args) and args.n_k is None and args.d_k is None:
+        args.n_q, args.n_k, args.d_k, args.d_v = 3, 4, 2, args.d_v or 3  # the README's derivation
+    spec = _spec(args)
+    notation = _notation(args)
+    spec.check_explicit()  # all options checked before the worked example runs
+    progress = silent if args.quiet else to_stream()
+    progress("the worked example")
+    worked = run(args.sentence, inputs=args.inputs, query=args.query, say=lambda line: None, progress=progress,
+                 kernels=False, **worked_variant(spec))
+    files = build_docs(spec, worked, args.output, notation=notation, progress=progress)
+    print(f"symattn: wrote {len(files)} files into {args.output}; start at {files[-1]}", file=sys.stderr)
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -203,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"symattn {__import__('symattn').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="the worked example: 'The cat sat on the mat'")
+    run = sub.add_parser("run", help="the worked example: 'The cat sat on the mat', or your own numbers")
     run.add_argument("--sentence", default=None, help="whitespace-separated tokens (default: The cat sat on the mat)")
+    run.add_argument("--inputs", default=None, metavar="FILE",
+                     help="your own numbers: JSON or .npz with tokens and X, W_Q, W_K, W_V [, W_O] or Q, K, V "
+                          "(exact: integers, decimals, \"p/q\"; see the README)")
     run.add_argument("--query", default=None, help="token shown in detail (default: sat, or the first token)")
     run.add_argument("--causal", action="store_true", help="causal mask (= --mask causal)")
     variant = run.add_argument_group("variant (the score, score mod and mask of `symattn derive --help`)")
@@ -214,10 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     variant.add_argument("--hidden", type=int, default=None, metavar="D_A", help="hidden units d_a (additive score)")
     variant.add_argument("--score-mod", default=None, metavar="MOD", help="alibi[:SLOPE], softcap:C or relative-bias:D")
     variant.add_argument("--mask", default=None, metavar="MASK", help="causal, window:W, prefix:P, joined by & or |")
-    run.add_argument("--d-model", type=int, default=4, help="embedding width (default 4)")
-    run.add_argument("--d-k", type=int, default=4, help="query/key width (default 4)")
+    run.add_argument("--d-model", type=int, default=None, help="embedding width (default 4)")
+    run.add_argument("--d-k", type=int, default=None, help="query/key width (default 4)")
     run.add_argument("--d-v", type=int, default=None, help="value width (default d_k)")
     run.add_argument("--plot", default=None, metavar="PNG", help="also save a heatmap of all weights")
+    run.add_argument("--format", choices=FORMATS, default=None,
+                     help="write the worked example as a document (to -o FILE, else to stdout instead of the "
+                          "narration); default with -o: by the suffix (.tex, .md, .txt), else text")
+    run.add_argument("-o", "--output", default=None, metavar="FILE", help="write the worked example document here")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     run.set_defaults(func=cmd_run)
 
@@ -233,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     der.add_argument("--no-prove", action="store_true", help="skip the proofs")
     der.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     der.set_defaults(func=cmd_derive)
+
+    docs = sub.add_parser("docs", help="a documentation set: derivation (md, tex, pdf), worked example, heatmap, "
+                                       "verification table, index.md")
+    _spec_options(docs, required=False)
+    _notation_options(docs)
+    docs.add_argument("-o", "--output", default="symattn-docs", help="output folder (default symattn-docs/)")
+    docs.add_argument("--sentence", default=None, help="the worked example's sentence (as `symattn run`)")
+    docs.add_argument("--inputs", default=None, metavar="FILE", help="the worked example's numbers (as `symattn run`)")
+    docs.add_argument("--query", default=None, metavar="TOKEN", help="the worked example's query token")
+    docs.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    docs.set_defaults(func=cmd_docs, max_entries=None)
 
     gen = sub.add_parser("generate", help="write Numba kernels (unrolled for the sizes, loop for any size)")
     _spec_options(gen, required=False)

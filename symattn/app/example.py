@@ -39,27 +39,36 @@ def _rational_matrix(rows) -> sympy.ImmutableMatrix:
 
 @dataclass(frozen=True)
 class Example:
-    """Tokens, embeddings X (n, d_model), projections W_Q (d_model, d_k), W_K, W_V (d_model, d_v), W_O."""
+    """Tokens and exact Q (n, d_k), K (n, d_k), V (n, d_v); with embeddings, also X (n, d_model) and the
+    projections W_Q (d_model, d_k), W_K, W_V (d_model, d_v) they came from, and W_O (d_v, d_model) of the
+    two-head layer. An inputs file may give Q, K, V directly (then X and the projections are None)."""
 
     tokens: tuple[str, ...]
     query: int  # index of the query token shown in detail
-    X: sympy.ImmutableMatrix
-    W_Q: sympy.ImmutableMatrix
-    W_K: sympy.ImmutableMatrix
-    W_V: sympy.ImmutableMatrix
-    W_O: sympy.ImmutableMatrix  # (h·d_v, d_model) output projection of the multi-head layer
+    Q: sympy.ImmutableMatrix
+    K: sympy.ImmutableMatrix
+    V: sympy.ImmutableMatrix
+    X: sympy.ImmutableMatrix | None = None
+    W_Q: sympy.ImmutableMatrix | None = None
+    W_K: sympy.ImmutableMatrix | None = None
+    W_V: sympy.ImmutableMatrix | None = None
+    W_O: sympy.ImmutableMatrix | None = None
+    source: str = "the shipped default"  # where the numbers came from, for the narration
 
-    @property
-    def Q(self) -> sympy.ImmutableMatrix:
-        return self.X * self.W_Q  # (n, d_k)
+    @classmethod
+    def from_embeddings(cls, tokens, query: int, X, W_Q, W_K, W_V, W_O=None, source: str = "the shipped default"):
+        """Q = X W_Q, K = X W_K, V = X W_V (exact)."""
+        return cls(tuple(tokens), query, X * W_Q, X * W_K, X * W_V, X, W_Q, W_K, W_V, W_O, source)
 
-    @property
-    def K(self) -> sympy.ImmutableMatrix:
-        return self.X * self.W_K  # (n, d_k)
 
-    @property
-    def V(self) -> sympy.ImmutableMatrix:
-        return self.X * self.W_V  # (n, d_v)
+def query_index(tokens, query: str | None) -> int:
+    """Index of the first token equal to `query` (ignoring case); the first token when `query` is None."""
+    if query is None:
+        return 0
+    lowered = [t.lower() for t in tokens]
+    if query.lower() not in lowered:
+        raise SymattnError(f"query token {query!r} is not in the sentence {' '.join(tokens)!r}")
+    return lowered.index(query.lower())
 
 
 def example(sentence: str | None = None, *, query: str | None = None, d_model: int = 4, d_k: int = 4,
@@ -72,8 +81,6 @@ def example(sentence: str | None = None, *, query: str | None = None, d_model: i
         raise SymattnError("the sentence has no tokens: give at least one word")
     query = data["query"] if query is None and sentence is None else (query or tokens[0])
     lowered = [t.lower() for t in tokens]
-    if query.lower() not in lowered:
-        raise SymattnError(f"query token {query!r} is not in the sentence {' '.join(tokens)!r}")
     shipped = d_model == data["d_model"] and d_k == d_v == data["d_model"]
     vocab = data["embeddings"] if d_model == data["d_model"] else {}
     X = sympy.ImmutableMatrix([[sympy.Rational(Fraction(x)) for x in vocab[w]] if w in vocab
@@ -86,8 +93,9 @@ def example(sentence: str | None = None, *, query: str | None = None, d_model: i
 
     W_O = _rational_matrix(data["W_O"]) if shipped else sympy.ImmutableMatrix(
         d_v, d_model, _hashed(f"W_O/{d_v}x{d_model}", d_v * d_model))
-    return Example(tokens, lowered.index(query.lower()), X, projection("W_Q", d_k), projection("W_K", d_k),
-                   projection("W_V", d_v), W_O)
+    source = "the shipped default" if sentence is None else "deterministic example values"
+    return Example.from_embeddings(tokens, query_index(tokens, query), X, projection("W_Q", d_k),
+                                   projection("W_K", d_k), projection("W_V", d_v), W_O, source)
 
 
 def parameters(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import sympy
@@ -16,8 +16,9 @@ from ..numeric import reference
 from ..symbolic.tensors import shape_of
 from ..symbolic.derive import Derivation, derive, parameters
 from .example import Example, example, parameters as example_parameters
-from ..render.latex import proof_lines, step_latex
-from ..outputs import save_figure
+from ..render.latex import step_latex
+from .docs import Document, Literal, heatmap
+from .inputs import input_matrices, inputs_example, read_inputs
 from ..progress import Progress, silent
 from ..symbolic.layer import derive_multihead
 from ..numeric.layer import multihead_attention
@@ -38,6 +39,8 @@ class RunResult:
     report: object = None  # verification.VerifyReport of the generated kernels
     layer: Derivation | None = None  # the two-head layer, with its proofs
     params: dict = field(default_factory=dict)  # parameter name -> exact values (object array) of θ
+    document: Document | None = None  # the worked example as printed: render(fmt) for text, LaTeX, Markdown, .tex
+    head_P: tuple = ()  # (n, n) weights of each head of the two-head layer
 
     @property
     def passed(self) -> bool:
@@ -63,21 +66,35 @@ def exact_values(d: Derivation, inputs: dict) -> dict[sympy.Symbol, sympy.Expr]:
     return values
 
 
-def _weights_table(ex: Example, d: Derivation, values: dict) -> list[str]:
-    i = ex.query
-    rows = [f"  {'j':>2}  {'token':<12} {'score s_ij':>12} {'weight p_ij':>12}"]
+def _weights_table(ex: Example, d: Derivation, values: dict) -> tuple:
+    """The table block of the query token's scores and weights (text lines as the terminal shows them)."""
+    i, rows, text = ex.query, [], [f"  {'j':>2}  {'token':<12} {'score s_ij':>12} {'weight p_ij':>12}"]
     for j, token in enumerate(ex.tokens):
         s = float(values[d.table["S"][i, j]])
         p = float(values[d.table["P"][i, j]])
-        mark = "  (masked)" if not d.spec.visible(i, j) else ""
-        rows.append(f"  {j:>2}  {token:<12} {s:>12.4f} {p:>12.4f}{mark}")
+        mark = "masked" if not d.spec.visible(i, j) else ""
+        rows.append([str(j), token, f"{s:.4f}", f"{p:.4f}", mark])
+        text.append(f"  {j:>2}  {token:<12} {s:>12.4f} {p:>12.4f}" + (f"  ({mark})" if mark else ""))
     total = sum(float(values[d.table["P"][i, j]]) for j in range(len(ex.tokens)))
-    rows.append(f"  {'':>2}  {'sum':<12} {'':>12} {total:>12.4f}")
-    return rows
+    rows.append(["", "sum", "", f"{total:.4f}", ""])
+    text.append(f"  {'':>2}  {'sum':<12} {'':>12} {total:>12.4f}")
+    return "table", ["$j$", "token", "score $s_{ij}$", "weight $p_{ij}$", ""], rows, text, "rlrrl"
+
+
+def _proofs_table(d: Derivation) -> tuple:
+    """The proofs as a table block (no timings: documents are deterministic)."""
+    rows = [[p.step, p.claim, p.method, "passed" if p.passed else "FAILED"] for p in d.proofs]
+    text = [f"  [{'pass' if p.passed else 'FAIL'}] {p.kind:<9}{p.step:<16} {p.method:<24} {p.claim}"
+            + (f"\n         {p.failure}" if p.failure else "") for p in d.proofs]
+    return "table", ["step", "claim", "method", "result"], rows, text, r"p{0.14\linewidth}p{0.5\linewidth}p{0.2\linewidth}l"
 
 
 def _layer_refusal(ex: Example, head: AttentionSpec) -> str | None:
     """Why the two-head layer is not shown for this example and variant, or None."""
+    if ex.X is None:
+        return "the inputs give Q, K, V, not embeddings and projections"
+    if ex.W_O is None:
+        return "the inputs file gives no output projection W_O"
     if ex.W_Q.cols % 2 or ex.W_V.cols % 2:
         return "d_k and d_v must be even to split into two heads"
     if head.score != "dot" or head.mod_object is not None:
@@ -87,58 +104,42 @@ def _layer_refusal(ex: Example, head: AttentionSpec) -> str | None:
     return None
 
 
-def two_heads(ex: Example, head: AttentionSpec, say: Say, progress: Progress) -> Derivation | None:
-    """The same sentence through a two-head layer: each head's weights for the query token, the output."""
+def two_heads(ex: Example, head: AttentionSpec, doc: Document, progress: Progress):
+    """The same sentence through a two-head layer: each head's weights for the query token, the output.
+    Returns the layer's Derivation and each head's (n, n) weights, or (None, ())."""
     n, i, causal = len(ex.tokens), ex.query, head.causal
     refusal = _layer_refusal(ex, head)
     if refusal:
-        say(f"\n(two-head layer skipped: {refusal})")
-        return None
+        doc.add("para", [f"\n(two-head layer skipped: {refusal})"])
+        return None, ()
     spec = MultiHeadSpec(n, ex.X.cols, 2, d_k=ex.W_Q.cols // 2, d_v=ex.W_V.cols // 2,
                          mask="causal" if causal else "none")
-    say(f"\nTwo heads: {spec.title}")
-    say(f"Head h uses columns {spec.d_k}h:{spec.d_k}(h+1) of W_Q, W_K, W_V; Z = Concat(head 0, head 1) W_O.")
+    doc.add("heading", f"Two heads: {spec.title}")
+    columns = "; ".join(f"head {h}: " + (f"columns {spec.d_k * h} to {spec.d_k * (h + 1) - 1}" if spec.d_k > 1
+                                          else f"column {h}") for h in range(2))
+    doc.add("para", [f"Each head takes its own columns of $W_Q$, $W_K$, $W_V$ ({columns}); the layer's output is"])
+    doc.add("para", [r"$Z = \operatorname{Concat}(\mathrm{head}_0, \mathrm{head}_1) W_O$."])
+    doc.add("matrix", "W_O", f"the output projection ({ex.W_O.rows} × {ex.W_O.cols})", ex.W_O, None)
     d = derive_multihead(spec, progress=progress)
     values = exact_values(d, {"X": ex.X, "Wq": ex.W_Q, "Wk": ex.W_K, "Wv": ex.W_V, "Wo": ex.W_O})
     heads = [d.table.children[str(h)] for h in range(spec.heads)]
-    say(f"  {'j':>2}  {'token':<12}" + "".join(f" {'head ' + str(h) + ' p_ij':>14}" for h in range(spec.heads)))
-    for j, token in enumerate(ex.tokens):
-        cells = "".join(f" {float(values[t['P'][i, j]]):>14.4f}" for t in heads)
-        say(f"  {j:>2}  {token:<12}{cells}")
+    head_P = tuple(np.array([[float(values[t["P"][r, c]]) for c in range(n)] for r in range(n)]) for t in heads)
+    text = [f"  {'j':>2}  {'token':<12}" + "".join(f" {'head ' + str(h) + ' p_ij':>14}" for h in range(spec.heads))]
+    text += [f"  {j:>2}  {token:<12}" + "".join(f" {P[i, j]:>14.4f}" for P in head_P)
+             for j, token in enumerate(ex.tokens)]
+    doc.add("table", ["$j$", "token", *(f"head {h} $p_{{ij}}$" for h in range(spec.heads))],
+            [[str(j), t, *(f"{P[i, j]:.4f}" for P in head_P)] for j, t in enumerate(ex.tokens)], text, "rlrr")
     out = np.array([[float(values[d.table["Out"][r, m]]) for m in range(spec.d_model)] for r in range(n)])
-    say(f"Layer output z for \"{ex.tokens[i]}\": [" + ", ".join(f"{x:.4f}" for x in out[i]) + "]")
+    doc.add("para", ["Layer output z for \"", Literal(ex.tokens[i]), "\": [" + ", ".join(f"{x:.4f}" for x in out[i])
+                     + "]"])
     x, wq, wk, wv, wo = (np.array(M, dtype=float) for M in (ex.X, ex.W_Q, ex.W_K, ex.W_V, ex.W_O))
     numeric = multihead_attention(x, wq, wk, wv, wo, heads=2, is_causal=causal)
-    say(f"Exact symbolic layer vs numeric layer (symattn.multihead_attention): max |difference| = "
-        f"{np.max(np.abs(out - numeric)):.1e}")
+    doc.add("para", [f"Exact symbolic layer vs numeric layer (symattn.multihead_attention): max $|\\text{{difference}}|$ = "
+                     f"{np.max(np.abs(out - numeric)):.1e}"])
     passed = sum(p.passed for p in d.proofs)
-    say(f"{passed} of {len(d.proofs)} layer proofs passed (every weight and input gradient = plain "
-        f"differentiation of the whole layer)." + ("" if d.proved else " SOME PROOFS FAILED."))
-    return d
-
-
-def heatmap(result: RunResult, path: str) -> None:
-    """Save the attention weights (queries x keys) as a picture (PNG, PDF, SVG or JPEG by the suffix).
-    Tokens are shown as plain text: matplotlib's math parser never sees them."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    tokens = result.example.tokens
-    fig, ax = plt.subplots(figsize=(1.1 * len(tokens) + 2, 1.0 * len(tokens) + 1.5))
-    image = ax.imshow(result.P, cmap="viridis", vmin=0.0)
-    ax.set_xticks(range(len(tokens)), tokens, rotation=45, ha="right")
-    ax.set_yticks(range(len(tokens)), tokens)
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
-    for (r, c), p in np.ndenumerate(result.P):
-        ax.text(c, r, f"{p:.2f}", ha="center", va="center", color="white" if p < 0.6 * result.P.max() else "black")
-    ax.set_title(result.derivation.spec.title.replace(" (", "\n("), fontsize=9)
-    fig.colorbar(image, ax=ax, label="weight p_ij")
-    for text in (*ax.get_xticklabels(), *ax.get_yticklabels(), ax.title):
-        text.set_parse_math(False)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    doc.add("para", [f"{passed} of {len(d.proofs)} layer proofs passed (every weight and input gradient = plain "
+                     f"differentiation of the whole layer)." + ("" if d.proved else " SOME PROOFS FAILED.")])
+    return d, head_P
 
 
 def check_sentence(sentence: str | None) -> None:
@@ -194,56 +195,88 @@ def _ways(report) -> str:
     return f"{NUMBERS.get(len(kinds), len(kinds))} ways ({', '.join(kinds)})"
 
 
-def run(sentence: str | None = None, *, query: str | None = None, causal: bool = False, mask: str | None = None,
-        score: str = "dot", hidden: int | None = None, score_mod: str | None = None, d_model: int = 4,
-        d_k: int = 4, d_v: int | None = None, say: Say = print, progress: Progress = silent,
-        plot: str | None = None) -> RunResult:
-    """Derive and prove attention for `sentence`, print the forward steps of the query token in LaTeX,
-    its attention weights as a table, and the proofs. Returns the numbers for further use.
-    The variant: `score` ("dot", "general", "additive" with `hidden` units), `score_mod` (e.g. "alibi",
-    "softcap:30", "relative-bias:2") and `mask` (e.g. "causal", "window:2", "prefix:1"; `causal` = "causal")."""
-    d_model, d_k = _positive_int("d_model", d_model, "run"), _positive_int("d_k", d_k, "run")
-    d_v = d_k if d_v is None else _positive_int("d_v", d_v, "run")
+def _example(sentence, inputs, query, d_model, d_k, d_v) -> Example:
+    """The worked example from the sentence options or an inputs file/mapping, every size checked."""
     check_sentence(sentence)
     check_sentence(query)
+    if inputs is not None:
+        if sentence is not None or any(x is not None for x in (d_model, d_k, d_v)):
+            raise SymattnError("the inputs file gives the tokens and sizes: leave out the sentence, d_model, d_k "
+                               "and d_v")
+        return inputs_example(inputs, query=query) if isinstance(inputs, Mapping) else read_inputs(inputs, query=query)
+    d_model = _positive_int("d_model", 4 if d_model is None else d_model, "run")
+    d_k = _positive_int("d_k", 4 if d_k is None else d_k, "run")
+    d_v = d_k if d_v is None else _positive_int("d_v", d_v, "run")
     limits.check_run_sizes(len((sentence or "").split()), d_model, d_k, d_v)
-    ex = example(sentence, query=query, d_model=d_model, d_k=d_k, d_v=d_v)
-    n = len(ex.tokens)
-    spec = variant_spec(n, ex.W_Q.cols, ex.W_V.cols, causal=causal, mask=mask, score=score, hidden=hidden,
+    return example(sentence, query=query, d_model=d_model, d_k=d_k, d_v=d_v)
+
+
+def _inputs_section(ex: Example, doc: Document) -> None:
+    """The inputs before step 1: X, the projections, Q, K, V as exact matrices, rows labelled by token."""
+    doc.add("heading", "Inputs")
+    made = ", and $Q = X W_Q$, $K = X W_K$, $V = X W_V$ from them" if ex.X is not None else ""
+    doc.add("para", [f"Exact numbers from {ex.source}{made}:"])
+    for name, what, M, labels in input_matrices(ex):
+        doc.add("matrix", name, what, M, labels)
+
+
+def run(sentence: str | None = None, *, inputs=None, query: str | None = None, causal: bool = False,
+        mask: str | None = None, score: str = "dot", hidden: int | None = None, score_mod: str | None = None,
+        d_model: int | None = None, d_k: int | None = None, d_v: int | None = None, say: Say = print,
+        progress: Progress = silent, plot: str | None = None, kernels: bool = True) -> RunResult:
+    """Derive and prove attention for `sentence` (default "The cat sat on the mat", d_model = d_k = d_v = 4) or
+    your own numbers, print the inputs, the forward steps of the query token in LaTeX with their numbers, its
+    attention weights as a table, the proofs, a two-head layer and (`kernels`) the generated kernels' verification.
+    Returns the numbers and the document (result.document.render("text"|"latex"|"markdown"|"tex")).
+
+    inputs: a path to a JSON or .npz inputs file, or a mapping in the same schema (symattn.app.inputs):
+    {"tokens": [...], "X": [[...]], "W_Q": ..., "W_K": ..., "W_V": ... [, "W_O": ...]} or {"tokens": [...],
+    "Q": [[...]], "K": ..., "V": ...}; entries exact (integers, decimals, "p/q"). A bad file raises InputError
+    naming the field, before any derivation.
+    The variant: `score` ("dot", "general", "additive" with `hidden` units), `score_mod` (e.g. "alibi",
+    "softcap:30", "relative-bias:2") and `mask` (e.g. "causal", "window:2", "prefix:1"; `causal` = "causal")."""
+    ex = _example(sentence, inputs, query, d_model, d_k, d_v)
+    n, i = len(ex.tokens), ex.query
+    spec = variant_spec(n, ex.Q.cols, ex.V.cols, causal=causal, mask=mask, score=score, hidden=hidden,
                         score_mod=score_mod)
-    i = ex.query
-    say(f"symattn run: \"{' '.join(ex.tokens)}\" ({n} tokens), d_model = {ex.X.cols}, "
-        f"d_k = {spec.d_k}, d_v = {spec.d_v}, {_describe(spec)}")
-    params = _parameters(spec, say)
-    say(f"Q = X W_Q, K = X W_K, V = X W_V from exact embeddings X ({n} x {ex.X.cols}).\n")
+    doc = Document(say)
+    width = f"d_model = {ex.X.cols}, " if ex.X is not None else ""
+    sizes = f"({n} tokens), {width}d_k = {spec.d_k}, d_v = {spec.d_v}, {_describe(spec)}"
+    doc.add("title", f"symattn run: \"{' '.join(ex.tokens)}\" {sizes}", f"Worked example: \"{' '.join(ex.tokens)}\"")
+    doc.blocks.append(("para", [f"Attention on {n} tokens: {sizes[sizes.index(')') + 3:]}."]))  # not said on the terminal
+    lines = []
+    params = _parameters(spec, lines.append)
+    if lines:
+        doc.add("pre", lines)
+    _inputs_section(ex, doc)
     d = derive(spec, progress=progress)
     progress("evaluating the exact forward values")
     theta = {p.tensor: params[p.name] for p in parameters(spec)}
     values = exact_values(d, {"Q": ex.Q, "K": ex.K, "V": ex.V, **theta})
     shown = {sym: sympy.Float(v.evalf(12), 4) for sym, v in values.items()}
-    say(f"Forward steps for the query token \"{ex.tokens[i]}\" (i = {i}), LaTeX:\n")
+    doc.add("heading", "Forward steps")
+    doc.add("para", ["Forward steps for the query token \"", Literal(ex.tokens[i]), f"\" ($i = {i}$):\n"])
     for number, step in enumerate(d.forward(), 1):
-        say(f"% {number}. {step.title}: {step.explanation}")
-        for parts in step_latex(d, step, query=i, values=shown):
-            say("  " + " = ".join(parts))
-        say("")
+        doc.add("step", number, step.title, step.explanation, step_latex(d, step, query=i, values=shown))
     P = np.array([[float(values[d.table["P"][r, c]]) for c in range(n)] for r in range(n)])
-    result = RunResult(ex, d, P, _reference_weights(spec, ex, params), params=params)
-    say(f"Attention weights of \"{ex.tokens[i]}\" (row {i} of P):")
-    for row in _weights_table(ex, d, values):
-        say(row)
-    say(f"\nExact symbolic weights vs NumPy reference: max |difference| = {result.agreement:.1e}")
+    result = RunResult(ex, d, P, _reference_weights(spec, ex, params), params=params, document=doc)
+    doc.add("para", ["Attention weights of \"", Literal(ex.tokens[i]), f"\" (row {i} of $P$):"])
+    doc.add(*_weights_table(ex, d, values))
+    doc.add("para", [f"\nExact symbolic weights vs NumPy reference: max $|\\text{{difference}}|$ = {result.agreement:.1e}"])
+    doc.add("heading", f"Proofs at n_q = n_k = {n}, d_k = {spec.d_k}, d_v = {spec.d_v}:")
+    doc.add(*_proofs_table(d))
     passed = sum(p.passed for p in d.proofs)
-    say(f"\nProofs at n_q = n_k = {n}, d_k = {spec.d_k}, d_v = {spec.d_v}:")
-    for line in proof_lines(d):
-        say(line)
-    say(f"{passed} of {len(d.proofs)} proofs passed." + ("" if d.proved else " SOME PROOFS FAILED."))
+    doc.add("para", [f"{passed} of {len(d.proofs)} proofs passed." + ("" if d.proved else " SOME PROOFS FAILED.")])
+    layer, head_P = two_heads(ex, spec, doc, progress)
+    result = dataclasses.replace(result, layer=layer, head_P=head_P)
     if plot:
         heatmap(result, plot)
         say(f"Heatmap of all attention weights written to {plot}")
-    result = dataclasses.replace(result, layer=two_heads(ex, spec, say, progress))
+    if not kernels:
+        return result
     progress("generating and verifying the kernels of this spec")
     report = verify(spec, progress=progress)
-    say(f"\nGenerated kernels of {spec.name} checked {_ways(report)} and against finite differences:")
-    say(str(report))
+    doc.add("heading", f"Generated kernels of {spec.name} checked {_ways(report)} and against finite differences:",
+            f"Generated kernels, checked {_ways(report)} and against finite differences")
+    doc.add("pre", str(report).splitlines())
     return dataclasses.replace(result, report=report)

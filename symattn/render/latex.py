@@ -129,7 +129,7 @@ def _label(d: Derivation, notation: Notation, step: Step) -> str:
     return f"{notation.label or 'eq'}:{step.key}"
 
 
-def _align(lines: list[list[str]], env: str = "align*", label: str | None = None) -> str:
+def align(lines: list[list[str]], env: str = "align*", label: str | None = None) -> str:
     """An align block, each piece after the first on its own `= ...` line when the row would be too wide;
     with a label, the first row is numbered and labelled and the others are not."""
     rows = []
@@ -159,7 +159,7 @@ def _sections(d: Derivation):
 
 def _step_block(d: Derivation, step: Step, notation: Notation, env: str, **kw) -> str:
     label = _label(d, notation, step) if notation.numbered else None
-    return _align(step_latex(d, step, notation=notation, **kw), env, label)
+    return align(step_latex(d, step, notation=notation, **kw), env, label)
 
 
 def to_latex(d: Derivation, *, query: int | None = None, max_entries=_UNSET, notation: Notation = DEFAULT) -> str:
@@ -218,7 +218,7 @@ def to_markdown(d: Derivation, *, query: int | None = None, max_entries=_UNSET, 
             out.append(f"{h}## {_number(d.steps, step)}. {explanation_markdown(step.title)}\n\n"
                        f"{explanation_markdown(step.explanation)}")
             lines = step_latex(d, step, query=query, max_entries=max_entries, notation=notation)
-            out.append(f"$$\n{_align(lines, 'aligned')}\n$$")
+            out.append(f"$$\n{align(lines, 'aligned')}\n$$")
     if d.proofs:
         out.append(f"{h}# Proofs at the chosen sizes\n\n| step | claim | method | result |\n|---|---|---|---|\n" + "\n".join(
             f"| {p.step} | {p.claim} | {p.method} | {'passed' if p.passed else 'FAILED'} |" for p in d.proofs))
