@@ -36,15 +36,14 @@ _UNSET = object()
 
 
 def _entries(step: Step, query: int | None, entries: str | int):
-    """(index, value) pairs to show, and how many were left out: "sample" shows the first two entries and the
-    last (of the query row asked for, if any), an int the first N of the first query row, "all" everything."""
+    """(index, value) pairs to show, and how many were left out: the whole row of the query asked for, if any;
+    else "sample" shows the first two entries and the last, an int the first N of the first query row, "all"
+    everything."""
     array = step.explicit
     indices = list(itertools.product(*(range(n) for n in array.shape)))
-    if query is not None and TENSORS[step.tensor].dims[0] == "n_q":
-        indices = [ix for ix in indices if ix[0] == query]
-        total = len(indices)
-    else:
-        total = len(array)
+    if query is not None and TENSORS[step.tensor].dims[0] == "n_q":  # one query row on purpose: all of it
+        return [(ix, array[ix]) for ix in indices if ix[0] == query], 0
+    total = len(array)
     if entries == "sample" and len(indices) > 3:
         indices = indices[:2] + indices[-1:]
     elif isinstance(entries, int) and len(indices) > entries:
