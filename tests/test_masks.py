@@ -94,3 +94,55 @@ def test_masks_are_public_and_sympy_free():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()
     assert out == ["causal&prefix:2", "False", "False"]
     assert masks.mask_of("causal") is causal
+
+
+# -- run-time masks: document(ids), key_padding(lengths); spans -------------------------------------------------
+IDS = np.array([[0, 0, 1, 1, 1, 2], [3, 3, 3, 3, 7, 7]])  # (2, N): segment ids per batch index b
+
+
+def _batch_array(mask, B) -> np.ndarray:
+    return np.array([[[bool(mask.mod(b, 0, i, j)) for j in range(N)] for i in range(N)] for b in range(B)])
+
+
+def test_document_and_key_padding_have_flexattention_semantics():
+    doc = masks.document(IDS)
+    np.testing.assert_array_equal(_batch_array(doc, 2), IDS[:, :, None] == IDS[:, None, :])
+    pad = masks.key_padding(np.array([4, 1]))
+    np.testing.assert_array_equal(_batch_array(pad, 2), np.broadcast_to(
+        np.arange(N)[None, None, :] < np.array([4, 1])[:, None, None], (2, N, N)))
+    both = and_masks(doc, causal, pad)  # composable with the library masks
+    np.testing.assert_array_equal(_batch_array(both, 2), _batch_array(doc, 2) & (J <= I) & _batch_array(pad, 2))
+    assert masks.document(IDS[0]).visible(1, 0) and not masks.document(IDS[0]).visible(1, 2)  # (n,) ids: b = 0
+    assert both.kernel_tag == "document_and_causal_and_key_padding" and both.tag != masks.and_masks(
+        masks.document(IDS[:, ::-1]), causal, pad).tag  # kernels ignore the data, names of specs do not
+
+
+def test_run_time_conditions_read_their_arrays_symbolically():
+    i, j = sympy.symbols("i j", integer=True)
+    b = sympy.Symbol("b", integer=True)
+    doc, pad = masks.document(IDS), masks.key_padding([3, 2])
+    assert doc.condition(i, j) == sympy.Eq(sympy.IndexedBase("doc")[b, i], sympy.IndexedBase("doc")[b, j])
+    assert pad.condition(i, j) == (j < sympy.IndexedBase("kv_len")[b, 0])
+    assert [name for name, _ in doc.arrays] == ["doc", "doc_lo", "doc_hi"] and pad.arrays[0][1].shape == (2, 1)
+    assert doc.bind(doc.condition(1, 2)) == sympy.false and doc.bind(doc.condition(2, 4)) == sympy.true
+    d = symattn.derive(AttentionSpec(1, 1, 1, mask=doc), explicit=False)  # the indexed derivation shows it
+    assert "doc[b, i]" in str(d.step("softmax").rhs)
+
+
+@pytest.mark.parametrize("mask", [causal, sliding_window(2), prefix_lm(3), masks.document(IDS),
+                                  masks.key_padding(np.array([4, 0])),
+                                  or_masks(sliding_window(1), masks.key_padding(np.array([2, 5]))),
+                                  and_masks(masks.document(IDS), prefix_lm(2)),
+                                  masks.traced(lambda b, h, q, kv: q + kv < 7)])
+def test_spans_hold_every_visible_key(mask):
+    """Kernels skip keys outside [lo, hi): no visible key may lie there; an exact span is the mask itself."""
+    visible = _batch_array(mask, 2)
+    for b in range(2):
+        for i in range(N):
+            lo, hi = mask.span(b, i) if mask.span else (None, None)
+            lo, hi = max(0 if lo is None else mask.bind(sympy.sympify(lo), b), 0), min(
+                N if hi is None else mask.bind(sympy.sympify(hi), b), N)
+            inside = (np.arange(N) >= lo) & (np.arange(N) < hi)
+            assert not np.any(visible[b, i] & ~inside), (mask.text, b, i, lo, hi)
+            if mask.exact:
+                np.testing.assert_array_equal(visible[b, i], inside)

@@ -4,10 +4,14 @@ The templates (codegen/jinja/*.py.j2) own the loop and tile structure; the per-e
 the summands of O, D, dQ, dK, dV and the coefficients that multiply the rows BLAS or a loop reads) are the
 derivation's indexed right-hand sides printed with Indexed -> local or array reads. One source serves float32 and
 float64: Numba compiles each kernel per dtype and the helpers dispatch on the scalar type.
+
+`render_variant(mod, mask)` renders the same templates for the dot score with a score mod and a mask: the score
+line prints the derivation's "mod" step, dS its "dSr" factor, a parameter table's gradient is scattered from its
+KroneckerDelta form; the mask gives each query row its span [lo, hi) of keys (tiles outside it are skipped) and,
+unless the span is the mask, the condition tested per entry. `render()` (no variant) prints today's module.
 """
 from __future__ import annotations
 
-import jinja2
 import sympy
 
 from ..filestamp import stamp
@@ -15,17 +19,16 @@ from ..symbolic.derive import Derivation, derive
 from ..symbolic.score import scale_symbolic
 from ..symbolic.spec import AttentionSpec
 from ..symbolic.tensors import INDEX_OF_DIM, TENSORS
-from .printer import NumbaPrinter
-from .templates import HEADER, decorator
+from .printer import NumbaPrinter, check_identifier
+from .templates import ENV, HEADER, decorator
 
 LOOP_MODULE = "attention_loops"
 SCALE = sympy.Symbol("scale")
 #: Indexed reads -> code: the template's locals and batch-offset array reads.
 READS = {"St": "acc", "P": "p", "dP": "dp", "D": "D_i", "dS": "ds", "Q": "Q[qz, i, a]", "K": "K[kz, j, a]",
-         "V": "V[vz, j, b]", "O": "O[z, i, b]", "dO": "dO[z, i, b]"}
+         "V": "V[vz, j, b]", "O": "O[z, i, b]", "dO": "dO[z, i, b]", "Sr": "sr", "dSr": "dsr", "S": "s"}
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("symattn.codegen", "jinja"), undefined=jinja2.StrictUndefined,
-                          autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+_ENV = ENV  # the one Jinja2 environment of codegen (templates.py)
 
 
 def _code(expr: sympy.Expr, spec: AttentionSpec) -> str:
@@ -87,7 +90,120 @@ def render() -> str:
     _check_tileable(d)
     header = HEADER.substitute(source="the indexed derivation of scaled dot-product attention",
                                command="symattn generate --all  (from a source checkout)")
+    return _render(header, pieces(d), None)
+
+
+def _render(header: str, f: dict, v: dict | None) -> str:
     text = _ENV.get_template(f"{LOOP_MODULE}.py.j2").render(
-        header=header, f=pieces(d), jit=decorator(), jit_parallel=decorator(parallel=True),
+        header=header, f=f, v=v, jit=decorator(), jit_parallel=decorator(parallel=True),
         jit_inline=decorator(inline=True), jit_exact=decorator(inline=True, exact=True))
     return stamp(text)
+
+
+# ------------------------------------------------------------------------------------------------ variants
+class _VariantPrinter(NumbaPrinter):
+    """NumbaPrinter that prints reads of parameters and run-time mask arrays as indexing (name[k, ...])."""
+
+    def __init__(self, settings, direct: dict[str, str]):
+        super().__init__(settings)
+        self.direct = direct
+
+    def _print_Indexed(self, expr):
+        name = expr.base.label.name
+        if name in self.direct:
+            return f"{self.direct[name]}[{', '.join(self._print(k) for k in expr.indices)}]"
+        return super()._print_Indexed(expr)
+
+    # Float arithmetic stays in the kernels' dtype: a float64 constant or an int64 index in a float32 expression
+    # would promote it to float64 (slower, and no float32 exp/tanh). Indices inside reads stay integers.
+    def _typed(self, x) -> str:
+        if x.is_number:
+            return f"_cast(Q, {float(x)!r})"
+        return f"_cast(Q, {self._print(x)})"
+
+    def _print_Mul(self, expr):
+        if expr.is_integer:
+            return super()._print_Mul(expr)
+        coefficient, rest = expr.as_coeff_Mul()
+        factors = [] if coefficient == 1 else [self._typed(coefficient)]
+        for x in sympy.Mul.make_args(rest):
+            factors.append(self._typed(x) if x.is_integer else self.parenthesize(x, 50))
+        return "*".join(factors)
+
+    def _print_Add(self, expr):
+        if expr.is_integer:
+            return super()._print_Add(expr)
+        terms = [self._typed(x) if x.is_integer else self._print(x) for x in expr.args]
+        return "(" + " + ".join(terms) + ")"
+
+    def _print_Pow(self, expr, rational=False):
+        if expr.exp in (2, 3) and not expr.base.is_integer:
+            base = self.parenthesize(expr.base, 60)
+            return "*".join([base] * int(expr.exp))
+        if expr.base.is_number and not expr.exp.is_number:  # 2**(-2*h - 2): a float power, never integer **
+            return f"{float(expr.base)!r}**({self._print(expr.exp)})"
+        return super()._print_Pow(expr, rational)
+
+    def _print_tanh(self, expr):
+        return f"_tanh({self._print(expr.args[0])})"
+
+
+def variant_params(mod) -> list[tuple[str, str]]:
+    """(API name, kernel argument) of the mod's parameters θ, in kernel-argument order."""
+    return [] if mod is None else [(p.name, check_identifier(p.tensor)) for p in mod.params]
+
+
+def render_variant(mod, mask) -> str:
+    """The loop and tile kernels of the dot score with score mod `mod` and mask `mask` (either may be None),
+    printed from derive(AttentionSpec(1, 1, 1, score_mod=mod, mask=mask), explicit=False)."""
+    d = derive(AttentionSpec(1, 1, 1, score_mod=mod.text if mod else None, mask=mask), explicit=False)
+    _check_tileable(d)
+    arrays = [check_identifier(name) for name, _ in (mask.arrays if mask else ())]
+    params = [tensor for _, tensor in variant_params(mod)]
+    b = sympy.Symbol("b", integer=True)
+    direct = {name: name for name in arrays + params}
+
+    def code(expr) -> str:  # FlexAttention's b and h (any assumptions) -> the batch element's zb, zh
+        expr = sympy.sympify(expr)
+        bound = {x: {"b": "zb", "h": "zh"}[x.name] for x in expr.free_symbols
+                 if isinstance(x, sympy.Symbol) and x.name in ("b", "h")}
+        printer = _VariantPrinter({"indexed_map": READS, "symbol_map": {SCALE: "scale", **bound}}, direct)
+        return printer.doprint(expr.xreplace({scale_symbolic(d.spec): SCALE}))
+    f = pieces(d)
+    f["mod"] = code(d.step("mod").rhs) if mod else "sr"
+    f["dSr"] = code(d.step("dSr").rhs) if mod else "ds"
+    i = INDEX_OF_DIM["n_q"]
+    lo, hi = mask.span(b, i) if mask is not None and mask.span is not None else (None, None)
+    softmax = d.step("softmax").rhs
+    condition = softmax.args[0].cond if isinstance(softmax, sympy.Piecewise) else sympy.true
+    v = {"title": _title(mod, mask), "lo": "0" if lo is None else code(lo), "hi": "n_k" if hi is None else code(hi),
+         "exact": mask is None or mask.exact, "cond": code(condition),
+         "args": "".join(f", {name}" for name in params + arrays), "margs": "".join(f", {name}" for name in arrays),
+         "gargs": "".join(f", d{name}" for name in params), "scatter": _scatter(d, mod, code)}
+    header = HEADER.substitute(source=f"the indexed derivation of dot-product attention with {v['title']}",
+                               command="symattn.numeric.kernels (rendered on first use into the kernel cache)")
+    return _render(header, f, v)
+
+
+def _title(mod, mask) -> str:
+    parts = ([f"score mod {mod.text}"] if mod else []) + ([f"mask {mask.kernel_text or mask.text}"] if mask else [])
+    return " and ".join(parts) or "no variant"
+
+
+def _scatter(d: Derivation, mod, code) -> list[tuple[str, str, str]]:
+    """(partial array, index, value) per mod parameter: dθ[index] += value at every visible (i, j), from the
+    derivation's dθ = Σ_ij KroneckerDelta(t, index(i, j)) value_ij (or a scalar θ: Σ_ij value_ij)."""
+    out = []
+    for p in (mod.params if mod else ()):
+        summand = _summand(d.step("d" + p.tensor).rhs)
+        own = TENSORS[p.tensor].indices()
+        deltas = [x for x in sympy.Mul.make_args(summand) if isinstance(x, sympy.KroneckerDelta)]
+        if not own:
+            out.append((f"d{p.tensor}", "0", code(summand)))
+        elif len(own) == 1 and len(deltas) == 1 and own[0] in deltas[0].args:
+            index = deltas[0].args[1] if deltas[0].args[0] == own[0] else deltas[0].args[0]
+            out.append((f"d{p.tensor}", code(index), code(summand / deltas[0])))
+        else:
+            raise NotImplementedError(f"the dot kernels scatter a parameter gradient Σ δ(t, index) value; "
+                                      f"d{p.tensor} = {summand} has another form")
+    return out

@@ -3,6 +3,11 @@ flash-style tile kernels (BLAS tiles, prange) for the rest, with BLAS held to on
 
 Arrays arrive validated and flattened: Q (Bq, n_q, d_k), K (Bk, n_k, d_k), V (Bv, n_k, d_v) C-contiguous,
 bias (Bm, n_q, n_k) or (0, 0, 0), batch (B, 4) int64 rows [q, k, v, bias] of each flattened batch element.
+
+Variants of the dot score (variant_forward / variant_backward: a score mod, an index mask, run-time masks) run the
+same loop and tile kernels rendered per (mod, mask) from the derivation (codegen.loop.render_variant), cached in
+cache_dir() as variant_<tag>.py and imported only when their content hash holds; bh (B, 2) gives each batch
+element's FlexAttention (b, h). Masked tiles are skipped; no n_q x n_k mask array is built.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import numba
 import numpy as np
 
 from . import attention_loops as loops
-from ..errors import SymattnError
+from ..errors import InputError, SymattnError
 from ..filestamp import damage
 from ..progress import silent
 
@@ -101,6 +106,140 @@ def backward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str,
     return dQ, dK, dV
 
 
+# ------------------------------------------------------------------------------------------------ variants
+def variant_forward(Q, K, V, bias, batch, bh, scale: float, code: int, mod, mask, params, O, LSE) -> None:
+    """Dot-product attention with score mod `mod` and mask `mask` (symattn ScoreMod / Mask or None): write O
+    (B, n_q, d_v) and LSE (B, n_q). bh (B, 2) int64 holds each batch element's (b, h); params maps the mod's
+    parameter names to arrays. Loop kernels for small problems, tile kernels (masked tiles skipped) otherwise."""
+    if _plain_variant(mod, mask):
+        forward_into(Q, K, V, bias, batch, mask is not None, scale, code, O, LSE)
+        return
+    module, extras = _variant_call(Q, K, bh, mod, mask, params)
+    if batch.shape[0] * Q.shape[1] * K.shape[1] < SMALL:
+        module.attention_forward(Q, K, V, bias, batch, bh, scale, code, O, LSE, *extras)
+    else:
+        with one_blas_thread:
+            module.forward_tiles(Q, K, V, bias, batch, bh, scale, code, O, LSE, BQ, BK, *extras)
+
+
+def variant_backward(Q, K, V, bias, batch, bh, scale: float, code: int, mod, mask, params, O, LSE, dO, dQ, dK,
+                     dV) -> dict:
+    """Write dQ (B, n_q, d_k), dK (B, n_k, d_k), dV (B, n_k, d_v) of variant_forward's attention; return the mod's
+    parameter gradients {name: array of the parameter's shape}, summed over the batch: each task adds into its
+    own row of a partial, the rows are summed in a fixed order (deterministic)."""
+    if _plain_variant(mod, mask):
+        backward_into(Q, K, V, bias, batch, mask is not None, scale, code, O, LSE, dO, dQ, dK, dV)
+        return {}
+    module, extras = _variant_call(Q, K, bh, mod, mask, params)
+    B, n_q, n_k = batch.shape[0], Q.shape[1], K.shape[1]
+    small = B * n_q * n_k < SMALL
+    threads = numba.get_num_threads()
+    groups = 1 if small or B >= threads else min(-(-n_k // BK_BWD), -(-2 * threads // max(B, 1)))
+    tasks = 1 if small else B * groups
+    names = _variant_params(mod)
+    partials = [np.zeros((tasks,) + extras[n].shape, dtype=Q.dtype) for n in range(len(names))]
+    if small:
+        module.attention_backward(Q, K, V, bias, batch, bh, scale, code, O, LSE, dO, dQ, dK, dV, *extras, *partials)
+    else:
+        with one_blas_thread:
+            module.backward_tiles(Q, K, V, bias, batch, bh, scale, code, O, LSE, dO, dQ, dK, dV, BQ_BWD, BK_BWD,
+                                  groups, *extras, *partials)
+    return {name: partial.sum(axis=0) for (name, _), partial in zip(names, partials)}
+
+
+def _plain_variant(mod, mask) -> bool:
+    """No mod and no mask or the causal mask alone: today's kernels with the causal flag do exactly this (and the
+    flag's diagonal cut is a little cheaper than a span per row)."""
+    return mod is None and (mask is None or mask.text == "causal")
+
+
+def _variant_params(mod) -> list[tuple[str, str]]:
+    """(API name, kernel argument) of the mod's parameters (Param names; no SymPy)."""
+    return [] if mod is None else [(fields[0], fields[1]) for fields in mod.declared]
+
+
+def _variant_call(Q, K, bh, mod, mask, params) -> tuple:
+    """The variant's kernel module and its extra arguments: the mod's parameters (kernel dtype), then the mask's
+    run-time arrays (int64, one row per b). Bad parameters or mask data raise InputError."""
+    B, n_q, n_k = bh.shape[0], Q.shape[1], K.shape[1]
+    if bh.shape != (B, 2) or bh.dtype != np.int64:
+        raise InputError(f"bh must be an int64 array (B, 2) of (b, h) per batch element, got {bh.dtype} {bh.shape}")
+    extras = [_param(name, mod, params, Q) for name, _ in _variant_params(mod)]
+    nb = int(bh[:, 0].max()) + 1 if B else 1
+    for name, array in (mask.arrays if mask is not None else ()):
+        extras.append(_mask_array(name, array, nb, n_q, n_k))
+    return load_variant(mod, mask), extras
+
+
+def _param(name: str, mod, params, Q) -> np.ndarray:
+    """The parameter `name` of `mod` as a C-contiguous array of the kernels' dtype, its shape checked."""
+    if params is None or name not in params:
+        raise InputError(f"score mod {mod.text} needs the parameter {name!r}")
+    value = np.asarray(params[name])
+    fields = next(f for f in mod.declared if f[0] == name)
+    sizes = {**dict(mod.sizes), "d_k": Q.shape[2]}
+    want = tuple(sizes.get(dim, -1) for dim in fields[5])
+    if value.shape != want:
+        raise InputError(f"parameter {name!r} of score mod {mod.text} must have shape {want}, got {value.shape}")
+    return np.ascontiguousarray(value, dtype=Q.dtype)
+
+
+def _mask_array(name: str, array: np.ndarray, nb: int, n_q: int, n_k: int) -> np.ndarray:
+    """A mask's run-time array (1 or nb, n) checked against the problem and given one row per b."""
+    rows, n = array.shape
+    if rows not in (1, nb):
+        raise InputError(f"mask array {name!r} has {rows} rows; give 1 or one per batch index b ({nb})")
+    if name.startswith("doc") and not n == n_q == n_k:
+        raise InputError(f"document mask: {n} ids for n_q={n_q} queries and n_k={n_k} keys; document masks are "
+                         f"for self-attention with one id per position")
+    if name == "kv_len" and (array.min() < 0 or array.max() > n_k):
+        raise InputError(f"key_padding lengths must lie in 0..n_k={n_k}, got {array.ravel().tolist()}")
+    return np.ascontiguousarray(np.broadcast_to(array, (nb, n)), dtype=np.int64)
+
+
+def variant_tag(mod, mask) -> str:
+    """File-name part of a (mod, mask) variant of the dot kernels; run-time mask data is not part of it, so one
+    module serves any ids or lengths."""
+    import hashlib
+    tag = f"dot_{mod.tag if mod else 'nomod'}_{mask.kernel_tag if mask else 'nomask'}"
+    if len(tag) > 80 or not tag.isidentifier():
+        tag = "dot_" + hashlib.sha256(tag.encode()).hexdigest()[:16]
+    return tag
+
+
+_VARIANTS: dict[str, object] = {}
+
+
+def load_variant(mod, mask, folder=None, progress=None):
+    """The kernel module of the (mod, mask) variant: imported from `folder` (default: cache_dir()) when its
+    content hash holds, else rendered from the derivation (needs SymPy), written through codegen's writer and
+    imported (a damaged file is regenerated with one line saying so). Loaded once per process."""
+    tag = variant_tag(mod, mask)
+    folder = cache_dir() if folder is None else Path(folder)
+    path = folder / f"variant_{tag}.py"
+    if str(path) in _VARIANTS:
+        return _VARIANTS[str(path)]
+    name = f"symattn_generated_variant_{tag}"
+    fault = _fault(path)
+    if fault is not None:
+        if fault != "missing":
+            _notice(progress, f"{path} was {fault}; regenerated")
+        _write_variant(mod, mask, path)
+    try:
+        module = _import(name, path, ("forward_tiles", "backward_tiles", "attention_forward", "attention_backward"))
+    except Exception as e:
+        _notice(progress, f"{path} failed to load ({_why(e)}); regenerated")
+        _write_variant(mod, mask, path)
+        module = _import(name, path, ("forward_tiles", "backward_tiles", "attention_forward", "attention_backward"))
+    _VARIANTS[str(path)] = module
+    return module
+
+
+def _write_variant(mod, mask, path: Path) -> None:
+    from ..codegen import loop, write_files  # codegen needs SymPy: loaded only when kernels must be written
+    write_files({path.name: loop.render_variant(mod, mask)}, path.parent, force=True)
+
+
 @functools.cache
 def _fingerprint() -> str:
     """Hash of symattn's own source: generated kernels are cached per generator version (read once a process:
@@ -175,7 +314,8 @@ def _regenerate(spec, folder: Path, progress) -> bool:
 
 
 def _import(name: str, path: Path, spec):
-    """Import the generated module at `path` from the very bytes whose content hash was checked."""
+    """Import the generated module at `path` from the very bytes whose content hash was checked; `spec` names the
+    kernels it must hold (a spec's unrolled pair, or a tuple of names)."""
     data = path.read_bytes()
     fault = damage(data)
     if fault is not None:
@@ -185,8 +325,8 @@ def _import(name: str, path: Path, spec):
     sys.modules[name] = module  # Numba's cache pickles the module name: it must resolve on reload
     try:
         exec(module_spec.loader.source_to_code(data, str(path)), module.__dict__)  # what exec_module does
-        for kind in ("forward", "backward"):
-            getattr(module, f"{spec.name}_{kind}")
+        for kernel in (spec if isinstance(spec, tuple) else (f"{spec.name}_forward", f"{spec.name}_backward")):
+            getattr(module, kernel)
     except BaseException:
         sys.modules.pop(name, None)
         raise

@@ -196,6 +196,10 @@ class SymbolTable:
     def instantiate(self, expr: sympy.Expr, values: dict[sympy.Symbol, int]) -> sympy.Expr:
         """Indexed formula at concrete sizes and indices, with Indexed[...] replaced by element symbols."""
         sizes = {SIZES[name]: n for name, n in self.spec.sizes.items() if name in SIZES}
+        mask = getattr(self.spec, "mask_object", None)
+        if mask is not None and getattr(mask, "arrays", ()):  # run-time masks: their arrays' values at the indices
+            expr = mask.bind(expr.xreplace({sympy.Symbol("b", integer=True): sympy.Integer(0), **sizes,
+                                            **values}).doit())
         concrete = expr.xreplace({**sizes, HEAD: sympy.Integer(0), **values}).doit()
         return concrete.replace(lambda x: isinstance(x, sympy.Indexed), self._element)
 
