@@ -22,6 +22,7 @@ _LAZY: dict[str, str] = {  # public name -> module, imported on first use
     "attention": "numeric.api", "attention_backward": "numeric.api", "attention_weights": "numeric.api",
     "attention_vjp": "numeric.api",
     "multihead_attention": "numeric.layer", "multihead_attention_backward": "numeric.layer",
+    "multihead_attention_vjp": "numeric.layer",
     "generate": "codegen", "verify": "check.verification", "VerifyReport": "check.verification",
     "verify_multihead": "check.verification", "gradcheck": "check.finite_differences",
     "GradcheckReport": "check.finite_differences", "latex": "render.notation", "Notation": "render.notation",

@@ -24,6 +24,11 @@ LAZY_EXCEPTIONS = {
     ("symbolic.derive", "render.latex"),  # Derivation.to_latex() and friends print through render
     ("numeric.kernels", "codegen"),  # a missing cached kernel is generated on first use (needs SymPy then)
     ("numeric.kernels", "codegen.unrolled"),
+    # the numeric API's variant options (names, mods, masks: no SymPy) and element kernels generated on first use
+    ("numeric.variants", "symbolic.spec"),
+    ("numeric.variants", "symbolic.masks"),
+    ("numeric.variants", "symbolic.mods"),
+    ("numeric.variants", "codegen.element"),
 }
 
 

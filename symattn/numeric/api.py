@@ -6,6 +6,10 @@ mask: boolean (True = may attend) or float (added to the scores), broadcastable 
 is_causal: lower-triangular, top-left aligned (query i sees keys j <= i). Rows with no visible key follow
 masked_rows: "zero" (output 0, zero gradients; PyTorch), "uniform" (uniform weights over all keys; JAX-like),
 "nan". NaN or inf in the inputs propagate as in the NumPy reference (symattn.reference): they are not checked.
+Variants (symattn.numeric.variants): score "dot", "general", "additive", "cosine" with its parameters `params`
+(name -> array of q's dtype), a `score_mod` (symattn.mods) and a `mask_mod` (symattn.masks, or a user's
+mask_mod(b, h, q_idx, kv_idx)); for a mod or mask that reads b or h, q, k, v are (B, H, n, d) as in FlexAttention.
+Without any variant option the plain dot-product fast path runs as before.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
+from . import kernels, variants
 from ..errors import InputError
 from ..limits import check_memory
 
@@ -197,25 +201,52 @@ def _forward_plain(q, k, v, is_causal: bool, scale: float):
     return (O, LSE) if q.ndim == 3 else (O[0], LSE)
 
 
-def _forward(p: _Problem):
+def _forward(p: _Problem, variant=None, theta=None):
+    if variant is not None:
+        return variants.forward(variant, p, theta)
     return kernels.forward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows)
 
 
-def attention(q, k, v, *, mask=None, is_causal=False, scale=None, masked_rows="zero") -> np.ndarray:
-    """O = softmax(scale·q kᵀ + mask) v, shape (..., n_q, d_v)."""
-    sc = _plain(q, k, v, mask, is_causal, scale, masked_rows)
-    if sc is not None:
-        return _forward_plain(q, k, v, is_causal, sc)[0]
-    p = _prepare(q, k, v, mask, is_causal, scale, masked_rows)
+def _backward(p: _Problem, variant, theta, O, LSE, dO):
+    """(dQ, dK, dV, {θ name: gradient}) of flattened inputs."""
+    if variant is not None:
+        return variants.backward(variant, p, theta, O, LSE, dO)
+    return (*kernels.backward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows, O, LSE, dO), {})
+
+
+def attention(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod=None, mask=None, is_causal=False,
+              scale=None, masked_rows="zero") -> np.ndarray:
+    """O = softmax(S + mask) v, shape (..., n_q, d_v): S = scale·q kᵀ, or another score (params θ), its
+    score_mod and mask_mod (see symattn.numeric.variants)."""
+    if score_mod is None and mask_mod is None and params is None and score == "dot":
+        sc = _plain(q, k, v, mask, is_causal, scale, masked_rows)
+        if sc is not None:
+            return _forward_plain(q, k, v, is_causal, sc)[0]
+    p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
     check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
-    O, _ = _forward(p)
+    O, _ = _forward(p, variant, theta)
     return O.reshape(p.batch_shape + O.shape[1:])
 
 
-def attention_weights(q, k, *, mask=None, is_causal=False, scale=None, masked_rows="zero") -> np.ndarray:
-    """P = softmax(scale·q kᵀ + mask), shape (..., n_q, n_k), for inspection: S = q kᵀ by BLAS, then the
-    generated softmax row kernel in place (no n_k × n_k temporary)."""
+def _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows, extra=()):
+    """The prepared problem, its variant (None: plain dot product) and θ bound to the kernel's parameters."""
+    p = _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra)
+    variant = variants.resolve(score, params, score_mod, mask_mod, p.causal, scale)
+    if variant is None:
+        return p, None, {}
+    variants.check_heads(variant, p.batch_shape)
+    return p, variant, variants.bind(variant, variants.declared(variant), p.Q.dtype, p.Q.shape[2])
+
+
+def attention_weights(q, k, *, score="dot", params=None, score_mod=None, mask_mod=None, mask=None, is_causal=False,
+                      scale=None, masked_rows="zero") -> np.ndarray:
+    """P = softmax(S + mask), shape (..., n_q, n_k), for inspection. Plain dot product: S = q kᵀ by BLAS, then
+    the generated softmax row kernel in place (no n_k × n_k temporary); a variant: its kernels with V = I."""
     k = _array("k", k)
+    if score_mod is not None or mask_mod is not None or params is not None or score != "dot":
+        eye = np.eye(k.shape[-2], dtype=k.dtype)  # O = P I = P
+        return attention(q, k, eye, score=score, params=params, score_mod=score_mod, mask_mod=mask_mod, mask=mask,
+                         is_causal=is_causal, scale=scale, masked_rows=masked_rows)
     p = _prepare(q, k, k, mask, is_causal, scale, masked_rows)  # k stands in for v: only its shape is read
     n_q, n_k = p.Q.shape[1], p.K.shape[1]
     check_output(p.batch_shape + (n_q, n_k), p.Q.dtype, "attention_weights' output")
@@ -252,25 +283,27 @@ def _check_dO(dO, shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.ascontiguousarray(dO)
 
 
-def attention_vjp(q, k, v, *, mask=None, is_causal=False, scale=None, masked_rows="zero"):
-    """(O, pullback): O = attention(q, k, v, ...) and pullback(dO) -> {"q": dq, "k": dk, "v": dv}, the gradients
-    of L = Σ dO∘O with their inputs' shapes. The forward runs once; its row log-sum-exp is kept for the pullback,
-    which may be called any number of times."""
-    sc = _plain(q, k, v, mask, is_causal, scale, masked_rows)
-    if sc is not None:
-        O, LSE = _forward_plain(q, k, v, is_causal, sc)
-        return O, _plain_pullback(q, k, v, is_causal, sc, O, LSE)
-    p = _prepare(q, k, v, mask, is_causal, scale, masked_rows)
+def attention_vjp(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod=None, mask=None, is_causal=False,
+                  scale=None, masked_rows="zero"):
+    """(O, pullback): O = attention(q, k, v, ...) and pullback(dO) -> {"q": dq, "k": dk, "v": dv, θ name: dθ},
+    the gradients of L = Σ dO∘O with their inputs' shapes. The forward runs once; its row log-sum-exp is kept
+    for the pullback, which may be called any number of times."""
+    if score_mod is None and mask_mod is None and params is None and score == "dot":
+        sc = _plain(q, k, v, mask, is_causal, scale, masked_rows)
+        if sc is not None:
+            O, LSE = _forward_plain(q, k, v, is_causal, sc)
+            return O, _plain_pullback(q, k, v, is_causal, sc, O, LSE)
+    p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
     shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
     check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
-    O, LSE = _forward(p)
+    O, LSE = _forward(p, variant, theta)
     out_shape = p.batch_shape + O.shape[1:]
 
     def pullback(dO) -> dict:
         dO = _check_dO(dO, out_shape, p.Q.dtype).reshape(O.shape)
-        grads = kernels.backward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows, O, LSE, dO)
-        return {name: _unbroadcast(g.reshape(p.batch_shape + g.shape[1:]), shapes[name])
-                for name, g in zip(("q", "k", "v"), grads)}
+        *grads, dtheta = _backward(p, variant, theta, O, LSE, dO)
+        return {**{name: _unbroadcast(g.reshape(p.batch_shape + g.shape[1:]), shapes[name])
+                   for name, g in zip(("q", "k", "v"), grads)}, **dtheta}
     return O.reshape(out_shape), pullback
 
 
@@ -294,15 +327,17 @@ def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
     return pullback
 
 
-def attention_backward(q, k, v, dO, *, mask=None, is_causal=False, scale=None, masked_rows="zero"):
-    """(dq, dk, dv) of L = Σ dO∘attention(q, k, v), each with its input's shape (one forward, one backward)."""
+def attention_backward(q, k, v, dO, *, score="dot", params=None, score_mod=None, mask_mod=None, mask=None,
+                       is_causal=False, scale=None, masked_rows="zero"):
+    """(dq, dk, dv) of L = Σ dO∘attention(q, k, v, ...), each with its input's shape (one forward, one backward;
+    parameter gradients: attention_vjp)."""
     q, k, v = _array("q", q), _array("k", k), _array("v", v)
     dO = _array("dO", dO)
-    p = _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=(("dO", dO),))
+    p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows,
+                               extra=(("dO", dO),))
     dO = _check_dO(dO, p.batch_shape + (q.shape[-2], v.shape[-1]), q.dtype)
-    O, LSE = _forward(p)
-    dQ, dK, dV = kernels.backward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows, O, LSE,
-                                  dO.reshape(O.shape))
+    O, LSE = _forward(p, variant, theta)
+    dQ, dK, dV, _ = _backward(p, variant, theta, O, LSE, dO.reshape(O.shape))
     full = p.batch_shape
     return (_unbroadcast(dQ.reshape(full + dQ.shape[1:]), q.shape),
             _unbroadcast(dK.reshape(full + dK.shape[1:]), k.shape),

@@ -112,11 +112,29 @@ def _heads(x, y, w_q, w_k, w_v, layer: _Layer, biases):
     return _split(Qp, G, R, layer.d_k), _split(Kp, G, 1, layer.d_k), _split(Vp, G, 1, layer.d_v)
 
 
-def _attention(function, Q, K, V, options):
+def _attention(function, Q, K, V, options, variant: dict):
     """`function` (attention or attention_vjp) of every head at once: Q (..., h_kv, R, n_q, d_k), K and V
-    (..., h_kv, 1, n_k, d) with the layer's shared options (mask, causal, scale, masked_rows)."""
+    (..., h_kv, 1, n_k, d) with the layer's shared options (mask, causal, scale, masked_rows). With a score_mod
+    or mask_mod (`variant`), the heads go in FlexAttention's layout (..., h, n, d), so head h = g·R + r is the `h`
+    its mods see (ALiBi's slope per head); a key/value group is repeated over its R heads."""
     mask, is_causal, scale, masked_rows = options
-    return function(Q, K, V, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
+    if not variant:
+        return function(Q, K, V, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
+    G, R = Q.shape[-4], Q.shape[-3]
+    flex = [np.broadcast_to(A, A.shape[:-3] + (R,) + A.shape[-2:]).reshape(A.shape[:-4] + (G * R,) + A.shape[-2:])
+            for A in (Q, K, V)]  # (..., h, n, d)
+    mask = None if mask is None else mask[..., 0, :, :]  # shared by every head: (..., 1, n_q, n_k)
+    return function(*flex, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows, **variant)
+
+
+def _from_flex(g: dict, G: int, R: int) -> dict:
+    """Gradients in the (..., h, n, d) layout back to (..., h_kv, R, n, d) for q and (..., h_kv, 1, n, d) for k, v
+    (a group's heads summed); parameter gradients pass through."""
+    out = dict(g)
+    for name in ("q", "k", "v"):
+        A = g[name].reshape(g[name].shape[:-3] + (G, R) + g[name].shape[-2:])
+        out[name] = A if name == "q" else A.sum(axis=-3, keepdims=True)
+    return out
 
 
 @dataclass(frozen=True)
@@ -128,16 +146,19 @@ class _Call:
     biases: dict
     layer: _Layer
     options: tuple
+    variant: dict  # score_mod / mask_mod / params given (passed to symattn.attention as they are)
     x_shape: tuple[int, ...]
     y_shape: tuple[int, ...] | None
 
 
-def _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows, biases) -> _Call:
+def _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows, biases,
+          variant: dict | None = None) -> _Call:
     x, y, w_q, w_k, w_v, w_o, biases = _arrays(x, y, w_q, w_k, w_v, w_o, biases)
     layer = _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases)
     x_shape, y_shape = x.shape, None if y is None else y.shape
     options, x, y = _check_options(x, y, mask, is_causal, scale, masked_rows, layer.d_k)
-    return _Call(x, y, (w_q, w_k, w_v, w_o), biases, layer, options, x_shape, y_shape)
+    variant = {k: v for k, v in (variant or {}).items() if v is not None}
+    return _Call(x, y, (w_q, w_k, w_v, w_o), biases, layer, options, variant, x_shape, y_shape)
 
 
 def _check_d_out(c: _Call, d_out) -> np.ndarray:
@@ -156,30 +177,38 @@ def _output(c: _Call, C: np.ndarray) -> np.ndarray:
 
 
 def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
-                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero") -> np.ndarray:
-    """Concat(head_0..head_{h-1}) w_o (+ b_o), shape (..., n_q, d_model)."""
+                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero", score_mod=None,
+                        mask_mod=None, params=None) -> np.ndarray:
+    """Concat(head_0..head_{h-1}) w_o (+ b_o), shape (..., n_q, d_model). score_mod / mask_mod / params as in
+    symattn.attention, head h of the layer being FlexAttention's h (e.g. symattn.mods.alibi(heads=h))."""
     c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
-              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o))
+              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o), dict(score_mod=score_mod, mask_mod=mask_mod, params=params))
     Q, K, V = _heads(c.x, c.y, *c.w[:3], c.layer, c.biases)
-    return _output(c, _merge(_attention(attention, Q, K, V, c.options)))  # Concat(heads) (..., n_q, h·d_v) w_o
+    O = _attention(attention, Q, K, V, c.options, c.variant)
+    if c.variant:
+        O = O.reshape(O.shape[:-3] + (c.layer.kv_heads, -1) + O.shape[-2:])
+    return _output(c, _merge(O))  # Concat(heads) (..., n_q, h·d_v) w_o
 
 
 def multihead_attention_vjp(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
-                            scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero"):
-    """(out, pullback): the layer's output and pullback(d_out) -> the gradients of multihead_attention_backward.
-    The forward runs once; the attention's output and log-sum-exp are kept for the pullback."""
+                            scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero", score_mod=None,
+                            mask_mod=None, params=None):
+    """(out, pullback): the layer's output and pullback(d_out) -> the gradients of multihead_attention_backward
+    (and of every parameter of a score or mod, by name). The forward runs once; the attention's output and
+    log-sum-exp are kept for the pullback."""
     c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
-              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o))
+              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o), dict(score_mod=score_mod, mask_mod=mask_mod, params=params))
     C, pullback = _vjp(c)
     return _output(c, C), lambda d_out: pullback(_check_d_out(c, d_out))
 
 
 def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_heads=None, y=None, mask=None,
                                  is_causal=False, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
-                                 masked_rows="zero") -> dict:
-    """Gradients of L = Σ d_out∘multihead_attention(...), keyed by argument name (x, y, w_*, b_* given)."""
+                                 masked_rows="zero", score_mod=None, mask_mod=None, params=None) -> dict:
+    """Gradients of L = Σ d_out∘multihead_attention(...), keyed by argument name (x, y, w_*, b_* given, and
+    the parameters of a score mod by name)."""
     c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
-              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o))
+              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o), dict(score_mod=score_mod, mask_mod=mask_mod, params=params))
     d_out = _check_d_out(c, d_out)
     return _vjp(c)[1](d_out)
 
@@ -188,12 +217,18 @@ def _vjp(c: _Call):
     """Concat(heads) C (..., n_q, h·d_v) and the pullback of the whole layer for a checked d_out."""
     x, y, (w_q, w_k, w_v, w_o), layer, biases = c.x, c.y, c.w, c.layer, c.biases
     Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
-    O, core_pullback = _attention(attention_vjp, Q, K, V, c.options)  # the forward runs once
+    G, R = layer.kv_heads, layer.heads // layer.kv_heads
+    O, core_pullback = _attention(attention_vjp, Q, K, V, c.options, c.variant)  # the forward runs once
+    O = O.reshape(O.shape[:-3] + (G, R) + O.shape[-2:]) if c.variant else O
     C = _merge(O)  # (..., n_q, h·d_v)
 
     def pullback(d_out) -> dict:
         dC = d_out @ w_o.T  # (..., n_q, h·d_v)
-        g = core_pullback(_split(dC, layer.kv_heads, layer.heads // layer.kv_heads, layer.d_v))
+        dO = _split(dC, G, R, layer.d_v)
+        if c.variant:
+            g = _from_flex(core_pullback(dO.reshape(dO.shape[:-4] + (G * R,) + dO.shape[-2:])), G, R)
+        else:
+            g = core_pullback(dO)
         dQp, dKp, dVp = _merge(g["q"]), _merge(g["k"]), _merge(g["v"])  # dK, dV summed over each group's heads
         src = x if y is None else y
 
@@ -209,8 +244,9 @@ def _vjp(c: _Call):
         else:
             grads["y"] = _unbroadcast(dy, c.y_shape)
         grads["x"] = _unbroadcast(grads["x"], c.x_shape)
-        for name, g in (("b_q", dQp), ("b_k", dKp), ("b_v", dVp), ("b_o", d_out)):
+        for name, g_b in (("b_q", dQp), ("b_k", dKp), ("b_v", dVp), ("b_o", d_out)):
             if biases[name] is not None:
-                grads[name] = g.reshape(-1, g.shape[-1]).sum(axis=0)
+                grads[name] = g_b.reshape(-1, g_b.shape[-1]).sum(axis=0)
+        grads.update({name: value for name, value in g.items() if name not in ("q", "k", "v")})  # θ of a mod
         return grads
     return C, pullback

@@ -1,0 +1,286 @@
+"""Attention variants in the numeric API: the score, its parameters θ, a score mod and an index mask, validated
+up front, then run on kernels generated from the variant's derivation.
+
+Dot-product variants go to the dot family's BLAS-tile kernels (kernels.variant_forward / variant_backward) where
+they exist; every other variant (and dot until those land) goes to the generic element kernels
+(symattn/codegen/element.py): one module per (score, mod, mask), rendered on first use into kernels.cache_dir()
+and imported only when its content hash holds. Loading a cached module needs no SymPy.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from . import kernels
+from ..errors import InputError, SpecError, SymattnError
+from ..filestamp import damage
+
+#: Batch elements x scores below which the serial kernels run (no thread start).
+PARALLEL_WORK = 1 << 15
+#: Query rows per block of the element kernels (P, dP and the pair sums of T rows at a time).
+ROWS = 64
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A validated variant: the score's name, its mod (a ScoreMod or None), its mask (a Mask or None: is_causal
+    folded in) and θ (API name -> array, checked against the kernel's parameters by `bind`)."""
+
+    score: str
+    mod: object
+    mask: object
+    params: dict
+
+
+def _scores() -> tuple[str, ...]:
+    from ..symbolic.spec import SCORES  # names only: no SymPy
+    return SCORES
+
+
+def _unscaled() -> tuple[str, ...]:
+    from ..symbolic.spec import UNSCALED
+    return UNSCALED
+
+
+def resolve(score, params, score_mod, mask_mod, causal: bool, scale) -> Variant | None:
+    """The variant of the API's options, or None for plain dot-product attention (today's kernels). Names,
+    types and the params dict's form are checked here; the arrays' shapes by `bind`."""
+    if not isinstance(score, str) or score not in _scores():
+        raise InputError(f"score must be one of {', '.join(map(repr, _scores()))}, got {score!r}")
+    if scale is not None and score in _unscaled():
+        raise InputError(f"scale does not apply to score={score!r} (it has no scale); leave scale=None")
+    from ..symbolic.masks import and_masks, causal as causal_mask, mask_of  # no SymPy until a mask_mod is traced
+    from ..symbolic.mods import mod_of
+    try:
+        mod = mod_of(score_mod)
+    except SpecError as e:
+        raise InputError(f"score_mod: {e}") from None
+    try:
+        mask = None if mask_mod is None else mask_of(mask_mod)
+    except SpecError as e:
+        raise InputError(f"mask_mod: {e}") from None
+    if causal:
+        mask = causal_mask if mask is None else and_masks(causal_mask, mask)
+    if params is not None and not isinstance(params, dict):
+        raise InputError(f"params must be a dict of arrays keyed by parameter name, got {type(params).__name__}")
+    if score == "dot" and mod is None and mask_mod is None and not params:
+        return None  # plain dot product (is_causal is the plain kernels' own flag)
+    return Variant(score, mod, mask, dict(params or {}))
+
+
+def check_heads(variant: Variant, batch_shape: tuple[int, ...]) -> None:
+    """A per-head mod (alibi(heads=H)) reads h: q, k, v must be (..., H, n, d), as in FlexAttention."""
+    heads = getattr(variant.mod, "heads", 0) if variant.mod is not None else 0
+    if heads and (len(batch_shape) < 2 or batch_shape[-1] != heads):
+        raise InputError(f"score_mod {variant.mod.text!r} has one slope per head: q, k, v must have shape "
+                         f"(B, {heads}, n, d) (heads in dim -3), got batch dims {batch_shape}")
+
+
+def bh_rows(batch_shape: tuple[int, ...]) -> np.ndarray:
+    """FlexAttention's (b, h) of every flattened batch element (B, 2): (Bn, H) -> (z // H, z % H),
+    (Bn,) -> (z, 0), () -> (0, 0)."""
+    B = math.prod(batch_shape)
+    z = np.arange(B, dtype=np.int64)
+    if len(batch_shape) >= 2:
+        return np.ascontiguousarray(np.stack([z // batch_shape[-1], z % batch_shape[-1]], axis=1))
+    return np.ascontiguousarray(np.stack([z, np.zeros_like(z)], axis=1))
+
+
+def bind(variant: Variant, declared: tuple, dtype, d_k: int) -> dict[str, np.ndarray]:
+    """θ as C-contiguous arrays keyed by API name, checked against `declared` ((name, tensor, dims) of the
+    kernel): every name present, no other, each of the expected shape (d_k from q; other sizes from the mod or
+    from the first array that has them) and of q's dtype."""
+    names = [name for name, _, _ in declared]
+    given = variant.params
+    missing, extra = [n for n in names if n not in given], sorted(set(given) - set(names), key=str)
+    what = f"score={variant.score!r}" + ("" if variant.mod is None else f" with score_mod {variant.mod.text!r}")
+    if missing or extra:
+        expected = ", ".join(f"{n} {_shape_text(dims)}" for n, _, dims in declared) or "none"
+        problem = (f"missing {', '.join(map(repr, missing))}" if missing else "") + \
+                  ("; " if missing and extra else "") + (f"unexpected {', '.join(map(repr, extra))}" if extra else "")
+        raise InputError(f"params for {what}: {problem}; expected {expected}")
+    sizes = {"d_k": d_k, "one": 1, **dict(variant.mod.sizes if variant.mod is not None else ())}
+    bound = {}
+    for name, _, dims in declared:
+        x = np.asarray(given[name])
+        if x.ndim == len(dims):
+            for dim, n in zip(dims, x.shape):
+                sizes.setdefault(dim, n)
+        want = tuple(sizes.get(dim, -1) for dim in dims)
+        if x.shape != want or any(n <= 0 for n in want):
+            raise InputError(f"params[{name!r}] must have shape {_shape_text(dims)} = {want}, got {x.shape}")
+        if x.dtype != dtype:
+            raise InputError(f"params[{name!r}] must have the dtype of q, k, v ({dtype}), got {x.dtype}")
+        bound[name] = np.ascontiguousarray(x)
+    return bound
+
+
+def _shape_text(dims) -> str:
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+# -- the generic element kernels -------------------------------------------------------------------------------
+
+_MODULES: dict[str, object] = {}
+
+
+def module_name(score: str, mod, mask) -> str:
+    """A deterministic module name: readable parts and a short hash of the exact variant (mask texts of users'
+    mask_mods carry the hash of their traced condition)."""
+    arrays = tuple(name for name, _ in getattr(mask, "arrays", ()) or ())
+    text = "" if mask is None else (getattr(mask, "kernel_text", "") or mask.text)  # without run-time data
+    key = "|".join((score, "" if mod is None else mod.text, text, *arrays))
+    tag = "_".join(x for x in (score, "" if mod is None else mod.tag, text) if x)
+    tag = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in tag)[:40]
+    return f"element_{tag}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def load(score: str, mod, mask, progress=None):
+    """The element-kernel module of (score, mod, mask), generated into kernels.cache_dir() if missing or
+    damaged (regenerated once if it fails to load, then SymattnError naming it)."""
+    name = module_name(score, mod, mask)
+    if name in _MODULES:
+        return _MODULES[name]
+    folder = kernels.cache_dir()
+    path = folder / f"{name}.py"
+    fault = kernels._fault(path)
+    if fault is not None:
+        if fault != "missing":
+            kernels._notice(progress, f"{path} was {fault}; regenerated")
+        _generate(score, mod, mask, folder, name)
+    try:
+        module = _import(name, path)
+    except Exception as e:
+        kernels._notice(progress, f"{path} failed to load ({kernels._why(e)}); regenerated")
+        _generate(score, mod, mask, folder, name)
+        try:
+            module = _import(name, path)
+        except Exception as e2:
+            raise SymattnError(f"generated kernels {path} fail to load even after regenerating them: "
+                               f"{kernels._why(e2)}") from e2
+    _MODULES[name] = module
+    return module
+
+
+def _generate(score, mod, mask, folder: Path, name: str) -> None:
+    from ..codegen.element import write  # SymPy: only when a kernel must be written
+    write(score, mod, mask, folder, name)
+
+
+def _import(name: str, path: Path):
+    """Import the module at `path` from the very bytes whose content hash was checked."""
+    data = path.read_bytes()
+    fault = damage(data)
+    if fault is not None:
+        raise SymattnError(fault.reason)
+    full = f"symattn_generated_{name}"
+    module_spec = importlib.util.spec_from_file_location(full, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[full] = module  # Numba's cache pickles the module name: it must resolve on reload
+    try:
+        exec(module_spec.loader.source_to_code(data, str(path)), module.__dict__)
+        for kernel in ("forward", "forward_parallel", "backward", "backward_parallel", "PARAMS", "MASK_ARRAYS"):
+            getattr(module, kernel)
+    except BaseException:
+        sys.modules.pop(full, None)
+        raise
+    return module
+
+
+def _mask_arrays(module, mask, B: int) -> list[np.ndarray]:
+    """The run-time mask arrays the kernel takes, in its order, each (1 or B, n) int64."""
+    arrays = dict(getattr(mask, "arrays", ()) or ())
+    out = []
+    for name in module.MASK_ARRAYS:
+        x = np.ascontiguousarray(arrays[name], dtype=np.int64)
+        if x.ndim != 2 or x.shape[0] not in (1, B):
+            raise InputError(f"mask array {name!r} must have shape (1 or {B}, n), got {x.shape}")
+        out.append(x)
+    return out
+
+
+def _parallel(B: int, n_q: int, n_k: int) -> bool:
+    return B > 1 and numba.get_num_threads() > 1 and B * n_q * n_k >= PARALLEL_WORK
+
+
+def _blas(parallel: bool):
+    """BLAS held to one thread while prange tasks call it on their blocks (kernels.one_blas_thread)."""
+    return kernels.one_blas_thread if parallel else contextlib.nullcontext()
+
+
+def variant_forward(score, Q, K, V, bias, batch, bh, scale, code, mod, mask, params, O, LSE) -> None:
+    """Write O (B, n_q, d_v) and LSE (B, n_q) with the generic element kernels (the shared interface, with the
+    score first); `params` API name -> array, as `bind` returns."""
+    module = load(score, mod, mask)
+    B = batch.shape[0]
+    parallel = _parallel(B, Q.shape[1], K.shape[1])
+    with _blas(parallel):
+        (module.forward_parallel if parallel else module.forward)(
+            Q, K, V, bias, batch, bh, scale, code, O, LSE, ROWS, *(params[n] for n, _, _ in module.PARAMS),
+            *_mask_arrays(module, mask, B))
+
+
+def variant_backward(score, Q, K, V, bias, batch, bh, scale, code, mod, mask, params, O, LSE, dO, dQ, dK,
+                     dV) -> dict:
+    """Write dQ, dK, dV; return {θ name: gradient (θ's shape)}: one partial per batch element, summed in order."""
+    module = load(score, mod, mask)
+    B = batch.shape[0]
+    theta = [params[n] for n, _, _ in module.PARAMS]
+    partials = [np.empty((B,) + x.shape, dtype=Q.dtype) for x in theta]
+    parallel = _parallel(B, Q.shape[1], K.shape[1])
+    with _blas(parallel):
+        (module.backward_parallel if parallel else module.backward)(
+            Q, K, V, bias, batch, bh, scale, code, O, LSE, dO, dQ, dK, dV, ROWS, *theta, *partials,
+            *_mask_arrays(module, mask, B))
+    return {n: _ordered_sum(g) for (n, _, _), g in zip(module.PARAMS, partials)}
+
+
+def _ordered_sum(g: np.ndarray) -> np.ndarray:
+    """Σ over the leading (batch) axis, element 0 first: a fixed order, whatever the threads did."""
+    total = g[0].copy()
+    for z in range(1, g.shape[0]):
+        total += g[z]
+    return total
+
+
+def declared(variant: Variant) -> tuple:
+    """(API name, kernel name, dims) of the variant's parameters: the mod's from the ScoreMod (no SymPy), the
+    score's from its kernel module (the dot product has none)."""
+    mod = tuple((f[0], f[1], tuple(f[5])) for f in variant.mod.declared) if variant.mod is not None else ()
+    return mod if variant.score == "dot" else load(variant.score, variant.mod, variant.mask).PARAMS
+
+
+def forward(variant: Variant, p, params: dict):
+    """O (B, n_q, d_v) and LSE (B, n_q) of a prepared problem (api._Problem)."""
+    B, n_q, d_v = p.batch.shape[0], p.Q.shape[1], p.V.shape[2]
+    O, LSE = np.empty((B, n_q, d_v), dtype=p.Q.dtype), np.empty((B, n_q), dtype=p.Q.dtype)
+    args = (p.Q, p.K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), p.scale, kernels.MASKED_ROWS[p.masked_rows],
+            variant.mod, variant.mask, params, O, LSE)
+    if variant.score == "dot" and hasattr(kernels, "variant_forward"):
+        kernels.variant_forward(*args)
+    else:
+        variant_forward(variant.score, *args)
+    return O, LSE
+
+
+def backward(variant: Variant, p, params: dict, O, LSE, dO):
+    """(dQ, dK, dV, {θ name: gradient}) of a prepared problem from the forward's O and LSE."""
+    B = p.batch.shape[0]
+    dQ = np.empty((B,) + p.Q.shape[1:], dtype=p.Q.dtype)
+    dK = np.empty((B,) + p.K.shape[1:], dtype=p.Q.dtype)
+    dV = np.empty((B,) + p.V.shape[1:], dtype=p.Q.dtype)
+    args = (p.Q, p.K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), p.scale, kernels.MASKED_ROWS[p.masked_rows],
+            variant.mod, variant.mask, params, O, LSE, dO, dQ, dK, dV)
+    if variant.score == "dot" and hasattr(kernels, "variant_backward"):
+        grads = kernels.variant_backward(*args)
+    else:
+        grads = variant_backward(variant.score, *args)
+    return dQ, dK, dV, grads

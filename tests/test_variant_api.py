@@ -1,0 +1,261 @@
+"""The numeric API with attention variants: every score, score mod and mask against the NumPy reference and
+finite differences; the generic element kernels (symattn/codegen/element.py) directly for the dot product too;
+validation of params, mods and masks; FlexAttention's (b, h) for (B, H, n, d) inputs.
+
+Sizes are small (each variant compiles once); the cases sample score x mod x mask so that every score meets
+every mod and every mask kind at least once in float64."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import symattn
+from symattn import masks, mods, reference
+from symattn.check.finite_differences import gradcheck
+from symattn.errors import InputError
+from symattn.numeric import api, kernels, variants
+
+N, D, DA = 5, 3, 3
+
+
+def _later(b, h, q_idx, kv_idx):  # a user's mask_mod: keys up to one after the query
+    return kv_idx <= q_idx + 1
+
+
+def _theta(score: str, mod: str | None, rng, dtype=np.float64) -> dict:
+    theta = {"general": {"W_a": rng.standard_normal((D, D))},
+             "additive": {"W_a": rng.standard_normal((D, DA)), "U_a": rng.standard_normal((D, DA)),
+                          "v_a": rng.standard_normal(DA), "b_a": rng.standard_normal(DA)},
+             "cosine": {"tau": np.array([2.5])}}.get(score, {})
+    if mod and mod.startswith("relative-bias"):
+        theta["B_rel"] = rng.standard_normal(2 * int(mod.split(":")[1]) + 1)
+    return {name: x.astype(dtype) for name, x in theta.items()}
+
+
+def _inputs(rng, dtype=np.float64, batch=(2,)):
+    return [rng.standard_normal(batch + (N, D)).astype(dtype) for _ in range(4)]  # q, k, v, dO
+
+
+def _mask(text):
+    return _later if text == "user" else text
+
+
+#: (score, score_mod, mask_mod), sampled so each score meets several mods and masks and every mod and mask kind
+#: appears (each case compiles its kernels once: the product of all would take minutes). The other tests reuse
+#: these variants' kernels.
+CASES = [("general", None, "causal"), ("general", "softcap:2", "user"), ("general", "relative-bias:2", "prefix:2"),
+         ("additive", "alibi", "window:2"), ("additive", "relative-bias:2", "prefix:2"), ("additive", "softcap:3", None),
+         ("cosine", None, "user"), ("cosine", "alibi", "window:2"), ("cosine", "relative-bias:1", "causal"),
+         ("dot", "relative-bias:2", "user")]
+
+
+def _check(score, mod, mask, rng, dtype=np.float64, tol=1e-10):
+    q, k, v, dO = _inputs(rng, dtype)
+    theta = _theta(score, mod, rng, dtype)
+    options = dict(score=score, params=theta or None, score_mod=mod, mask_mod=_mask(mask))
+    O, pullback = symattn.attention_vjp(q, k, v, **options)
+    ref_mask = None if mask is None else masks.mask_of(_mask(mask))
+    ref = dict(score=score, params=theta, score_mod=mods.mod_of(mod), mask_mod=ref_mask)
+    expected = reference.attention(q, k, v, **ref)
+    np.testing.assert_allclose(O, expected, rtol=tol, atol=tol)
+    grads, want = pullback(dO), reference.gradients(q, k, v, dO, **ref)
+    assert sorted(grads) == sorted(["q", "k", "v", *theta])
+    for name in want:
+        np.testing.assert_allclose(grads[name], want[name], rtol=tol, atol=tol, err_msg=name)
+
+
+@pytest.mark.parametrize("score, mod, mask", CASES)
+def test_variant_matches_reference_float64(score, mod, mask, rng):
+    _check(score, mod, mask, rng)
+
+
+@pytest.mark.parametrize("score, mod, mask", [("additive", "softcap:3", None)])
+def test_variant_matches_reference_float32(score, mod, mask, rng):
+    _check(score, mod, mask, rng, np.float32, 2e-4)
+
+
+def test_generic_kernels_serve_the_dot_product(rng):
+    """The element kernels handle dot too (they serve it until the dot family's kernels take over)."""
+    q, k, v, dO = _inputs(rng)
+    B_rel = rng.standard_normal(5)
+    mod, mask = mods.parse("relative-bias:2"), masks.causal
+    bh = variants.bh_rows((2,))
+    batch = np.stack([np.arange(2)] * 3 + [np.zeros(2, int)], axis=1).astype(np.int64)
+    O, LSE = np.empty((2, N, D)), np.empty((2, N))
+    args = (q, k, v, np.zeros((0, 0, 0)), batch, bh, 0.5, 0, mod, mask, {"B_rel": B_rel})
+    variants.variant_forward("dot", *args, O, LSE)
+    ref = dict(scale=0.5, params={"B_rel": B_rel}, score_mod=mod, is_causal=True)
+    np.testing.assert_allclose(O, reference.attention(q, k, v, **ref), rtol=1e-10, atol=1e-10)
+    dQ, dK, dV = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    grads = variants.variant_backward("dot", *args, O, LSE, dO, dQ, dK, dV)
+    want = reference.gradients(q, k, v, dO, **ref)
+    for name, got in (("q", dQ), ("k", dK), ("v", dV), ("B_rel", grads["B_rel"])):
+        np.testing.assert_allclose(got, want[name], rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("score, mod, mask", [("additive", "relative-bias:2", "prefix:2"),
+                                              ("cosine", "relative-bias:1", "causal")])
+def test_gradients_agree_with_finite_differences(score, mod, mask, rng):
+    q, k, v, _ = _inputs(rng, batch=())
+    theta = _theta(score, mod, rng)
+    names = list(theta)
+
+    def f(q, k, v, *values):
+        return symattn.attention(q, k, v, score=score, params=dict(zip(names, values)), score_mod=mod, mask_mod=mask)
+
+    def grads(q, k, v, *rest):
+        *values, dO = rest
+        _, pullback = symattn.attention_vjp(q, k, v, score=score, params=dict(zip(names, values)), score_mod=mod,
+                                            mask_mod=mask)
+        g = pullback(dO)
+        return [g[n] for n in ("q", "k", "v", *names)]
+    report = gradcheck(f, {"q": q, "k": k, "v": v, **theta}, grads)
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("policy", ["zero", "uniform", "nan"])
+def test_fully_masked_rows_follow_masked_rows(policy, rng):
+    """Row 0 sees no key (the boolean mask hides its row; the window mask_mod the far keys of the others)."""
+    q, k, v, dO = _inputs(rng)
+    theta = _theta("cosine", "alibi", rng)
+    visible = np.ones((N, N), dtype=bool)
+    visible[0, :] = False  # row 0: no visible key
+    options = dict(score="cosine", params=theta, score_mod="alibi", mask_mod="window:2", mask=visible,
+                   masked_rows=policy)
+    O, pullback = symattn.attention_vjp(q, k, v, **options)
+    ref = dict(score="cosine", params=theta, score_mod=mods.alibi(), mask_mod=masks.sliding_window(2), mask=visible,
+               masked_rows=policy)
+    np.testing.assert_allclose(O, reference.attention(q, k, v, **ref), rtol=1e-10, atol=1e-10)
+    grads, want = pullback(dO), reference.gradients(q, k, v, dO, **ref)
+    for name in want:
+        np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-10, err_msg=name)
+    if policy == "zero":
+        assert not O[:, 0].any()
+
+
+def test_alibi_per_head_reads_h_of_b_h_n_d_inputs(rng):
+    """(B, H, n, d) inputs: head h gets slope 2^(-8(h+1)/H), as FlexAttention's score_mod(score, b, h, ...)."""
+    q, k, v, dO = _inputs(rng, batch=(2, 4))
+    theta = _theta("general", None, rng)
+    mod = mods.alibi(heads=4)
+    O, pullback = symattn.attention_vjp(q, k, v, score="general", params=theta, score_mod=mod)
+    slopes = 2.0 ** (-8.0 * np.arange(1, 5) / 4)  # (H,)
+    distance = np.arange(N)[None, :] - np.arange(N)[:, None]  # j - i
+    bias = slopes[:, None, None] * distance  # (H, n, n): the per-head ALiBi term, as an additive mask
+    np.testing.assert_allclose(O, reference.attention(q, k, v, score="general", params=theta, mask=bias),
+                               rtol=1e-10, atol=1e-10)
+    plain = symattn.attention(q, k, v, score="general", params=theta, score_mod=mods.alibi(1 / 256))
+    assert not np.allclose(O, plain)  # the heads differ: h was read
+    grads = pullback(dO)
+    want = reference.gradients(q, k, v, dO, score="general", params=theta, mask=bias)
+    for name in want:
+        np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def test_run_time_masks_bind_their_arrays_per_batch_element(rng):
+    """document(ids) & key_padding(lengths): arrays with one row per b, read at the element's b ((B, 1, n, d)
+    inputs: the reference reads b from dim -4)."""
+    q, k, v, dO = (x[:, None] for x in _inputs(rng))  # (2, 1, n, d)
+    theta = _theta("cosine", None, rng)
+    mask = masks.and_masks(masks.document(np.array([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]])),
+                           masks.key_padding(np.array([4, 2])))
+    O, pullback = symattn.attention_vjp(q, k, v, score="cosine", params=theta, mask_mod=mask)
+    ref = dict(score="cosine", params=theta, mask_mod=mask)
+    np.testing.assert_allclose(O, reference.attention(q, k, v, **ref), rtol=1e-10, atol=1e-10)
+    grads, want = pullback(dO), reference.gradients(q, k, v, dO, **ref)
+    for name in want:
+        np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def test_weights_and_backward_take_the_variant_options(rng):
+    q, k, v, dO = _inputs(rng)
+    theta = _theta("additive", None, rng)
+    options = dict(score="additive", params=theta, score_mod="softcap:3")
+    ref = dict(score="additive", params=theta, score_mod=mods.softcap(3))
+    P = symattn.attention_weights(q, k, **options)
+    np.testing.assert_allclose(P, reference.weights(q, k, **ref), rtol=1e-10, atol=1e-10)
+    dq, dk, dv = symattn.attention_backward(q, k, v, dO, **options)
+    want = reference.gradients(q, k, v, dO, **ref)
+    for got, name in ((dq, "q"), (dk, "k"), (dv, "v")):
+        np.testing.assert_allclose(got, want[name], rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"U_a": 1}, ["missing", "'W_a'", "'v_a'"]),
+    ("extra", ["unexpected", "'tau'"]),
+    ("shape", ["params['W_a']", "(d_k, d_a)", "(3, 3)", "(2, 3)"]),
+    ("dtype", ["params['v_a']", "float32"]),
+])
+def test_bad_params_name_the_param(params, words, rng):
+    q, k, v, _ = _inputs(rng)
+    theta = _theta("additive", None, rng)
+    if params == "extra":
+        theta["tau"] = np.ones(1)
+    elif params == "shape":
+        theta["W_a"] = np.ones((2, 3))
+    elif params == "dtype":
+        theta["v_a"] = theta["v_a"].astype(np.float32)
+    else:
+        theta = {name: x for name, x in theta.items() if name in params}
+    with pytest.raises(InputError) as error:
+        symattn.attention(q, k, v, score="additive", params=theta)
+    assert all(word in str(error.value) for word in words), str(error.value)
+
+
+@pytest.mark.parametrize("options, word", [
+    (dict(score="bilinear"), "score"), (dict(score_mod=3.0), "score_mod"), (dict(mask_mod=42), "mask_mod"),
+    (dict(score_mod="sofcap:3"), "score_mod"), (dict(score="additive", scale=0.5), "scale"),
+    (dict(score="general", params=[1, 2]), "params"), (dict(score_mod="alibi:heads=4"), "heads"),
+])
+def test_bad_variant_options_are_refused_by_name(options, word, rng):
+    q, k, v, _ = _inputs(rng)
+    with pytest.raises(InputError, match=word):
+        symattn.attention(q, k, v, **options)
+
+
+def test_plain_options_keep_todays_kernels(rng, monkeypatch):
+    """No variant option: the plain path runs, and resolve says so (None) for the causal dot product."""
+    assert variants.resolve("dot", None, None, None, True, None) is None
+    monkeypatch.setattr(variants, "forward", lambda *a: pytest.fail("variant kernels ran for plain inputs"))
+    q, k, v, _ = _inputs(rng)
+    np.testing.assert_allclose(api.attention(q, k, v, is_causal=True), reference.attention(q, k, v, is_causal=True),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_mask_mod_alone_masks_the_plain_dot_product(rng):
+    q, k, v, _ = _inputs(rng)
+    np.testing.assert_allclose(symattn.attention(q, k, v, mask_mod="causal"),
+                               reference.attention(q, k, v, is_causal=True), rtol=1e-10, atol=1e-10)
+
+
+def test_bh_rows_follow_flexattention():
+    assert variants.bh_rows((2, 3)).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert variants.bh_rows((2,)).tolist() == [[0, 0], [1, 0]]
+    assert variants.bh_rows(()).tolist() == [[0, 0]]
+
+
+def test_cached_element_kernels_run_without_sympy(rng):
+    """The kernel module written on first use is loaded and run by a fresh process without importing SymPy."""
+    import subprocess
+    import sys
+    q, k, v, _ = _inputs(rng)
+    symattn.attention(q, k, v, score="cosine", params=_theta("cosine", None, rng), mask_mod="causal")  # cached now
+    program = ("import sys, numpy as np, symattn; from symattn.numeric import kernels; x = np.ones((2, 5, 3)); "
+               "symattn.attention(x, x, x, score='cosine', params={'tau': np.ones(1)}, mask_mod='causal'); "
+               "print(kernels.cache_dir(), 'sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    folder, loaded = out.stdout.split()
+    if folder != str(kernels.cache_dir()):
+        pytest.skip("symattn's source changed during the test (a new kernel cache folder)")
+    assert loaded == "False", out.stderr
+
+
+def test_element_kernels_render_deterministically_with_hoisted_sums():
+    """Same text twice; the additive score's one-sided sums Σ_a Q[i,a] W_a[a,r], Σ_a K[j,a] U_a[a,r] are arrays
+    computed once per row / key, so the per-pair score reads them (no d_k loop per pair)."""
+    from symattn.codegen.element import render
+    first = render("additive", mods.parse("relative-bias:2"), masks.parse("window:3"))
+    assert first == render("additive", mods.parse("relative-bias:2"), masks.parse("window:3"))
+    forward = first.split("def _forward_one")[1].split("def forward")[0]
+    pair = forward.split("for j in range(lo, hi):")[1].split("P[ti, j] = s")[0]
+    assert "p_Wa" not in pair and "p_Ua" not in pair and "_tanh(" in pair, pair
