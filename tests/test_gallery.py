@@ -23,7 +23,7 @@ def test_every_example_is_verified_four_ways(name, monkeypatch, tmp_path):
     report = verify(spec)
     assert report.passed, report.failures()
     paths = {c.path for c in report.comparisons}
-    assert {"unrolled kernel f64", "NumPy reference f64"} <= paths
+    assert {"unrolled kernel f64", "loop kernel f64", "loop kernel f32", "NumPy reference f64"} <= paths
     checked = {c.tensor for c in report.gradcheck.comparisons}  # finite differences: inputs and parameters
     assert {"dQ", "dK", "dV"} <= checked
     if name == "learned_bias":

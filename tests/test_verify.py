@@ -26,14 +26,18 @@ def test_all_paths_agree(spec):
 
 
 def test_a_broken_kernel_is_caught_and_named(monkeypatch):
-    real = verify_module.attention_backward
+    real = verify_module.attention_vjp
 
-    def broken(q, k, v, dO, **kw):
-        dq, dk, dv = real(q, k, v, dO, **kw)
-        dk = dk.copy()
-        dk[1, 0] += 1e-3
-        return dq, dk, dv
-    monkeypatch.setattr(verify_module, "attention_backward", broken)
+    def broken(q, k, v, **kw):
+        O, pullback = real(q, k, v, **kw)
+
+        def wrong(dO):
+            g = dict(pullback(dO))
+            g["k"] = g["k"].copy()
+            g["k"][1, 0] += 1e-3
+            return g
+        return O, wrong
+    monkeypatch.setattr(verify_module, "attention_vjp", broken)
     report = symattn.verify(AttentionSpec(3, 4, 2))
     assert not report.passed
     failures = report.failures()

@@ -13,7 +13,7 @@ import sympy
 
 from .. import limits
 from ..numeric import reference
-from ..numeric.api import attention, attention_backward
+from ..numeric.api import attention, attention_vjp
 from ..symbolic.tensors import shape_of
 from ..symbolic.derive import derive, parameters
 from .finite_differences import Comparison, GradcheckReport, compare, gradcheck
@@ -21,7 +21,6 @@ from ..numeric.kernels import load_unrolled
 from ..symbolic.layer import derive_multihead
 from ..numeric.layer import multihead_attention, multihead_attention_backward
 from ..progress import Progress, silent
-from ..errors import SymattnError
 from ..symbolic.spec import UNSCALED, AttentionSpec
 from ..symbolic.tensors import TENSORS
 
@@ -122,15 +121,39 @@ def _unrolled(spec, x, module):
     return dict(zip(_quantities(spec), (f(*arrays), *g(*arrays, x["dO"]))))
 
 
-def _mask_options(spec) -> dict:
-    """The spec's mask for the numeric paths: is_causal for the causal mask, else a boolean array (n_q, n_k)."""
-    return dict(is_causal=spec.causal, mask=None if spec.causal else spec.mask_array())
+def _options(spec) -> dict:
+    """The spec as options of the numeric API: score, score mod, mask (is_causal for the causal mask, else the
+    Mask itself as mask_mod), scale (for scaled scores)."""
+    options = dict(scale=None if spec.score in UNSCALED else spec.scale_value)
+    if spec.causal:
+        options["is_causal"] = True
+    elif spec.mask_object is not None:
+        options["mask_mod"] = spec.mask_object
+    if spec.score != "dot":
+        options["score"] = spec.score
+    if spec.mod_object is not None:
+        options["score_mod"] = spec.mod_object
+    return options
+
+
+def _numeric(spec):
+    """f(q, k, v, *θ) and grads(q, k, v, *θ, dO) of the numeric API (the loop/tile or element kernels)."""
+    names, options = [p.name for p in parameters(spec)], _options(spec)
+
+    def f(q, k, v, *theta):
+        return attention(q, k, v, params=dict(zip(names, theta)) or None, **options)
+
+    def grads(q, k, v, *rest):
+        O, pullback = attention_vjp(q, k, v, params=dict(zip(names, rest[:-1])) or None, **options)
+        g = pullback(rest[-1])
+        return (g["q"], g["k"], g["v"], *(g[n] for n in names))
+    return f, grads
 
 
 def _loop(spec, x, dtype):
-    kw = dict(**_mask_options(spec), scale=spec.scale_value)
-    q, k, v, dO = (x[n].astype(dtype) for n in ("Q", "K", "V", "dO"))
-    return dict(zip(QUANTITIES, (attention(q, k, v, **kw), *attention_backward(q, k, v, dO, **kw))))
+    f, grads = _numeric(spec)
+    arrays = [x[n].astype(dtype) for n in ("Q", "K", "V", *(p.tensor for p in parameters(spec)))]
+    return dict(zip(_quantities(spec), (f(*arrays), *grads(*arrays, x["dO"].astype(dtype)))))
 
 
 def _reference(spec, x) -> dict[str, np.ndarray]:
@@ -145,15 +168,10 @@ def _reference(spec, x) -> dict[str, np.ndarray]:
     return dict(zip(_quantities(spec), values))
 
 
-def _on_loop_kernels(spec) -> bool:
-    """The loop kernels (and symattn.attention) compute the plain dot-product score, under any mask."""
-    return spec.score == "dot" and spec.mod_object is None
-
-
 def verify(spec: AttentionSpec, *, seed: int = 0, progress: Progress = silent) -> VerifyReport:
-    """Compare every path at `spec`'s sizes; see VerifyReport.passed and str(report). The loop kernels (and
-    so the numeric API) exist for the plain dot product; other scores and score mods compare the symbolic values,
-    the unrolled kernels and the NumPy reference, and check the unrolled gradients against finite differences."""
+    """Compare every path at `spec`'s sizes; see VerifyReport.passed and str(report): the exact symbolic values,
+    the unrolled kernels, the numeric API's kernels (loop/tile or element kernels, float64 and float32) and the
+    NumPy reference, and the numeric API's gradients (inputs and every parameter) against finite differences."""
     spec.check_explicit()  # the symbolic path expands every scalar: refuse before allocating anything
     x = _inputs(spec, limits.seed(seed))
     progress(f"verify: symbolic values of {spec.name}")
@@ -164,25 +182,16 @@ def verify(spec: AttentionSpec, *, seed: int = 0, progress: Progress = silent) -
     module = load_unrolled(spec, progress=progress)
     if module is not None:
         paths["unrolled kernel f64"] = (_unrolled(spec, x, module), "float64")
-    if _on_loop_kernels(spec):
-        progress("verify: loop kernels")
-        paths["loop kernel f64"] = (_loop(spec, x, np.float64), "float64")
-        paths["loop kernel f32"] = (_loop(spec, x, np.float32), "float32")
+    progress("verify: loop kernels (the numeric API)")
+    paths["loop kernel f64"] = (_loop(spec, x, np.float64), "float64")
+    paths["loop kernel f32"] = (_loop(spec, x, np.float32), "float32")
     paths["NumPy reference f64"] = (_reference(spec, x), "float64")
     comparisons = tuple(compare(name, path, values[name], truth[name], *TOLERANCE[dtype])
                         for path, (values, dtype) in paths.items() for name in truth)
     progress("verify: finite differences")
-    inputs = {n: v for n, v in x.items() if n != "dO"}
-    if _on_loop_kernels(spec):
-        kw = dict(**_mask_options(spec), scale=spec.scale_value)
-        fd = gradcheck(lambda q, k, v: attention(q, k, v, **kw), inputs,
-                       lambda q, k, v, dO: attention_backward(q, k, v, dO, **kw), dO=x["dO"])
-    elif module is not None:
-        f, g = _unrolled_call(spec, module)
-        fd = gradcheck(f, inputs, g, dO=x["dO"])
-    else:
-        raise SymattnError(f"verify needs the unrolled kernels of {spec.name} (the loop kernels have the plain dot "
-                           f"product only), and they do not pay at these sizes; verify at smaller sizes")
+    inputs = {n: x[n] for n in ("Q", "K", "V", *(p.tensor for p in parameters(spec)))}
+    f, grads = _numeric(spec)
+    fd = gradcheck(f, inputs, grads, dO=x["dO"])
     return VerifyReport(spec, comparisons, fd)
 
 
