@@ -269,8 +269,8 @@ def latex(obj, notation: Notation | None = None, *, table=None) -> str:
     if all(hasattr(obj, name) for name in ("lhs", "rhs", "indexed", "matrix", "tag")):  # a Step
         lines = []
         if obj.indexed is not None:
-            lines.append(f"{p.doprint(shift(head_tagged(obj.lhs, obj.tag)))} = "
-                         f"{p.doprint(shift(head_tagged(obj.rhs, obj.tag)))}")
+            chain = getattr(obj, "chain", ()) or (obj.rhs,)  # the chain-rule line ends in the formula
+            lines.append(" = ".join(p.doprint(shift(head_tagged(x, obj.tag))) for x in (obj.lhs, *chain)))
         if obj.matrix is not None:
             lines.append(f"{p.doprint(head_tagged(obj.matrix.lhs, obj.tag))} = "
                          f"{p.doprint(head_tagged(obj.matrix.rhs, obj.tag))}")
