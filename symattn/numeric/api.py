@@ -303,7 +303,8 @@ def attention_vjp(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod
         dO = _check_dO(dO, out_shape, p.Q.dtype).reshape(O.shape)
         *grads, dtheta = _backward(p, variant, theta, O, LSE, dO)
         return {**{name: _unbroadcast(g.reshape(p.batch_shape + g.shape[1:]), shapes[name])
-                   for name, g in zip(("q", "k", "v"), grads)}, **dtheta}
+                   for name, g in zip(("q", "k", "v"), grads)},
+                **{name: g.reshape(np.shape(params[name])) for name, g in dtheta.items()}}  # θ's own shape
     return O.reshape(out_shape), pullback
 
 

@@ -111,6 +111,8 @@ def bind(variant: Variant, declared: tuple, dtype, d_k: int) -> dict[str, np.nda
     bound = {}
     for name, _, dims in declared:
         x = np.asarray(given[name])
+        if dims == ("one",) and x.shape == ():  # a scalar parameter (cosine's tau) may be given as one
+            x = x.reshape(1)
         if x.ndim == len(dims):
             for dim, n in zip(dims, x.shape):
                 sizes.setdefault(dim, n)
