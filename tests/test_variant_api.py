@@ -259,3 +259,16 @@ def test_element_kernels_render_deterministically_with_hoisted_sums():
     forward = first.split("def _forward_one")[1].split("def forward")[0]
     pair = forward.split("for j in range(lo, hi):")[1].split("P[ti, j] = s")[0]
     assert "p_Wa" not in pair and "p_Ua" not in pair and "_tanh(" in pair, pair
+
+
+def test_a_scalar_temperature_is_taken_and_its_gradient_has_its_shape():
+    rng = np.random.default_rng(7)
+    q, k, v, dO = (rng.standard_normal((2, 5, 3)) for _ in range(4))
+    O, pullback = symattn.attention_vjp(q, k, v, score="cosine", params={"tau": np.array(3.0)})
+    g = pullback(dO)
+
+    def loss(t):
+        return float(np.sum(dO * symattn.attention(q, k, v, score="cosine", params={"tau": np.array(t)})))
+    assert g["tau"].shape == ()
+    assert abs(float(g["tau"]) - (loss(3 + 1e-6) - loss(3 - 1e-6)) / 2e-6) < 1e-6
+    np.testing.assert_allclose(O, symattn.attention(q, k, v, score="cosine", params={"tau": np.array([3.0])}))
