@@ -22,7 +22,9 @@ PAIRS = [("alibi", "causal"), ("softcap", "window"), ("relative_bias", "prefix")
 @pytest.fixture(autouse=True, scope="module")
 def kernel_cache(request):
     """Rendered variants kept across test runs (Numba's cache beside them): the first run compiles."""
-    folder = request.config.cache.mkdir("symattn-variant-kernels")
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider: a fresh folder then
+    folder = cache.mkdir("symattn-variant-kernels") if cache is not None else \
+        request.getfixturevalue("tmp_path_factory").mktemp("symattn-variant-kernels")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SYMATTN_CACHE", str(folder))
         yield
