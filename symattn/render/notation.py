@@ -127,8 +127,25 @@ class DocPrinter(LatexPrinter):
         return tex
 
 
+_NAMES: dict = {}  # (table, sizes of the registries, notation) -> (table, names): built once per document
+
+
 def symbol_names(table, notation: Notation) -> dict:
-    """Symbol -> LaTeX for tensors (matrix symbols and indexed bases) and, given a table, element symbols."""
+    """Symbol -> LaTeX for tensors (matrix symbols and indexed bases) and, given a table, element symbols.
+    Built once per table and notation (a document makes a printer per line; the names are thousands)."""
+    key = (id(table), len(TENSORS), 0 if table is None else len(table.latex_names), notation.index_base,
+           tuple(sorted(notation.names.items())))
+    cached = _NAMES.get(key)
+    if cached is not None and cached[0] is table:
+        return cached[1]
+    if len(_NAMES) >= 16:
+        _NAMES.clear()
+    names = _names(table, notation)
+    _NAMES[key] = (table, names)
+    return names
+
+
+def _names(table, notation: Notation) -> dict:
     names = {ONE: r"\mathbf{1}"}
     for t in TENSORS.values():
         tex = notation.names.get(t.name, t.latex)
