@@ -18,16 +18,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"symattn: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _spec_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--n-q", type=int, required=required, help="number of queries")
-    p.add_argument("--n-k", type=int, default=None, help="number of keys/values (single head: required)")
-    p.add_argument("--d-k", type=int, default=None, help="query/key width (per head; single head: required)")
-    p.add_argument("--d-v", type=int, default=None, help="value width (default d_k)")
-    p.add_argument("--causal", action="store_true", help="causal mask: query i sees keys j <= i (= --mask causal)")
+def _variant_options(p) -> None:
+    """The variant: mask, score (and its hidden size), score mod; derive, generate, verify, docs and run share them."""
     p.add_argument("--mask", default=None, metavar="MASK",
                    help="causal, window:W (causal, W keys back), prefix:P (first P keys seen by all, then causal), "
                         "joined by & (and) or | (or)")
-    p.add_argument("--scale", default=None, help="score scale, e.g. 0.5 or 1/8 (default 1/sqrt(d_k), exact)")
     p.add_argument("--score", default="dot", choices=SCORES,
                    help="dot: scale q.k; general (Luong): scale q W_a k^T; additive (Bahdanau): "
                         "v_a^T tanh(q W_a + k U_a + b_a); cosine: tau q.k/(norm(q) norm(k)) (default dot)")
@@ -36,6 +31,16 @@ def _spec_options(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="alibi[:SLOPE] (s + slope(j - i), slope 1/256 by default), alibi:heads=H (slope "
                         "2^(-8(h+1)/H) for head h), softcap:C (C tanh(s/C)), "
                         "relative-bias:D (s + a learned B[clip(j - i, -D, D) + D])")
+
+
+def _spec_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--n-q", type=int, required=required, help="number of queries")
+    p.add_argument("--n-k", type=int, default=None, help="number of keys/values (single head: required)")
+    p.add_argument("--d-k", type=int, default=None, help="query/key width (per head; single head: required)")
+    p.add_argument("--d-v", type=int, default=None, help="value width (default d_k)")
+    p.add_argument("--causal", action="store_true", help="causal mask: query i sees keys j <= i (= --mask causal)")
+    p.add_argument("--scale", default=None, help="score scale, e.g. 0.5 or 1/8 (default 1/sqrt(d_k), exact)")
+    _variant_options(p)
     layer = p.add_argument_group("multi-head layer (any of these makes it a layer)")
     layer.add_argument("--d-model", type=int, default=None, help="model width")
     layer.add_argument("--heads", type=int, default=None, help="number of heads h")
@@ -117,14 +122,14 @@ def _seed(text: str) -> int:
 
 
 def cmd_derive(args) -> int:
-    from ..symbolic.derive import derive
+    from ..symbolic.derive import derive as derive_head
+    from ..symbolic.layer import derive_multihead
     if args.output is not None:
         output_file(args.output)
     spec = _spec(args)
     notation = _notation(args)  # checked before the derivation runs
     progress = silent if args.quiet else to_stream()
-    if _is_layer(args):
-        from ..symbolic.layer import derive_multihead as derive
+    derive = derive_multihead if _is_layer(args) else derive_head
     d = derive(spec, explicit=not args.indexed_only, prove=not args.no_prove and not args.indexed_only,
                progress=progress)
     if args.query is not None and not 0 <= args.query < spec.n_q:
@@ -237,13 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(exact: integers, decimals, \"p/q\"; see the README)")
     run.add_argument("--query", default=None, help="token shown in detail (default: sat, or the first token)")
     run.add_argument("--causal", action="store_true", help="causal mask (= --mask causal)")
-    variant = run.add_argument_group("variant (the score, score mod and mask of `symattn derive --help`)")
-    variant.add_argument("--score", default="dot", choices=SCORES,
-                         help="dot (default), general: scale q W_a k^T, additive: v_a^T tanh(q W_a + k U_a + b_a); "
-                              "the parameters get exact example values")
-    variant.add_argument("--hidden", type=int, default=None, metavar="D_A", help="hidden units d_a (additive score)")
-    variant.add_argument("--score-mod", default=None, metavar="MOD", help="alibi[:SLOPE], softcap:C or relative-bias:D")
-    variant.add_argument("--mask", default=None, metavar="MASK", help="causal, window:W, prefix:P, joined by & or |")
+    _variant_options(run.add_argument_group("variant (the worked example's parameters get exact example values)"))
     run.add_argument("--d-model", type=int, default=None, help="embedding width (default 4)")
     run.add_argument("--d-k", type=int, default=None, help="query/key width (default 4)")
     run.add_argument("--d-v", type=int, default=None, help="value width (default d_k)")
