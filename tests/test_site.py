@@ -115,7 +115,8 @@ def test_references_cover_the_api_and_the_command_line(site):
     sub = next(a for a in build_parser()._actions if a.choices and a.dest == "command")
     for command, parser in sub.choices.items():
         assert f'id="{command}"' in cli, command
-        for option in (s for a in parser._actions for s in a.option_strings if s.startswith("--")):
+        for option in (s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"):
+            # (sphinx-argparse leaves -h/--help out; it was found only inside a group title before)
             assert option in cli, (command, option)
 
 
