@@ -50,9 +50,11 @@ def _bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-def check_run_sizes(tokens: int, d_model: int, d_k: int, d_v: int) -> None:
-    """The worked example's limits: `symattn run` expands and proves everything at these sizes."""
-    for name, value in (("--d-model", d_model), ("--d-k", d_k), ("--d-v", d_v)):
+def check_run_sizes(tokens: int, d_model: int, d_k: int, d_v: int, *, names=("--d-model", "--d-k", "--d-v"),
+                    source: str = "the sentence") -> None:
+    """The worked example's limits: `symattn run` expands and proves everything at these sizes. `names` and
+    `source` say where the sizes came from (command-line flags and the sentence, or an inputs file's fields)."""
+    for name, value in zip(names, (d_model, d_k, d_v)):
         if value > RUN_MAX_WIDTH:
             raise SizeTooLargeError(
                 f"{name} {value} is over the worked example's limit of {RUN_MAX_WIDTH} (run proves every step "
@@ -60,7 +62,7 @@ def check_run_sizes(tokens: int, d_model: int, d_k: int, d_v: int) -> None:
                 f"symattn.attention for numbers")
     if tokens > RUN_MAX_TOKENS or tokens * max(d_model, d_k, d_v) > RUN_MAX_CELLS:
         raise SizeTooLargeError(
-            f"the sentence has {tokens} tokens at width {max(d_model, d_k, d_v)}, over the worked example's limit "
+            f"{source} has {tokens} tokens at width {max(d_model, d_k, d_v)}, over the worked example's limit "
             f"({RUN_MAX_TOKENS} tokens, tokens × width <= {RUN_MAX_CELLS}: run proves every step and compiles "
             f"kernels for exactly these sizes); shorten it or narrow it, or use `symattn derive --indexed-only` for "
             f"the formulas and symattn.attention for numbers")

@@ -220,10 +220,9 @@ def _check_sizes(source: str, shapes: dict, names: tuple) -> None:
         (n, d_k), d_v = shapes["Q"], shapes["V"][1]
         d_model = d_k
     try:
-        limits.check_run_sizes(n, d_model, d_k, d_v)
+        limits.check_run_sizes(n, d_model, d_k, d_v, names=("d_model", "d_k", "d_v"), source="the file")
     except SymattnError as e:
-        message = str(e).replace("the sentence has", "the file has").replace("--d-model", "d_model")
-        raise type(e)(f"{source}: {message.replace('--d-k', 'd_k').replace('--d-v', 'd_v')}") from None
+        raise type(e)(f"{source}: {e}") from None
 
 
 def _entry(source: str, where: str, x) -> sympy.Rational:
