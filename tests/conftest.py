@@ -1,6 +1,8 @@
 """Shared helpers: evaluate a derivation's explicit steps numerically (floats) for comparison with NumPy."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import sympy
@@ -46,3 +48,9 @@ def reference_gradcheck(arrays: dict, params: dict, **options):
         grads = reference.gradients(q, k, v, dO, params=dict(zip(params, theta)), **options)
         return [grads[n] for n in ("q", "k", "v", *params)]
     return gradcheck(f, arrays, g)
+
+
+def tampered(d, key: str, **changes):
+    """The derivation with step `key` changed (e.g. explicit=wrong values): for tests that a proof catches it."""
+    return dataclasses.replace(d, steps=tuple(dataclasses.replace(s, **changes) if s.key == key else s
+                                              for s in d.steps))

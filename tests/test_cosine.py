@@ -1,7 +1,6 @@
 """The cosine score (issue 8): s = tau·(q_i/max(‖q_i‖, eps))·(k_j/max(‖k_j‖, eps)), eps = 1e-12 as
 torch.nn.functional.normalize; derived, proven, printed, generated and verified, and the NumPy reference
 against PyTorch's autograd (the clamp's gradient included)."""
-import dataclasses
 import shutil
 import subprocess
 
@@ -10,7 +9,7 @@ import pytest
 import sympy
 
 import symattn
-from conftest import reference_gradcheck
+from conftest import reference_gradcheck, tampered
 from symattn import AttentionSpec, SpecError, reference
 from symattn.app.cli import main
 from symattn.symbolic.score import NORM_EPS, SCORES, derivative
@@ -26,9 +25,7 @@ def test_cosine_gradients_are_proven(sizes):
 
 def test_a_wrong_tau_gradient_fails_its_proof():
     d = symattn.derive(AttentionSpec(2, 2, 2, score="cosine"), prove=False)
-    step = d.step("dtau")
-    d = dataclasses.replace(d, steps=tuple(dataclasses.replace(step, explicit=step.explicit * 2) if s.key == "dtau"
-                                           else s for s in d.steps))
+    d = tampered(d, "dtau", explicit=d.step("dtau").explicit * 2)
     failed = {p.step for p in symattn.prove(d).proofs if not p.passed}
     assert "dtau" in failed and "dQ" not in failed
 

@@ -1,6 +1,5 @@
 """Score mods (issue 8): ALiBi, soft-cap and a learned relative-position bias, applied to any score, derived (their
 slope ∂f/∂s and parameter gradients by SymPy), proven, printed, generated and verified."""
-import dataclasses
 import math
 import re
 import shutil
@@ -12,7 +11,7 @@ import pytest
 import sympy
 
 import symattn
-from conftest import reference_gradcheck
+from conftest import reference_gradcheck, tampered
 from symattn import AttentionSpec, SpecError, reference
 from symattn.app.cli import main
 from symattn.symbolic import masks
@@ -41,9 +40,7 @@ def test_the_mods_formulas():
 
 def test_a_wrong_mod_gradient_fails_its_proof():
     d = symattn.derive(AttentionSpec(2, 2, 1, score_mod="relative-bias:1"), prove=False)
-    step = d.step("dBrel")
-    d = dataclasses.replace(d, steps=tuple(dataclasses.replace(step, explicit=step.explicit * 2) if s.key == "dBrel"
-                                           else s for s in d.steps))
+    d = tampered(d, "dBrel", explicit=d.step("dBrel").explicit * 2)
     failed = {p.step for p in symattn.prove(d).proofs if not p.passed}
     assert "dBrel" in failed and "dQ" not in failed
 

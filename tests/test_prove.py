@@ -1,9 +1,9 @@
 """Proofs: closed forms = plain differentiation; indexed = explicit; and proofs that must fail do."""
-import dataclasses
 
 import pytest
 import sympy
 
+from conftest import tampered
 from symattn import AttentionSpec, derive, prove
 
 SPECS = [AttentionSpec(2, 2, 2), AttentionSpec(3, 4, 2, 3), AttentionSpec(4, 3, 3, 2, mask="causal"),
@@ -28,18 +28,11 @@ def test_method_is_recorded():
     assert {p.method for p in large.proofs if p.kind == "gradient"} == {"random rational points"}
 
 
-def _tamper(d, key, explicit=None, rhs=None):
-    steps = tuple(dataclasses.replace(s, explicit=explicit if explicit is not None else s.explicit,
-                                      rhs=rhs if rhs is not None else s.rhs) if s.key == key else s
-                  for s in d.steps)
-    return dataclasses.replace(d, steps=steps)
-
-
 @pytest.mark.parametrize("exact", [True, False])
 def test_a_wrong_gradient_fails_its_proof(exact):
     d = derive(AttentionSpec(2, 3, 2), prove=False)
     wrong = d.step("dQ").explicit * 2  # scale applied twice, say
-    proofs = prove(_tamper(d, "dQ", explicit=wrong), exact=exact).proofs
+    proofs = prove(tampered(d, "dQ", explicit=wrong), exact=exact).proofs
     failed = [p for p in proofs if not p.passed]
     assert {(p.kind, p.step) for p in failed} == {("indexed", "dQ"), ("gradient", "dQ")}
     assert all("dq_{0,0}" in p.failure for p in failed)
@@ -49,12 +42,12 @@ def test_a_wrong_softmax_fails_dS_and_jacobian():
     d = derive(AttentionSpec(2, 3, 2), prove=False)
     P = d.step("softmax").explicit
     wrong = P.applyfunc(lambda p: p ** 2)
-    proofs = prove(_tamper(d, "softmax", explicit=wrong), exact=False).proofs
+    proofs = prove(tampered(d, "softmax", explicit=wrong), exact=False).proofs
     assert {p.step for p in proofs if not p.passed} >= {"jacobian", "dS", "softmax"}
 
 
 def test_a_wrong_indexed_formula_fails():
     d = derive(AttentionSpec(2, 3, 2), prove=False)
     rhs = d.step("dK").rhs * sympy.Integer(3)
-    proofs = prove(_tamper(d, "dK", rhs=rhs)).proofs
+    proofs = prove(tampered(d, "dK", rhs=rhs)).proofs
     assert [(p.kind, p.step) for p in proofs if not p.passed] == [("indexed", "dK")]
