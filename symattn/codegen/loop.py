@@ -153,6 +153,24 @@ def variant_params(mod) -> list[tuple[str, str]]:
     return [] if mod is None else [(p.name, check_identifier(p.tensor)) for p in mod.params]
 
 
+def _hoisted(*exprs):
+    """The mod's pieces that depend on the batch element only (FlexAttention's b and h: ALiBi's per-head slope
+    2^(-8(h+1)/H)) as locals zc0, zc1, ... computed once per batch element, not once per score."""
+    names: dict = {}
+
+    def walk(node):
+        free = node.free_symbols
+        if free and all(isinstance(x, sympy.Symbol) and x.name in ("b", "h") for x in free) \
+                and not isinstance(node, sympy.Symbol):
+            name = next((n for n, e in names.items() if e == node), None) or f"zc{len(names)}"
+            names[name] = node
+            return sympy.Symbol(name)
+        return node.func(*(walk(a) for a in node.args)) if node.args and not isinstance(node, sympy.Indexed) \
+            else node
+    out = tuple(walk(sympy.sympify(e)) for e in exprs)
+    return (*out, names)
+
+
 def render_variant(mod, mask) -> str:
     """The loop and tile kernels of the dot score with score mod `mod` and mask `mask` (either may be None),
     printed from derive(AttentionSpec(1, 1, 1, score_mod=mod, mask=mask), explicit=False)."""
@@ -170,8 +188,9 @@ def render_variant(mod, mask) -> str:
         printer = _VariantPrinter({"indexed_map": READS, "symbol_map": {SCALE: "scale", **bound}}, direct)
         return printer.doprint(expr.xreplace({scale_symbolic(d.spec): SCALE}))
     f = pieces(d)
-    f["mod"] = code(d.step("mod").rhs) if mod else "sr"
-    f["dSr"] = code(d.step("dSr").rhs) if mod else "ds"
+    mod_rhs, dsr_rhs, hoisted = _hoisted(d.step("mod").rhs, d.step("dSr").rhs) if mod else (None, None, {})
+    f["mod"] = code(mod_rhs) if mod else "sr"
+    f["dSr"] = code(dsr_rhs) if mod else "ds"
     i = INDEX_OF_DIM["n_q"]
     lo, hi = mask.span(b, i) if mask is not None and mask.span is not None else (None, None)
     softmax = d.step("softmax").rhs
@@ -179,7 +198,8 @@ def render_variant(mod, mask) -> str:
     v = {"title": _title(mod, mask), "lo": "0" if lo is None else code(lo), "hi": "n_k" if hi is None else code(hi),
          "exact": mask is None or mask.exact, "cond": code(condition),
          "args": "".join(f", {name}" for name in params + arrays), "margs": "".join(f", {name}" for name in arrays),
-         "gargs": "".join(f", d{name}" for name in params), "scatter": _scatter(d, mod, code)}
+         "gargs": "".join(f", d{name}" for name in params), "scatter": _scatter(d, mod, code),
+         "hoist": [f"{name} = _cast(Q, {code(expr)})" for name, expr in hoisted.items()]}
     header = HEADER.substitute(source=f"the indexed derivation of dot-product attention with {v['title']}",
                                command="symattn.numeric.kernels (rendered on first use into the kernel cache)")
     return _render(header, f, v)
