@@ -234,6 +234,23 @@ def test_bh_rows_follow_flexattention():
     assert variants.bh_rows(()).tolist() == [[0, 0]]
 
 
+@pytest.mark.parametrize("batch", [(3,), (2, 2), (2, 1, 2)])
+def test_b_and_h_mean_the_same_in_kernels_and_reference(batch, rng):
+    """A mod reading b and h sees FlexAttention's (b, h) alike in the kernels and the NumPy reference for 3-D
+    (b the batch, h = 0), 4-D and higher (b counts every dim before the heads) inputs."""
+    from symattn.mods import score_mod
+
+    @score_mod
+    def by_element(score, b, h, q_idx, kv_idx):
+        return score * (1 + 0.5 * b + 0.25 * h)  # not constant along a row: softmax sees it
+    q, k, v, dO = (rng.standard_normal(batch + (3, 2)) for _ in range(4))
+    O, pullback = symattn.attention_vjp(q, k, v, score_mod=by_element)
+    np.testing.assert_allclose(O, reference.attention(q, k, v, score_mod=by_element), rtol=1e-10, atol=1e-10)
+    got, want = pullback(dO), reference.gradients(q, k, v, dO, score_mod=by_element)
+    for name in ("q", "k", "v"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-10, err_msg=name)
+
+
 def test_cached_element_kernels_run_without_sympy(rng):
     """The kernel module written on first use is loaded and run by a fresh process without importing SymPy."""
     import subprocess

@@ -106,10 +106,16 @@ def _total(g: np.ndarray, rank: int) -> np.ndarray:
 
 
 def _grids(shape: tuple[int, ...]) -> tuple:
-    """FlexAttention's (b, h, q_idx, kv_idx) for scores of `shape` (..., n_q, n_k), broadcastable against them."""
-    n_q, n_k = shape[-2:]
-    b = np.arange(shape[-4]).reshape(-1, 1, 1, 1) if len(shape) >= 4 else np.zeros((), int)  # (B, 1, 1, 1)
-    h = np.arange(shape[-3]).reshape(-1, 1, 1) if len(shape) >= 3 else np.zeros((), int)  # (H, 1, 1)
+    """FlexAttention's (b, h, q_idx, kv_idx) for scores of `shape` (..., n_q, n_k), broadcastable against them.
+    (..., B, H, n_q, n_k): h the heads dim, b counts every element of the dims before it; (B, n_q, n_k): b the
+    batch dim, h = 0; (n_q, n_k): b = h = 0."""
+    batch, (n_q, n_k) = shape[:-2], shape[-2:]
+    b = h = np.zeros((), int)
+    if len(batch) >= 2:
+        b = np.arange(int(np.prod(batch[:-1]))).reshape(batch[:-1] + (1, 1, 1))  # (..., B, 1, 1, 1)
+        h = np.arange(batch[-1]).reshape(-1, 1, 1)  # (H, 1, 1)
+    elif len(batch) == 1:
+        b = np.arange(batch[0]).reshape(-1, 1, 1)  # (B, 1, 1)
     return b, h, np.arange(n_q).reshape(-1, 1), np.arange(n_k).reshape(1, -1)  # q (n_q, 1), kv (1, n_k)
 
 

@@ -6,13 +6,14 @@ import sympy
 
 from .score import derivative
 from .spec import AttentionSpec
-from .tensors import HEAD, SIZES, TENSORS, i, j
+from .tensors import BATCH, HEAD, SIZES, TENSORS, i, j
 
 
-def mod_slope(mod, s_bar, x, y, theta, h=0) -> sympy.Expr:
-    """∂f/∂s of a score mod at s = s̄, by sympy.diff (head h: 0 in explicit forms, HEAD in indexed ones)."""
+def mod_slope(mod, s_bar, x, y, theta, h=0, b=0) -> sympy.Expr:
+    """∂f/∂s of a score mod at s = s̄, by sympy.diff (batch element b and head h: 0 in explicit forms, BATCH and
+    HEAD in indexed ones)."""
     sigma = sympy.Symbol("sigma", real=True)
-    return derivative(mod.formula(sigma, 0, h, x, y, theta), sigma).subs(sigma, s_bar)
+    return derivative(mod.formula(sigma, b, h, x, y, theta), sigma).subs(sigma, s_bar)
 
 
 def mod_theta(spec: AttentionSpec) -> dict:
@@ -26,7 +27,7 @@ def mod_rows(spec: AttentionSpec) -> list[tuple]:
         return []
     return [("mod", "forward", "S", (i, j), f"Score mod: {mod.text}", f"Each score is modified by {mod.description} "
              f"(FlexAttention's score_mod(score, b, h, q_idx, kv_idx)): $S_{{ij}} = f(\\bar{{S}}_{{ij}})$.",
-             mod.formula(TENSORS["Sr"].base[i, j], 0, HEAD, i, j, mod_theta(spec)), None)]
+             mod.formula(TENSORS["Sr"].base[i, j], BATCH, HEAD, i, j, mod_theta(spec)), None)]
 
 
 def mod_gradient_rows(spec: AttentionSpec) -> list[tuple]:
@@ -34,7 +35,7 @@ def mod_gradient_rows(spec: AttentionSpec) -> list[tuple]:
     mod = spec.mod_object
     if mod is None:
         return []
-    slope = mod_slope(mod, TENSORS["Sr"].base[i, j], i, j, mod_theta(spec), HEAD)
+    slope = mod_slope(mod, TENSORS["Sr"].base[i, j], i, j, mod_theta(spec), HEAD, BATCH)
     return [("dSr", "backward", "dSr", (i, j), "Gradient through the score mod",
              r"The score mod is applied element by element: $\mathrm{d}\bar{S}_{ij} = \mathrm{d}S_{ij}\, "
              r"\partial f / \partial s$ at $s = \bar{S}_{ij}$ (the derivative by SymPy).",
@@ -46,7 +47,7 @@ def mod_param_rows(spec: AttentionSpec) -> list[tuple]:
     if spec.mod_object is None:
         return []
     nq, nk = SIZES["n_q"], SIZES["n_k"]
-    f = spec.mod_object.formula(TENSORS["Sr"].base[i, j], 0, HEAD, i, j, mod_theta(spec))
+    f = spec.mod_object.formula(TENSORS["Sr"].base[i, j], BATCH, HEAD, i, j, mod_theta(spec))
     return [(f"d{p.tensor}", "backward", f"d{p.tensor}", TENSORS[p.tensor].indices(), f"Gradient of the parameter "
              f"${p.latex}$", f"${p.latex}$ enters the modified scores: $\\mathrm{{d}}{p.latex} = \\sum_{{i,j}} "
              f"\\mathrm{{d}}S_{{ij}}\\, \\partial f_{{ij}} / \\partial {p.latex}$.",

@@ -28,6 +28,9 @@ INDEX_OF_DIM["one"] = sympy.Integer(0)
 #: The head index h of a score mod (FlexAttention's score_mod(score, b, h, q_idx, kv_idx)); a single-head
 #: derivation is head 0. Not SIZES["h"] (the number of heads of a layer).
 HEAD = sympy.Symbol("h", integer=True, nonnegative=True)
+#: The batch element b of a score mod or mask (FlexAttention's b); explicit forms are b = 0. Not the value index b
+#: (other assumptions: a different symbol).
+BATCH = sympy.Symbol("b", integer=True)
 #: Free indices of a user's parameter table: one per axis (rank 2 at most).
 TABLE_INDICES = (t, sympy.Symbol("u", integer=True, nonnegative=True))
 
@@ -198,9 +201,9 @@ class SymbolTable:
         sizes = {SIZES[name]: n for name, n in self.spec.sizes.items() if name in SIZES}
         mask = getattr(self.spec, "mask_object", None)
         if mask is not None and getattr(mask, "arrays", ()):  # run-time masks: their arrays' values at the indices
-            expr = mask.bind(expr.xreplace({sympy.Symbol("b", integer=True): sympy.Integer(0), **sizes,
+            expr = mask.bind(expr.xreplace({BATCH: sympy.Integer(0), **sizes,
                                             **values}).doit())
-        concrete = expr.xreplace({**sizes, HEAD: sympy.Integer(0), **values}).doit()
+        concrete = expr.xreplace({**sizes, HEAD: sympy.Integer(0), BATCH: sympy.Integer(0), **values}).doit()
         return concrete.replace(lambda x: isinstance(x, sympy.Indexed), self._element)
 
     def _element(self, x: sympy.Indexed) -> sympy.Symbol:
