@@ -5,13 +5,12 @@ hoisting: every maximal sub-expression holding a sum that depends on the query s
 (j) becomes an array computed once per row or key (additive: Σ_a Q[i,a] W_a[a,r] -> hq[i, r]; cosine's norms ->
 hq[i], hk[j]); what remains, g, is evaluated per pair. The backward differentiates g by SymPy (`partial`, the
 derivation's own rule) w.r.t. each array it reads, accumulating dL/d(hoisted) per pair, then chains each hoisted
-array back to Q, K and θ in one pass. Sums are lowered to loops (loop-invariant sums first), each block CSE'd once.
+array back to Q, K and θ in one pass. Sums are lowered to loops (loop-invariant sums first), each block CSE'd once
+(lowering.py).
 The template (jinja/element.py.j2) writes the loop structure: rows, keys, softmax, the masked-rows policy.
 """
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
 
 import sympy
 
@@ -22,6 +21,8 @@ from ..symbolic.spec import AttentionSpec
 from ..symbolic.tensors import SIZES, TENSORS, i, j
 from .loop import SCALE, _ENV, _summand
 from .files import write_files
+from .lowering import (Accumulation, Bilinear, Emitter, Hoisted, bilinear, emit_accumulations, fresh_dummies,
+                       hoist, tidy)
 from .printer import NumbaPrinter
 from .templates import HEADER, decorator
 
@@ -63,188 +64,6 @@ class ElementPrinter(NumbaPrinter):
         return out
 
 
-@dataclass
-class Hoisted:
-    """An array computed once per row (side 'q', index i) or key (side 'k', index j): name[row, *outer]."""
-
-    name: str
-    side: str
-    outer: tuple  # (symbol, dim name) of the enclosing sums' indices it depends on
-    definition: sympy.Expr
-
-    @property
-    def base(self) -> sympy.IndexedBase:
-        return sympy.IndexedBase(sympy.Symbol(self.name))
-
-    def element(self) -> sympy.Indexed:
-        return self.base[(i if self.side == "q" else j,) + tuple(x for x, _ in self.outer)]
-
-
-def _dim_of(upper: sympy.Expr) -> str:
-    """The size name of a sum's upper limit (size - 1)."""
-    for name, size in SIZES.items():
-        if sympy.simplify(upper - (size - 1)) == 0:
-            return name
-    raise ValueError(f"sum limit {upper} is not a size minus one")
-
-
-def _fresh_dummies(expr: sympy.Expr) -> sympy.Expr:
-    """Rename every sum index to a plain identifier (primed letters are not code): a -> a0, r' -> r1, ..."""
-    counter = itertools.count()
-
-    def visit(node):
-        if isinstance(node, sympy.Sum):
-            body, limits = node.function, []
-            for x, lo, hi in node.limits:
-                new = sympy.Symbol(f"{x.name.rstrip(chr(39))}{next(counter)}", integer=True, nonnegative=True)
-                body = body.xreplace({x: new})
-                limits.append((new, lo, hi))
-            return sympy.Sum(visit(body), *limits)
-        return node.func(*(visit(a) for a in node.args)) if node.args else node
-    return visit(expr)
-
-
-def hoist(expr: sympy.Expr) -> tuple[sympy.Expr, list[Hoisted]]:
-    """g and the hoisted arrays: maximal sub-expressions with a sum that depend on i or j, not both."""
-    found: list[Hoisted] = []
-
-    def visit(node, scope: tuple):
-        free = node.free_symbols
-        if node.args and node.has(sympy.Sum) and (i in free) != (j in free):
-            outer = tuple((x, dim) for x, dim in scope if x in free)
-            h = Hoisted(f"h{'q' if i in free else 'k'}{len(found)}", "q" if i in free else "k", outer, node)
-            found.append(h)
-            return h.element()
-        if isinstance(node, sympy.Sum):
-            inner = scope + tuple((x, _dim_of(hi)) for x, _, hi in node.limits)
-            return sympy.Sum(visit(node.function, inner), *node.limits)
-        return node.func(*(visit(a, scope) for a in node.args)) if node.args else node
-    return visit(expr, ()), found
-
-
-@dataclass(frozen=True)
-class Bilinear:
-    """A pair sum Σ_a X[i, a] Y[j, a] (X a query-side array, Y a key-side one): one BLAS product M = X Yᵀ per
-    block of rows; its gradient flows back as dX += C Y and dY += Cᵀ X, C = dL/dM."""
-
-    symbol: sympy.Symbol
-    X: str  # indexed base name of the query-side array (Q or a hoisted hq)
-    Y: str
-
-
-def bilinear(g: sympy.Expr, hoisted: dict[str, Hoisted]) -> tuple[sympy.Expr, list[Bilinear]]:
-    """g with its outer sums of the form Σ_a X[i, a] Y[j, a] replaced by symbols m0, m1, ..."""
-    side = {"Q": "q", "K": "k", **{h.name: h.side for h in hoisted.values() if len(h.outer) == 1}}
-    found, names = [], {}
-    for s in _outer_sums(g):
-        factors = sympy.Mul.make_args(s.function)
-        if len(s.limits) != 1 or len(factors) != 2 or not all(isinstance(x, sympy.Indexed) for x in factors):
-            continue
-        x = s.limits[0][0]
-        sides = {side.get(f.base.label.name): f for f in factors}
-        A, B = sides.get("q"), sides.get("k")
-        if A is None or B is None or A.indices != (i, x) or B.indices != (j, x):
-            continue
-        names[s] = sympy.Symbol(f"m{len(found)}")
-        found.append(Bilinear(names[s], A.base.label.name, B.base.label.name))
-    return g.xreplace(names), found
-
-
-# -- lowering: sums -> loops, one CSE per block ---------------------------------------------------------------
-
-class Emitter:
-    """Straight-line code with loops, as lines; sums become accumulators. Sums lowered at the emitter's top
-    level are remembered and reused by later blocks of the same scope (the backward's score and gradients)."""
-
-    def __init__(self, printer: ElementPrinter):
-        self.printer, self.lines = printer, []
-        self._names = (f"t{n}" for n in itertools.count())
-        self._known: dict[sympy.Sum, sympy.Symbol] = {}
-
-    def line(self, depth: int, text: str) -> None:
-        self.lines.append("    " * depth + text)
-
-    def values(self, exprs: list[sympy.Expr], depth: int) -> list[str]:
-        """Emit what `exprs` need at `depth` (their sums as loops, then one CSE block); their printed values."""
-        exprs = [self.lower(e, depth) for e in exprs]
-        replacements, reduced = sympy.cse(exprs, symbols=(sympy.Symbol(n) for n in self._names))
-        for lhs, rhs in replacements:
-            self.line(depth, f"{lhs} = {self.printer.doprint(rhs)}")
-        return [self.printer.doprint(e) for e in reduced]
-
-    def lower(self, expr: sympy.Expr, depth: int, keep: bool = False) -> sympy.Expr:
-        """`expr` with its outer sums emitted as loops at `depth` and replaced by their accumulators (`keep`:
-        remember them for later blocks; always at depth 0)."""
-        names = {}
-        for s in _outer_sums(expr):
-            if s in self._known:
-                names[s] = self._known[s]
-            else:
-                names[s] = self._sum(s, depth)
-                if keep or depth == 0:
-                    self._known[s] = names[s]
-        return expr.xreplace(names)
-
-    def _sum(self, s: sympy.Sum, depth: int) -> sympy.Symbol:
-        """Emit Σ as a loop (sums of its body that do not depend on its index first, outside it)."""
-        (x, lo, hi), rest = s.limits[0], s.limits[1:]
-        body = sympy.Sum(s.function, *rest) if rest else s.function
-        invariant = {t: self._sum(t, depth) for t in _outer_sums(body) if x not in t.free_symbols}
-        body = body.xreplace(invariant)
-        name = sympy.Symbol(next(self._names))
-        self.line(depth, f"{name} = _cast(Q, 0.0)")
-        self.line(depth, f"for {x} in range({self.printer.doprint(lo)}, {self.printer.doprint(hi + 1)}):")
-        value, = self.values([body], depth + 1)
-        self.line(depth + 1, f"{name} += {value}")
-        return name
-
-
-def _outer_sums(expr: sympy.Expr) -> list[sympy.Sum]:
-    """The sums of `expr` not nested in another sum, in a deterministic order."""
-    if isinstance(expr, sympy.Sum):
-        return [expr]
-    out = []
-    for arg in expr.args:
-        out += [s for s in _outer_sums(arg) if s not in out]
-    return out
-
-
-@dataclass
-class Accumulation:
-    """target[w] += expr for every w in the ranges of its dims (no w: one scalar update)."""
-
-    target: sympy.Expr  # Indexed (with the loop symbols w) the code adds into
-    loops: tuple  # (symbol, dim name)
-    expr: sympy.Expr
-
-
-def emit_accumulations(emitter: Emitter, items: list[Accumulation], depth: int) -> None:
-    """Group accumulations by their loop dims, one loop nest (and one CSE block) per group; sums that do not
-    depend on the loop indices are computed once, before the nest."""
-    groups: dict[tuple, list] = {}
-    for item in items:
-        if item.expr != 0:
-            groups.setdefault(tuple(dim for _, dim in item.loops), []).append(item)
-    for dims, group in groups.items():
-        w = [sympy.Symbol(f"w{n}_{dim}", integer=True, nonnegative=True) for n, dim in enumerate(dims)]
-        rename = [{old: new for (old, _), new in zip(item.loops, w)} for item in group]
-        exprs = [item.expr.xreplace(r) for item, r in zip(group, rename)]
-        invariant = {s for e in exprs for s in _outer_sums(e) if not s.free_symbols & set(w)}
-        lowered = {s: emitter.lower(s, depth) for s in sorted(invariant, key=sympy.default_sort_key)}
-        exprs = [e.xreplace(lowered) for e in exprs]
-        for n, (x, dim) in enumerate(zip(w, dims)):
-            emitter.line(depth + n, f"for {x} in range({dim}):")
-        inner = depth + len(dims)
-        values = emitter.values(exprs, inner)
-        for item, r, value in zip(group, rename, values):
-            emitter.line(inner, f"{emitter.printer.doprint(item.target.xreplace(r))} += {value}")
-
-
-def _tidy(expr: sympy.Expr) -> sympy.Expr:
-    """Drop sums of zero (left by differentiating a sum its variable does not enter)."""
-    return expr.replace(lambda x: isinstance(x, sympy.Sum) and x.function == 0, lambda x: sympy.S.Zero)
-
-
 # -- the variant -------------------------------------------------------------------------------------------
 
 def _spec(score: str, mod) -> AttentionSpec:
@@ -284,7 +103,7 @@ def _accumulations(expr: sympy.Expr, seed: sympy.Expr, hoisted: dict[str, Hoiste
     for name in _leaf_bases(expr):
         element, loops = _wrt(name, hoisted)
         slope = partial(expr, element)
-        out.append(Accumulation(_grad(name, element.indices), loops, _tidy(seed * slope)))
+        out.append(Accumulation(_grad(name, element.indices), loops, tidy(seed * slope)))
     return out
 
 
@@ -310,7 +129,7 @@ def _chain(h: Hoisted, hoisted: dict[str, Hoisted]) -> list[Accumulation]:
         total = dH * partial(h.definition, element)
         if h.outer:
             total = contract(sympy.Sum(total, *((x, 0, SIZES[dim] - 1) for x, dim in h.outer)))
-        out.append(Accumulation(_grad(name, element.indices), loops, _tidy(total)))
+        out.append(Accumulation(_grad(name, element.indices), loops, tidy(total)))
     return out
 
 
@@ -437,7 +256,7 @@ class _Blocks:
             e.line(0, f"{print_(target)} += ds * ({print_(coefficient)})")
         emit_accumulations(e, [_local(a) for a in self.seeds], 0)
         dsr = sympy.Symbol("dsr")
-        for n, value in enumerate(e.values([_tidy(dsr * sympy.diff(self.g, m.symbol)) for m in self.products], 0)):
+        for n, value in enumerate(e.values([tidy(dsr * sympy.diff(self.g, m.symbol)) for m in self.products], 0)):
             e.line(0, f"C{n}[ti, j] = {value}")
 
     def chain(self, side: str) -> str:
@@ -455,7 +274,7 @@ def render(score: str, mod=None, mask=None) -> str:
     spec = _spec(score, mod)
     d = derive(spec, explicit=False)  # indexed forms hold at any size
     s_bar = d.step("similarity").rhs * SCALE if SCORES[score].scaled else d.step("score").rhs
-    g, hoisted = hoist(_fresh_dummies(s_bar))
+    g, hoisted = hoist(fresh_dummies(s_bar))
     g, products = bilinear(g, {h.name: h for h in hoisted})
     params, mask_arrays = _params(spec), tuple(name for name, _ in getattr(mask, "arrays", ()) or ())
     printer = ElementPrinter({"arrays": _arrays(params, hoisted, mask_arrays),
