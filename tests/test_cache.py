@@ -332,3 +332,15 @@ def test_check_suggests_force_only_where_all_needs_it(tmp_path, monkeypatch, cap
     assert "regenerate with `symattn generate --all --force`" in err and str(kernel) in err
     assert main(["generate", "--all", "-q"]) == 2 and "(my note)" in kernel.read_text()
     assert main(["generate", "--all", "--force", "-q"]) == 0 and main(["generate", "--check", "-q"]) == 0
+
+
+def test_the_cache_fingerprint_covers_the_generator_and_its_templates():
+    """A kernel cached by an older generator is never reused: every source of symbolic/ and codegen/ and every
+    Jinja2 template is hashed (an edited template once kept stale kernels); the CLI and the renderers are not."""
+    from symattn.numeric import kernels
+    package = Path(kernels.__file__).parent.parent
+    hashed = {f.relative_to(package).as_posix() for f in kernels.generator_files()}
+    templates = {f.relative_to(package).as_posix() for f in (package / "codegen" / "jinja").glob("*.j2")}
+    assert templates and templates <= hashed
+    assert {"symbolic/derive.py", "symbolic/mods.py", "codegen/loop.py", "numeric/variants.py"} <= hashed
+    assert not {"app/cli.py", "render/latex.py", "check/verification.py"} & hashed

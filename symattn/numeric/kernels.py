@@ -240,14 +240,28 @@ def _write_variant(mod, mask, path: Path) -> None:
     write_files({path.name: loop.render_variant(mod, mask)}, path.parent, force=True)
 
 
+#: What generates cached kernels (relative to the package): their sources and templates make the fingerprint.
+GENERATOR = ("symbolic", "codegen", "filestamp.py", "numeric/kernels.py", "numeric/variants.py")
+
+
+def generator_files() -> list[Path]:
+    """The files of GENERATOR (Python sources and Jinja2 templates), in a fixed order."""
+    package = Path(__file__).parent.parent
+    roots = [package / part for part in GENERATOR]
+    files = [f for root in roots for f in (root.rglob("*") if root.is_dir() else [root]) if f.suffix in (".py", ".j2")]
+    return sorted(files, key=lambda f: f.relative_to(package).as_posix())
+
+
 @functools.cache
 def _fingerprint() -> str:
-    """Hash of symattn's own source: generated kernels are cached per generator version (read once a process:
-    the source does not change under a running program)."""
+    """Hash of the generator's source and templates (generator_files()): generated kernels are cached per generator
+    version, and editing the CLI, the renderers or the checks keeps the cache (read once a process: the source
+    does not change under a running program)."""
     import hashlib
+    package = Path(__file__).parent.parent
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.parent.rglob("*.py")):
-        digest.update(path.read_bytes())
+    for path in generator_files():
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
