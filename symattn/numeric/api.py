@@ -188,14 +188,38 @@ def _plain(q, k, v, mask, is_causal, scale, masked_rows):
     return scale if type(scale) is float and 0.0 < scale < math.inf else None
 
 
-def _forward_plain(q, k, v, is_causal: bool, scale: float):
-    """O and LSE of plain (see `_plain`) inputs, shaped like q's batch."""
+#: (kernel, dtype) -> compiled entry point of a serial plain kernel (the fast path checks argument types itself)
+_ENTRIES: dict = {}
+
+
+def _record(kernel, dt, args: tuple) -> None:
+    """Run `kernel` through its dispatcher and keep its entry point for the next call of these types."""
+    entry = kernels.run_recording_entry(kernel, args)
+    if entry is not None:
+        _ENTRIES[kernel, dt] = entry
+
+
+_SCRATCH: dict = {}  # (B, n_q, dtype) -> an LSE buffer for attention(), which discards it (small shapes only)
+
+
+def _forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True):
+    """O and LSE of plain (see `_plain`) inputs, shaped like q's batch. keep_lse=False: LSE may be a shared
+    scratch buffer (the serial kernels hold the GIL, and nobody reads it)."""
     Q, K, V = (q, k, v) if q.ndim == 3 else (q[None], k[None], v[None])
-    B, n_q, dt = Q.shape[0], Q.shape[1], q.dtype
+    (B, n_q, _), dt = Q.shape, q.dtype
     O = np.empty((B, n_q, V.shape[2]), dt)
-    LSE = np.empty((B, n_q), dt)
-    if B * n_q * K.shape[1] < kernels.SMALL:  # small: the serial kernel with the fewest arguments
-        kernels.loops.plain_forward(Q, K, V, is_causal, scale, O, LSE)
+    LSE = None if keep_lse else _SCRATCH.get((B, n_q, dt))
+    if LSE is None:
+        LSE = np.empty((B, n_q), dt)
+        if not keep_lse and B * n_q <= 4096 and len(_SCRATCH) < 64:
+            _SCRATCH[B, n_q, dt] = LSE
+    if B * n_q * K.shape[1] < kernels.SMALL:  # small: the serial kernel with the fewest arguments, called directly
+        kernel = kernels.loops.plain_forward
+        entry = _ENTRIES.get((kernel, dt))
+        if entry is not None:
+            entry(Q, K, V, is_causal, scale, O, LSE)
+        else:
+            _record(kernel, dt, (Q, K, V, is_causal, scale, O, LSE))
     else:
         kernels.forward_into(Q, K, V, _NOBIAS[dt], _identity_batch(B), is_causal, scale, 0, O, LSE)
     return (O, LSE) if q.ndim == 3 else (O[0], LSE)
@@ -221,7 +245,7 @@ def attention(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod=Non
     if score_mod is None and mask_mod is None and params is None and score == "dot":
         sc = _plain(q, k, v, mask, is_causal, scale, masked_rows)
         if sc is not None:
-            return _forward_plain(q, k, v, is_causal, sc)[0]
+            return _forward_plain(q, k, v, is_causal, sc, keep_lse=False)[0]
     p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
     check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
     O, _ = _forward(p, variant, theta)
@@ -320,7 +344,12 @@ def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
         else:
             args = (q[None], k[None], v[None], is_causal, scale, O[None], LSE, dO[None], dq[None], dk[None], dv[None])
         if args[0].shape[0] * args[0].shape[1] * args[1].shape[1] < kernels.SMALL:
-            kernels.loops.plain_backward(*args)
+            kernel = kernels.loops.plain_backward
+            entry = _ENTRIES.get((kernel, dt))
+            if entry is not None:
+                entry(*args)
+            else:
+                _record(kernel, dt, args)
         else:
             kernels.backward_into(*args[:3], _NOBIAS[dt], _identity_batch(args[0].shape[0]), is_causal, scale, 0,
                                   *args[5:])

@@ -63,6 +63,17 @@ class _Blas:
 one_blas_thread = _Blas()
 
 
+def run_recording_entry(kernel, args: tuple):
+    """Run `kernel(*args)` through Numba's dispatcher (compiling if needed) and return the compiled entry point
+    of these argument types (None for a plain Python function, e.g. a test's wrapper): calling it skips the
+    dispatcher's type matching (about 0.2 µs of a 0.7 µs call at (1,5,2)). Only for callers that check the
+    arguments' types themselves before each call (the numeric API's plain fast path: C-contiguous arrays of one
+    float dtype, a bool and a float)."""
+    kernel(*args)
+    overloads = getattr(kernel, "overloads", None)
+    return None if overloads is None else overloads[tuple(numba.typeof(a) for a in args)].entry_point
+
+
 def forward_into(Q, K, V, bias, batch, causal: bool, scale: float, code: int, O, LSE) -> None:
     """Write O (B, n_q, d_v) and the row log-sum-exp LSE (B, n_q); `code` is MASKED_ROWS[policy]."""
     if batch.shape[0] * Q.shape[1] * K.shape[1] < SMALL:
