@@ -257,6 +257,8 @@ def declared(variant: Variant) -> tuple:
     """(API name, kernel name, dims) of the variant's parameters: the mod's from the ScoreMod (no SymPy), the
     score's from its kernel module (the dot product has none)."""
     mod = tuple((f[0], f[1], tuple(f[5])) for f in variant.mod.declared) if variant.mod is not None else ()
+    if variant.score == "cosine":  # runs on the dot kernels (see _cosine): tau, then the mod's
+        return (("tau", "tau", ("one",)),) + mod
     return mod if variant.score == "dot" else load(variant.score, variant.mod, variant.mask).PARAMS
 
 
@@ -266,8 +268,10 @@ def forward(variant: Variant, p, params: dict):
     O, LSE = np.empty((B, n_q, d_v), dtype=p.Q.dtype), np.empty((B, n_q), dtype=p.Q.dtype)
     args = (p.Q, p.K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), p.scale, kernels.MASKED_ROWS[p.masked_rows],
             variant.mod, variant.mask, params, O, LSE)
-    if variant.score == "dot" and hasattr(kernels, "variant_forward"):
-        kernels.variant_forward(*args)
+    if variant.score == "cosine":
+        args = (*_cosine(p, params)[:2], *args[2:])
+    if variant.score in ("dot", "cosine"):
+        kernels.variant_forward(*args[:6], 1.0 if variant.score == "cosine" else p.scale, *args[7:])
     else:
         variant_forward(variant.score, *args)
     return O, LSE
@@ -281,8 +285,42 @@ def backward(variant: Variant, p, params: dict, O, LSE, dO):
     dV = np.empty((B,) + p.V.shape[1:], dtype=p.Q.dtype)
     args = (p.Q, p.K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), p.scale, kernels.MASKED_ROWS[p.masked_rows],
             variant.mod, variant.mask, params, O, LSE, dO, dQ, dK, dV)
-    if variant.score == "dot" and hasattr(kernels, "variant_backward"):
+    if variant.score == "cosine":
+        Qs, Kh, tau, Qh, NQ, NK = _cosine(p, params)
+        grads = kernels.variant_backward(Qs, Kh, *args[2:6], 1.0, *args[7:])
+        qz, kz = p.batch[:, 0], p.batch[:, 1]
+        grads["tau"] = np.sum(Qh[qz] * dQ, dtype=dQ.dtype).reshape(1)  # s = (tau q̂)·k̂: dtau = Σ q̂·dQs
+        dQ[:] = _through_norm(Qh[qz], NQ[qz], tau * dQ)
+        dK[:] = _through_norm(Kh[kz], NK[kz], dK)
+    elif variant.score == "dot":
         grads = kernels.variant_backward(*args)
     else:
         grads = variant_backward(variant.score, *args)
     return dQ, dK, dV, grads
+
+
+# -- the cosine score on the dot kernels ---------------------------------------------------------------------------
+#: torch.nn.functional.normalize's clamp of the norm (symattn.symbolic.score.NORM_EPS, read without SymPy)
+NORM_EPS = 1e-12
+
+
+def _normalized(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x̂ = x / max(‖x‖, ε) of every row of X (B, n, d), and the clamped norms (B, n, 1)."""
+    N = np.maximum(np.sqrt(np.einsum("bnd,bnd->bn", X, X))[..., None], X.dtype.type(NORM_EPS))
+    return X / N, N
+
+
+def _through_norm(Xh: np.ndarray, N: np.ndarray, dXh: np.ndarray) -> np.ndarray:
+    """dx of x̂ = x / max(‖x‖, ε) given dx̂: (dx̂ − x̂ (x̂·dx̂)) / ‖x‖ where the norm exceeds ε, dx̂ / ε where the
+    clamp holds (its derivative is 0, as torch's clamp_min)."""
+    along = np.einsum("bnd,bnd->bn", Xh, dXh)[..., None]  # (B, n, 1)
+    return np.where(N > NORM_EPS, (dXh - Xh * along) / N, dXh / N)
+
+
+def _cosine(p, params: dict) -> tuple:
+    """The cosine score s = tau·q̂·k̂ as a dot product with scale 1 of Qs = tau·Q̂ and K̂ (so its score mods and
+    masks run on the dot kernels, masked tiles skipped): (Qs, K̂, tau, Q̂, |Q|, |K|), Q̂ and K̂ per stored row."""
+    tau = params["tau"][0]
+    Qh, NQ = _normalized(p.Q)
+    Kh, NK = _normalized(p.K)
+    return np.ascontiguousarray(tau * Qh), np.ascontiguousarray(Kh), tau, Qh, NQ, NK
