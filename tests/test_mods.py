@@ -65,8 +65,7 @@ def test_softcap_bounds_the_scores(rng):
     ["--score-mod", "alibi", "--mask", "window:2", "--n-q", "4", "--n-k", "4", "--d-k", "2"],
     ["--score-mod", "relative-bias:2", "--score", "general", "--n-q", "3", "--n-k", "4", "--d-k", "2"],
     ["--score-mod", "softcap:3", "--causal", "--n-q", "3", "--n-k", "3", "--d-k", "2"]])
-def test_verify_modded(argv, capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("SYMATTN_CACHE", str(tmp_path))
+def test_verify_modded(argv, capsys):
     assert main(["verify", *argv, "-q"]) == 0
     out = capsys.readouterr().out
     assert "all paths agree" in out
@@ -82,7 +81,7 @@ def test_mod_texts_and_errors():
                          ("relative-bias:99999", "unknown score mod")):
         with pytest.raises(SpecError, match=message):
             AttentionSpec(2, 2, 2, score_mod=bad)
-    assert main(["derive", "--n-q", "2", "--d-model", "4", "--heads", "2", "--score-mod", "alibi"]) == 2
+    assert main(["derive", "--n-q", "2", "--d-model", "4", "--heads", "2", "--score-mod", "alibi:heads=4"]) == 2
 
 
 # -- per-head ALiBi ---------------------------------------------------------------------------------------------
@@ -150,8 +149,7 @@ def test_a_traced_mod_with_where_and_a_per_head_table_agrees_with_finite_differe
     assert d.proved, [p.failure for p in d.proofs if not p.passed]
 
 
-def test_a_traced_mod_is_verified_four_ways(tmp_path, monkeypatch):
-    monkeypatch.setenv("SYMATTN_CACHE", str(tmp_path))
+def test_a_traced_mod_is_verified_four_ways():
     mod = score_mod(lambda score, b, h, q_idx, kv_idx: 3 * ops.tanh(score / 3) - abs(kv_idx - q_idx) / 4)
     report = symattn.verify(AttentionSpec(3, 3, 2, score_mod=mod))
     assert report.passed, report.failures()
@@ -214,3 +212,56 @@ def test_a_traced_mod_document_compiles(tmp_path):
     result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "d.tex"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:]
+
+
+# -- descriptions: mathematics, typeset in LaTeX and Markdown, Unicode in text -------------------------------------
+
+@pytest.mark.parametrize("text, unicode", [
+    ("alibi", "f(s) = s + m (j − i) with slope m = 1/256"), ("alibi:1/8", "slope m = 1/8"),
+    ("alibi:heads=4", "f(s) = s + m_h (j − i)"), ("softcap:3", "f(s) = c tanh(s/c) with c = 3"),
+    ("relative-bias:2", "f(s) = s + B[clip(j − i, −d, d) + d], d = 2")])
+def test_library_mod_descriptions_are_mathematics(text, unicode):
+    from symattn.render.notation import explanation_latex, explanation_parts, explanation_text
+    description = parse(text).description
+    formulas = [piece for math, piece in explanation_parts(description) if math]
+    assert any(piece.startswith("f(s) = ") for piece in formulas), description
+    latex = explanation_latex(description)
+    assert "*" not in latex and "^(" not in latex and r"\$" not in latex, latex  # no ASCII formula left in prose
+    shown = explanation_text(description)
+    assert unicode in shown and not any(c in shown for c in "$\\{}"), shown
+
+
+def test_a_traced_mods_description_is_its_expression_typeset():
+    from symattn.render.notation import explanation_latex, explanation_text
+    bias = table("descr", 5)
+    mod = score_mod(lambda score, b, h, q_idx, kv_idx: ops.where(kv_idx <= q_idx, score, score / 2)
+                    + bias[kv_idx - q_idx + 2], name="described_bias")
+    latex = explanation_latex(mod.description)
+    assert r"\theta_{\mathrm{descr}}[j - i + 2]" in latex and r"\text{ if }j \leq i" in latex, latex
+    assert "kv" not in latex and "begin{cases}" not in latex  # the derivation's letters, on one line of prose
+    shown = explanation_text(mod.description)
+    assert "s if j ≤ i, else s/2" in shown and "[j − i + 2]" in shown and "$" not in shown, shown
+
+
+def test_a_mod_sympy_cannot_print_still_gets_a_description(monkeypatch):
+    from sympy.printing.latex import LatexPrinter
+
+    from symattn.render.notation import explanation_parts
+
+    class Odd:  # a callable whose name holds a $ (which must not open math)
+        __name__ = "cost$5"
+
+        def __call__(self, score, b, h, q_idx, kv_idx):
+            return 2 * score - kv_idx
+
+    def refuse(self, expr):
+        raise TypeError("this printer prints nothing")
+    monkeypatch.setattr(LatexPrinter, "doprint", refuse)
+    mod = score_mod(Odd(), name="unprintable_mod")
+    monkeypatch.undo()
+    assert "cost5" in mod.description and "kv_idx" in mod.description and "$" not in mod.description
+    assert explanation_parts(mod.description) == [(False, mod.description)]  # all prose
+    d = symattn.derive(AttentionSpec(2, 2, 1, score_mod=mod), prove=False)
+    assert "cost5" in d.to_text() and "cost5" in d.to_latex() and "cost5" in d.to_markdown()
+    printed = score_mod(lambda score, b, h, q_idx, kv_idx: 2 * score - kv_idx, name="printable_mod")
+    assert printed.description.endswith("$f(s) = - j + 2 s$")  # the same expression, printed: mathematics

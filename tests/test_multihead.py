@@ -23,7 +23,7 @@ SPECS = [MultiHeadSpec(3, 4, 2, kv_heads=1), MultiHeadSpec(3, 4, 2, kv_heads=2),
     (dict(n_q=3, d_model=4, heads=2, kv_heads=3), r"kv_heads must divide heads \(2\)"),
     (dict(n_q=3, d_model=4, heads=2, n_k=5), "use cross=True"),
     (dict(n_q=3, d_model=4, heads=0), r"MultiHeadSpec\.heads must be a positive integer"),
-    (dict(n_q=3, d_model=4, heads=2, mask="diag"), r"MultiHeadSpec\.mask must be one of"),
+    (dict(n_q=3, d_model=4, heads=2, mask="diag"), r"MultiHeadSpec\.mask: unknown mask 'diag'"),
 ])
 def test_spec_errors_name_the_field(kwargs, message):
     with pytest.raises(SpecError, match=message):

@@ -98,8 +98,7 @@ def test_unrolled_kernels_match_the_reference(name, rng, tmp_path):
 
 @pytest.mark.parametrize("argv", [["--score", "additive", "--hidden", "4", "--n-q", "3", "--n-k", "4", "--d-k", "2"],
                                   ["--score", "general", "--n-q", "2", "--n-k", "3", "--d-k", "2", "--causal"]])
-def test_verify_command(argv, capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("SYMATTN_CACHE", str(tmp_path))
+def test_verify_command(argv, capsys):
     assert main(["verify", *argv, "-q"]) == 0
     out = capsys.readouterr().out
     assert "all paths agree" in out
@@ -119,15 +118,15 @@ def test_bad_scores_are_spec_errors(kwargs, message):
 
 
 def test_cli_score_errors(capsys):
-    assert main(["derive", "--n-q", "2", "--d-model", "4", "--heads", "2", "--score", "general"]) == 2
-    assert "dot-product score only" in capsys.readouterr().err
+    assert main(["derive", "--n-q", "2", "--d-model", "4", "--heads", "2", "--score", "additive"]) == 2
+    assert "MultiHeadSpec.hidden (the additive score's d_a tanh units) is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["derive", "--n-q", "2", "--n-k", "2", "--d-k", "2", "--score", "nope"])
 
 
 @pytest.mark.parametrize("fmt, marks", [("text", ["dWa[a, r] =", "tanh"]),
                                         ("latex", [r"{\mathrm{d}W_a}_{a,r}", r"\tanh"]),
-                                        ("markdown", [r"{\mathrm{d}v_a}_{r}", "$$"])])
+                                        ("markdown", [r"{\mathrm{d}v_a}_{r}", "```math"])])
 def test_derive_prints_the_parameter_gradients(fmt, marks, capsys):
     assert main(["derive", "--score", "additive", "--hidden", "2", "--n-q", "2", "--n-k", "2", "--d-k", "1",
                  "--format", fmt, "-q"]) == 0

@@ -61,11 +61,9 @@ def _spec(args):
     if _is_layer(args):
         if args.d_model is None or args.heads is None:
             raise SymattnError("a multi-head layer needs --d-model and --heads")
-        if args.score != "dot" or args.hidden is not None or args.score_mod is not None:
-            raise SymattnError("the multi-head layer has the plain dot-product score only; --score, --hidden and "
-                               "--score-mod apply to a single head (--n-q, --n-k, --d-k)")
         return MultiHeadSpec(args.n_q, args.d_model, args.heads, n_k=args.n_k, kv_heads=args.kv_heads, d_k=args.d_k,
-                             d_v=args.d_v, cross=args.cross, bias=args.bias, scale=args.scale, mask=mask)
+                             d_v=args.d_v, cross=args.cross, bias=args.bias, scale=args.scale, mask=mask,
+                             score=args.score, hidden=args.hidden, score_mod=args.score_mod or "none")
     if args.n_k is None or args.d_k is None:
         raise SymattnError("give --n-k and --d-k (one head), or --d-model and --heads (a multi-head layer)")
     return AttentionSpec(args.n_q, args.n_k, args.d_k, args.d_v, scale=args.scale, mask=mask, score=args.score,

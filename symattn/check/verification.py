@@ -201,79 +201,83 @@ LAYER_ARGS = {"X": "x", "Yin": "y", "Wq": "w_q", "Wk": "w_k", "Wv": "w_v", "Wo":
               "bv": "b_v", "bo": "b_o"}
 
 
+def _layer_names(spec) -> dict[str, str]:
+    """Tensor name -> argument name of the layer's inputs, in the derivation's order: x (, y), the weights (, the
+    biases), then the shared parameters θ of the score and the score mod by parameter name."""
+    used = ["X"] + ["Yin"] * spec.cross + ["Wq", "Wk", "Wv", "Wo"] + ["bq", "bk", "bv", "bo"] * spec.bias
+    return {n: LAYER_ARGS[n] for n in used} | {p.tensor: p.name for p in parameters(spec)}
+
+
 def _layer_inputs(spec, seed: int) -> dict[str, np.ndarray]:
+    """Dyadic inputs (k/8 in [-1, 1]) keyed by tensor name: the layer's arguments, θ and dOut."""
     rng = np.random.default_rng(seed)
-    s = spec.sizes
-    shapes = {"X": (spec.n_q, spec.d_model), "Yin": (spec.n_k, spec.d_model), "Wq": (spec.d_model, s["hd_k"]),
-              "Wk": (spec.d_model, s["gd_k"]), "Wv": (spec.d_model, s["gd_v"]), "Wo": (s["hd_v"], spec.d_model),
-              "bq": (s["hd_k"],), "bk": (s["gd_k"],), "bv": (s["gd_v"],), "bo": (spec.d_model,),
-              "dOut": (spec.n_q, spec.d_model)}
-    used = ["X"] + ["Yin"] * spec.cross + ["Wq", "Wk", "Wv", "Wo"] + ["bq", "bk", "bv", "bo"] * spec.bias + ["dOut"]
-    return {name: rng.integers(-8, 9, size=shapes[name]) / 8.0 for name in used}
+    return {name: rng.integers(-8, 9, size=TENSORS[name].shape(spec)) / 8.0
+            for name in [*_layer_names(spec), "dOut"]}
 
 
 def _layer_options(spec) -> dict:
-    return dict(heads=spec.heads, kv_heads=spec.kv_heads, is_causal=spec.causal, scale=spec.scale_value)
+    """The spec as options of the layer (numeric and reference): heads, and the head's variant options."""
+    return dict(heads=spec.heads, kv_heads=spec.kv_heads, **_options(spec))
 
 
-def _call(fn, named: dict, *extra, **options):
-    """fn(x, w_q, w_k, w_v, w_o, *extra, y=..., b_*=..., **options) from arrays keyed by tensor name."""
-    args = {LAYER_ARGS[n]: v for n, v in named.items()}
-    return fn(*[args.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")], *extra, **args, **options)
+def _call(fn, named: dict, names: dict, *extra, **options):
+    """fn(x, w_q, w_k, w_v, w_o, *extra, y=..., b_*=..., params=θ, **options) from arrays keyed by tensor name."""
+    args = {names[n]: v for n, v in named.items()}
+    theta = {k: args.pop(k) for k in list(args) if k not in LAYER_ARGS.values()}
+    return fn(*[args.pop(k) for k in ("x", "w_q", "w_k", "w_v", "w_o")], *extra, **args,
+              **({"params": theta} if theta else {}), **options)
 
 
-def _layer_values(forward, backward, x: dict, dtype, options: dict) -> dict:
-    """Out and every gradient (keyed dX, dWq, ...) of one implementation of the layer."""
+def _layer_values(forward, backward, x: dict, dtype, names: dict, options: dict) -> dict:
+    """Out and every gradient (keyed dX, dWq, ..., dθ) of one implementation of the layer."""
     named = {n: v.astype(dtype) for n, v in x.items() if n != "dOut"}
-    grads = _by_tensor(_call(backward, named, x["dOut"].astype(dtype), **options))
-    return {"Out": _call(forward, named, **options), **{"d" + n: g for n, g in grads.items()}}
+    grads = _call(backward, named, names, x["dOut"].astype(dtype), **options)
+    return {"Out": _call(forward, named, names, **options), **{"d" + n: grads[a] for n, a in names.items()}}
 
 
-def _by_tensor(grads: dict) -> dict:
-    names = {v: k for k, v in LAYER_ARGS.items()}
-    return {names[k]: v for k, v in grads.items()}
+def _unrolled_layer(spec, x: dict, module) -> dict:
+    """Out and every gradient from the unrolled layer kernels (inputs with a batch of one)."""
+    inputs = [x[n][None] if n in ("X", "Yin") else x[n] for n in x if n != "dOut"]
+    out = np.empty((1, spec.n_q, spec.d_model))
+    getattr(module, f"{spec.name}_forward")(*inputs, out)
+    gs = [np.empty_like(a) for a in inputs]
+    getattr(module, f"{spec.name}_backward")(*inputs, x["dOut"][None], *gs)
+    grads = ["d" + n for n in x if n != "dOut"]
+    return {"Out": out[0], **{g: v[0] if g in ("dX", "dYin") else v for g, v in zip(grads, gs)}}
 
 
 def verify_multihead(spec, *, seed: int = 0, progress: Progress = silent) -> VerifyReport:
     """The layer four ways (symbolic, unrolled layer kernel, numeric API f64/f32, NumPy reference) and finite
-    differences of the numeric API for every input, weight and bias."""
+    differences of the numeric API for every input, weight, bias and shared parameter θ of the variant."""
     spec.check_explicit()  # the symbolic path expands the whole layer: refuse before allocating anything
+    names, options = _layer_names(spec), _layer_options(spec)
     x = _layer_inputs(spec, limits.seed(seed))
     progress(f"verify: symbolic values of {spec.name}")
     d = derive_multihead(spec, prove=False)
-    grads = ["d" + n for n in x if n != "dOut"]
-    keys = [s.key for s in d.steps if not s.is_input]
-    exact = evaluate(d, x, keys)
-    truth = {name: exact[name] for name in ["Out", *grads]}
+    exact = evaluate(d, x, [s.key for s in d.steps if not s.is_input])
+    truth = {name: exact[name] for name in ["Out", *("d" + n for n in names)]}
     paths = {}
     progress("verify: unrolled layer kernels (generate and compile)")
     module = load_unrolled(spec, progress=progress)
     if module is not None:
-        inputs = [x[n][None] if n in ("X", "Yin") else x[n] for n in x if n != "dOut"]
-        out = np.empty((1, spec.n_q, spec.d_model))
-        getattr(module, f"{spec.name}_forward")(*inputs, out)
-        gs = [np.empty_like(a) for a in inputs]
-        getattr(module, f"{spec.name}_backward")(*inputs, x["dOut"][None], *gs)
-        values = {"Out": out[0], **{g: v[0] if g in ("dX", "dYin") else v for g, v in zip(grads, gs)}}
-        paths["unrolled kernel f64"] = (values, "float64")
+        paths["unrolled kernel f64"] = (_unrolled_layer(spec, x, module), "float64")
     progress("verify: numeric layer (loop kernels)")
-    options = _layer_options(spec)
     for dtype in (np.float64, np.float32):
         paths[f"loop kernel {np.dtype(dtype).name.replace('float', 'f')}"] = (
-            _layer_values(multihead_attention, multihead_attention_backward, x, dtype, options), np.dtype(dtype).name)
+            _layer_values(multihead_attention, multihead_attention_backward, x, dtype, names, options),
+            np.dtype(dtype).name)
     paths["NumPy reference f64"] = (_layer_values(reference.multihead_attention, reference.multihead_attention_backward,
-                                                  x, np.float64, options), "float64")
+                                                  x, np.float64, names, options), "float64")
     comparisons = tuple(compare(name, path, values[name], truth[name], *TOLERANCE[dtype])
                         for path, (values, dtype) in paths.items() for name in truth)
     progress("verify: finite differences")
-    names = [n for n in x if n != "dOut"]
 
     def f(*arrays):
-        return _call(multihead_attention, dict(zip(names, arrays)), **options)
+        return _call(multihead_attention, dict(zip(names, arrays)), names, **options)
 
     def g(*arrays):
         *arrays, dO = arrays
-        grads = _call(multihead_attention_backward, dict(zip(names, arrays)), dO, **options)
-        return [grads[LAYER_ARGS[n]] for n in names]
+        grads = _call(multihead_attention_backward, dict(zip(names, arrays)), names, dO, **options)
+        return [grads[names[n]] for n in names]
     fd = gradcheck(f, {n: x[n] for n in names}, g, dO=x["dOut"])
     return VerifyReport(spec, comparisons, fd)

@@ -48,14 +48,14 @@ def render_unrolled(spec, progress: Progress = silent) -> str:
     fields["scale"] = None if spec.scale is None else str(spec.scale)
     fields["mask"] = spec.mask if isinstance(spec.mask, str) else spec.mask.text  # a user's mask: its name
     template = ENV.get_template("layer.py.j2" if layer else "unrolled.py.j2")
-    variant = {} if layer else dict(variant=_variant(spec, fields["mask"]),
-                                    params=[(p.tensor, TENSORS[p.tensor].shape(spec)) for p in parameters(spec)])
+    variant = dict(variant=_variant(spec, fields["mask"]),
+                   params=[(p.tensor, TENSORS[p.tensor].shape(spec)) for p in parameters(spec)])
     return stamp(template.render(header=HEADER.substitute(source=repr(spec), command=command(spec)),
                                  title=spec.title, spec=repr(fields), jit=decorator(), **code, **variant,
                                  **spec.sizes))
 
 
-def _variant(spec: AttentionSpec, mask: str) -> dict | None:
+def _variant(spec: AttentionSpec | MultiHeadSpec, mask: str) -> dict | None:
     """The variant as the unrolled file's docstring names it (parameters by kernel argument name); None for the
     dot product, unmasked or causal."""
     if spec.score == "dot" and spec.mod_object is None and mask in ("none", "causal"):
@@ -80,10 +80,13 @@ def generate(spec: AttentionSpec, out_dir: str | Path = "generated", *, progress
     return write_files(render(spec, progress), out_dir, force=force)
 
 
-def render_doc(spec, progress: Progress = silent) -> str:
-    """A Markdown derivation (with its proofs) for a documentation page."""
-    d = (derive_multihead if isinstance(spec, MultiHeadSpec) else derive)(spec, progress=progress)
-    return stamp(DOC_HEADER.substitute(source=repr(spec), command="symattn generate --all") + d.to_markdown())
+def render_doc(spec, progress: Progress = silent, *, derivation=None, command: str = "symattn generate --all",
+               **options) -> str:
+    """The derivation page of `spec` (Markdown, proofs included) under its generated-file header: `symattn docs`'
+    derivation.md and the committed docs/ pages both come from here. `derivation`: `spec`'s, when already made;
+    `options`: Derivation.to_markdown's (notation=...)."""
+    d = derivation or (derive_multihead if isinstance(spec, MultiHeadSpec) else derive)(spec, progress=progress)
+    return stamp(DOC_HEADER.substitute(source=repr(spec), command=command) + d.to_markdown(**options))
 
 
 def source_checkout() -> bool:

@@ -4,9 +4,12 @@ x (..., n_q, d_model); y (..., n_k, d_model) for cross-attention (default y = x)
 w_k (d_model, h_kv·d_k), w_v (d_model, h_kv·d_v), w_o (h·d_v, d_model); biases b_q (h·d_k,), b_k (h_kv·d_k,),
 b_v (h_kv·d_v,), b_o (d_model,). Heads are laid out (..., h_kv, h/h_kv, n, d) so a key/value group broadcasts
 over its heads (grouped-query attention) and its gradients sum over them. mask / is_causal / scale as in
-symattn.attention, shared by all heads. All heads (batch x heads, each key/value group broadcast over its heads)
-go through one call of the attention kernels (symattn.attention_vjp: flash-style tiles, no n x n scores in memory);
-the backward reuses the forward's output and log-sum-exp instead of running the forward again.
+symattn.attention, shared by all heads. The variant (score, params, score_mod, mask_mod) is symattn.attention's,
+the same for every head: the parameters θ in `params` are shared by all heads (their gradients sum over heads and
+batch), a mod's h is the layer's head, its b the batch element (0 without batch dims). All heads (batch x heads,
+each key/value group broadcast over its heads) go through one call of the attention kernels (symattn.attention_vjp:
+flash-style tiles, no n x n scores in memory); the backward reuses the forward's output and log-sum-exp instead of
+running the forward again.
 """
 from __future__ import annotations
 
@@ -80,7 +83,8 @@ def _check_options(x, y, mask, is_causal, scale, masked_rows, d_k: int):
         x = np.broadcast_to(x, full + x.shape[-2:])
         y = None if y is None else np.broadcast_to(y, full + y.shape[-2:])
     options = (None if mask is None else np.asarray(mask)[..., None, None, :, :],  # shared by every head
-               check_causal(is_causal), check_scale(scale, d_k), check_masked_rows(masked_rows))
+               check_causal(is_causal), None if scale is None else check_scale(scale, d_k),  # None: the score's
+               check_masked_rows(masked_rows))
     return options, x, y
 
 
@@ -114,17 +118,30 @@ def _heads(x, y, w_q, w_k, w_v, layer: _Layer, biases):
 
 def _attention(function, Q, K, V, options, variant: dict):
     """`function` (attention or attention_vjp) of every head at once: Q (..., h_kv, R, n_q, d_k), K and V
-    (..., h_kv, 1, n_k, d) with the layer's shared options (mask, causal, scale, masked_rows). With a score_mod
-    or mask_mod (`variant`), the heads go in FlexAttention's layout (..., h, n, d), so head h = g·R + r is the `h`
-    its mods see (ALiBi's slope per head); a key/value group is repeated over its R heads."""
+    (..., h_kv, 1, n_k, d) with the layer's shared options (mask, causal, scale, masked_rows). With a variant
+    (score, params, score_mod, mask_mod), the heads go in FlexAttention's layout (B, h, n, d) (`_flex`), so head
+    h = g·R + r is the `h` its mods see (ALiBi's slope per head)."""
     mask, is_causal, scale, masked_rows = options
     if not variant:
         return function(Q, K, V, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows)
-    G, R = Q.shape[-4], Q.shape[-3]
-    flex = [np.broadcast_to(A, A.shape[:-3] + (R,) + A.shape[-2:]).reshape(A.shape[:-4] + (G * R,) + A.shape[-2:])
-            for A in (Q, K, V)]  # (..., h, n, d)
+    R = Q.shape[-3]
     mask = None if mask is None else mask[..., 0, :, :]  # shared by every head: (..., 1, n_q, n_k)
-    return function(*flex, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows, **variant)
+    return function(*(_flex(A, R) for A in (Q, K, V)), mask=mask, is_causal=is_causal, scale=scale,
+                    masked_rows=masked_rows, **variant)
+
+
+def _flex(A: np.ndarray, R: int) -> np.ndarray:
+    """(..., h_kv, R or 1, n, d) -> FlexAttention's (..., h, n, d), a key/value group repeated over its R heads,
+    with a batch dim of 1 where there is none (so h is read from dim -3)."""
+    A = np.broadcast_to(A, A.shape[:-3] + (R,) + A.shape[-2:])
+    A = A.reshape(A.shape[:-4] + (-1,) + A.shape[-2:])
+    return A if A.ndim >= 4 else A[None]
+
+
+def _from_flex_output(O: np.ndarray, Q: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """O (..., h, n_q, d_v) of `_flex`'s layout back to (..., h_kv, R, n_q, d_v) with the batch dims of Q and K."""
+    batch = np.broadcast_shapes(Q.shape[:-4], K.shape[:-4])
+    return O.reshape(batch + Q.shape[-4:-2] + O.shape[-2:])
 
 
 def _from_flex(g: dict, G: int, R: int) -> dict:
@@ -146,7 +163,7 @@ class _Call:
     biases: dict
     layer: _Layer
     options: tuple
-    variant: dict  # score_mod / mask_mod / params given (passed to symattn.attention as they are)
+    variant: dict  # score / params / score_mod / mask_mod given (passed to symattn.attention as they are)
     x_shape: tuple[int, ...]
     y_shape: tuple[int, ...] | None
 
@@ -157,7 +174,7 @@ def _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, mas
     layer = _check(x, y, w_q, w_k, w_v, w_o, heads, kv_heads, biases)
     x_shape, y_shape = x.shape, None if y is None else y.shape
     options, x, y = _check_options(x, y, mask, is_causal, scale, masked_rows, layer.d_k)
-    variant = {k: v for k, v in (variant or {}).items() if v is not None}
+    variant = {k: v for k, v in (variant or {}).items() if v is not None and not (k == "score" and v == "dot")}
     return _Call(x, y, (w_q, w_k, w_v, w_o), biases, layer, options, variant, x_shape, y_shape)
 
 
@@ -177,38 +194,43 @@ def _output(c: _Call, C: np.ndarray) -> np.ndarray:
 
 
 def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
-                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero", score_mod=None,
-                        mask_mod=None, params=None) -> np.ndarray:
-    """Concat(head_0..head_{h-1}) w_o (+ b_o), shape (..., n_q, d_model). score_mod / mask_mod / params as in
-    symattn.attention, head h of the layer being FlexAttention's h (e.g. symattn.mods.alibi(heads=h))."""
+                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero", score="dot",
+                        score_mod=None, mask_mod=None, params=None) -> np.ndarray:
+    """Concat(head_0..head_{h-1}) w_o (+ b_o), shape (..., n_q, d_model). score / params / score_mod / mask_mod
+    as in symattn.attention (θ shared by all heads), head h of the layer being FlexAttention's h (e.g.
+    symattn.mods.alibi(heads=h))."""
     c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
-              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o), dict(score_mod=score_mod, mask_mod=mask_mod, params=params))
+              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o),
+              dict(score=score, score_mod=score_mod, mask_mod=mask_mod, params=params))
     Q, K, V = _heads(c.x, c.y, *c.w[:3], c.layer, c.biases)
     O = _attention(attention, Q, K, V, c.options, c.variant)
     if c.variant:
-        O = O.reshape(O.shape[:-3] + (c.layer.kv_heads, -1) + O.shape[-2:])
+        O = _from_flex_output(O, Q, K)
     return _output(c, _merge(O))  # Concat(heads) (..., n_q, h·d_v) w_o
 
 
 def multihead_attention_vjp(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
-                            scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero", score_mod=None,
-                            mask_mod=None, params=None):
+                            scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero", score="dot",
+                            score_mod=None, mask_mod=None, params=None):
     """(out, pullback): the layer's output and pullback(d_out) -> the gradients of multihead_attention_backward
     (and of every parameter of a score or mod, by name). The forward runs once; the attention's output and
     log-sum-exp are kept for the pullback."""
     c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
-              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o), dict(score_mod=score_mod, mask_mod=mask_mod, params=params))
+              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o),
+              dict(score=score, score_mod=score_mod, mask_mod=mask_mod, params=params))
     C, pullback = _vjp(c)
     return _output(c, C), lambda d_out: pullback(_check_d_out(c, d_out))
 
 
 def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_heads=None, y=None, mask=None,
                                  is_causal=False, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
-                                 masked_rows="zero", score_mod=None, mask_mod=None, params=None) -> dict:
+                                 masked_rows="zero", score="dot", score_mod=None, mask_mod=None,
+                                 params=None) -> dict:
     """Gradients of L = Σ d_out∘multihead_attention(...), keyed by argument name (x, y, w_*, b_* given, and
-    the parameters of a score mod by name)."""
+    every parameter of the score and the score mod by name, summed over the heads)."""
     c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
-              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o), dict(score_mod=score_mod, mask_mod=mask_mod, params=params))
+              dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o),
+              dict(score=score, score_mod=score_mod, mask_mod=mask_mod, params=params))
     d_out = _check_d_out(c, d_out)
     return _vjp(c)[1](d_out)
 
@@ -219,14 +241,14 @@ def _vjp(c: _Call):
     Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
     G, R = layer.kv_heads, layer.heads // layer.kv_heads
     O, core_pullback = _attention(attention_vjp, Q, K, V, c.options, c.variant)  # the forward runs once
-    O = O.reshape(O.shape[:-3] + (G, R) + O.shape[-2:]) if c.variant else O
+    O = _from_flex_output(O, Q, K) if c.variant else O
     C = _merge(O)  # (..., n_q, h·d_v)
 
     def pullback(d_out) -> dict:
         dC = d_out @ w_o.T  # (..., n_q, h·d_v)
         dO = _split(dC, G, R, layer.d_v)
         if c.variant:
-            g = _from_flex(core_pullback(dO.reshape(dO.shape[:-4] + (G * R,) + dO.shape[-2:])), G, R)
+            g = _from_flex(core_pullback(_flex(dO, R)), G, R)
         else:
             g = core_pullback(dO)
         dQp, dKp, dVp = _merge(g["q"]), _merge(g["k"]), _merge(g["v"])  # dK, dV summed over each group's heads
@@ -247,6 +269,6 @@ def _vjp(c: _Call):
         for name, g_b in (("b_q", dQp), ("b_k", dKp), ("b_v", dVp), ("b_o", d_out)):
             if biases[name] is not None:
                 grads[name] = g_b.reshape(-1, g_b.shape[-1]).sum(axis=0)
-        grads.update({name: value for name, value in g.items() if name not in ("q", "k", "v")})  # θ of a mod
+        grads.update({name: value for name, value in g.items() if name not in ("q", "k", "v")})  # shared θ
         return grads
     return C, pullback

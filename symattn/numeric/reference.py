@@ -265,57 +265,74 @@ def _sum_to(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
-                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero"):
-    """The layer, one head at a time: head i reads its column block of Q̂ and group ⌊i·kv_heads/heads⌋."""
-    return _multihead(x, w_q, w_k, w_v, w_o, None, heads, kv_heads, y, dict(mask=mask, is_causal=is_causal,
-                      scale=scale, masked_rows=masked_rows), b_q, b_k, b_v, b_o)
+                        scale=None, b_q=None, b_k=None, b_v=None, b_o=None, masked_rows="zero", score="dot",
+                        params=None, score_mod=None, mask_mod=None):
+    """The layer: head i reads its column block of Q̂ and group ⌊i·kv_heads/heads⌋; the variant (score, params θ
+    shared by every head, score_mod with h the head, mask_mod) is `attention`'s."""
+    return _multihead(x, w_q, w_k, w_v, w_o, None, heads, kv_heads, y, dict(
+        mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows, score=score, params=params,
+        score_mod=score_mod, mask_mod=mask_mod), dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o))
 
 
 def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_heads=None, y=None, mask=None,
                                  is_causal=False, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
-                                 masked_rows="zero") -> dict:
-    """Gradients of L = Σ d_out∘layer(...) keyed by argument name."""
-    return _multihead(x, w_q, w_k, w_v, w_o, d_out, heads, kv_heads, y, dict(mask=mask, is_causal=is_causal,
-                      scale=scale, masked_rows=masked_rows), b_q, b_k, b_v, b_o)
+                                 masked_rows="zero", score="dot", params=None, score_mod=None,
+                                 mask_mod=None) -> dict:
+    """Gradients of L = Σ d_out∘layer(...) keyed by argument name, and by parameter name (summed over heads)."""
+    return _multihead(x, w_q, w_k, w_v, w_o, d_out, heads, kv_heads, y, dict(
+        mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows, score=score, params=params,
+        score_mod=score_mod, mask_mod=mask_mod), dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o))
 
 
-def _multihead(x, w_q, w_k, w_v, w_o, d_out, heads, kv_heads, y, kw, b_q, b_k, b_v, b_o):
+def _head_blocks(A: np.ndarray, width: int, blocks) -> np.ndarray:
+    """(..., n, blocks·width) -> (B, h, n, width): head i is column block blocks[i] (FlexAttention's layout; a
+    batch dim of 1 where A has none, so a score mod reads h from dim -3)."""
+    H = np.stack([A[..., g * width:(g + 1) * width] for g in blocks], axis=-3)
+    return H if H.ndim >= 4 else H[None]
+
+
+def _concat_heads(H: np.ndarray) -> np.ndarray:
+    """(..., h, n, width) -> (..., n, h·width): the heads side by side."""
+    return np.concatenate([H[..., i, :, :] for i in range(H.shape[-3])], axis=-1)
+
+
+def _multihead(x, w_q, w_k, w_v, w_o, d_out, heads, kv_heads, y, kw, biases):
     kv_heads = heads if kv_heads is None else kv_heads
     src = x if y is None else y
     d_k, d_v = w_q.shape[1] // heads, w_v.shape[1] // kv_heads
-    Qp = x @ w_q + (0 if b_q is None else b_q)  # (..., n_q, h·d_k)
-    Kp = src @ w_k + (0 if b_k is None else b_k)  # (..., n_k, h_kv·d_k)
-    Vp = src @ w_v + (0 if b_v is None else b_v)  # (..., n_k, h_kv·d_v)
-
-    def head(i):
-        g = i * kv_heads // heads
-        return (Qp[..., i * d_k:(i + 1) * d_k], Kp[..., g * d_k:(g + 1) * d_k], Vp[..., g * d_v:(g + 1) * d_v])
-
-    C = np.concatenate([attention(*head(i), **kw) for i in range(heads)], axis=-1)  # (..., n_q, h·d_v)
-    out = C @ w_o + (0 if b_o is None else b_o)  # (..., n_q, d_model)
+    group = [i * kv_heads // heads for i in range(heads)]
+    bias = {n: 0 if b is None else b for n, b in biases.items()}
+    Qp = x @ w_q + bias["b_q"]  # (..., n_q, h·d_k)
+    Kp = src @ w_k + bias["b_k"]  # (..., n_k, h_kv·d_k)
+    Vp = src @ w_v + bias["b_v"]  # (..., n_k, h_kv·d_v)
+    Q, K, V = _head_blocks(Qp, d_k, range(heads)), _head_blocks(Kp, d_k, group), _head_blocks(Vp, d_v, group)
+    kw = dict(kw, mask=None if kw["mask"] is None else np.asarray(kw["mask"])[..., None, :, :])  # every head
+    batch = np.broadcast_shapes(x.shape[:-2], src.shape[:-2], np.shape(kw["mask"])[:-3] if kw["mask"] is not None
+                                else ())
+    C = _concat_heads(attention(Q, K, V, **kw)).reshape(batch + (x.shape[-2], heads * d_v))  # (..., n_q, h·d_v)
+    out = C @ w_o + bias["b_o"]  # (..., n_q, d_model)
     if d_out is None:
         return out
-    dC = d_out @ w_o.T  # (..., n_q, h·d_v)
-    dQp, dKp, dVp = np.zeros_like(Qp), np.zeros_like(Kp), np.zeros_like(Vp)
-    for i in range(heads):
-        g = i * kv_heads // heads
-        dq, dk, dv = attention_backward(*head(i), dC[..., i * d_v:(i + 1) * d_v], **kw)
-        dQp[..., i * d_k:(i + 1) * d_k] += dq
-        dKp[..., g * d_k:(g + 1) * d_k] += dk
-        dVp[..., g * d_v:(g + 1) * d_v] += dv
+    dO = _head_blocks(d_out @ w_o.T, d_v, range(heads))  # (B, h, n_q, d_v)
+    g = gradients(Q, K, V, dO, **kw)
+    dQp, dKp, dVp = _concat_heads(g["q"]), np.zeros(g["k"].shape[:-3] + Kp.shape[-2:]), \
+        np.zeros(g["v"].shape[:-3] + Vp.shape[-2:])
+    for i, grp in enumerate(group):  # a group's keys and values feed each of its heads: their gradients add
+        dKp[..., grp * d_k:(grp + 1) * d_k] += g["k"][..., i, :, :]
+        dVp[..., grp * d_v:(grp + 1) * d_v] += g["v"][..., i, :, :]
 
     def weight_grad(a, g):  # a (..., n, p), g (..., n, q) -> (p, q), summed over the batch
-        return _sum_to(np.swapaxes(a, -1, -2) @ g, g.shape[-1:] and (a.shape[-1], g.shape[-1]))
+        return _sum_to(np.swapaxes(a, -1, -2) @ g, (a.shape[-1], g.shape[-1]))
 
     grads = {"w_q": weight_grad(x, dQp), "w_k": weight_grad(src, dKp), "w_v": weight_grad(src, dVp),
-             "w_o": weight_grad(C, d_out)}
+             "w_o": weight_grad(C, d_out), **{n: v for n, v in g.items() if n not in ("q", "k", "v")}}
     dx = dQp @ w_q.T
     dy = dKp @ w_k.T + dVp @ w_v.T
     if y is None:
         grads["x"] = _sum_to(dx + dy, x.shape)
     else:
         grads["x"], grads["y"] = _sum_to(dx, x.shape), _sum_to(dy, y.shape)
-    for name, value, g in (("b_q", b_q, dQp), ("b_k", b_k, dKp), ("b_v", b_v, dVp), ("b_o", b_o, d_out)):
-        if value is not None:
-            grads[name] = g.reshape(-1, g.shape[-1]).sum(axis=0)
+    for name, g_b in (("b_q", dQp), ("b_k", dKp), ("b_v", dVp), ("b_o", d_out)):
+        if biases[name] is not None:
+            grads[name] = g_b.reshape(-1, g_b.shape[-1]).sum(axis=0)
     return grads

@@ -127,12 +127,13 @@ def _score_steps(spec: AttentionSpec, score: Score, table: SymbolTable) -> dict[
     mod = spec.mod_object
     if mod is not None:  # S_ij = f(S̄_ij, i, j; θ) and dS̄_ij = dS_ij ∂f/∂s, the derivative by SymPy
         theta = {p.name: (lambda *ix, t=p.tensor: table[t][ix]) for p in mod.params}
-        steps["mod"] = lambda: pairs(lambda x, y: mod.formula(table["Sr"][x, y], 0, 0, x, y, theta))
+        h = table.head  # FlexAttention's h: the head of a multi-head layer, 0 for a single head
+        steps["mod"] = lambda: pairs(lambda x, y: mod.formula(table["Sr"][x, y], 0, h, x, y, theta))
         steps["dSr"] = lambda: pairs(lambda x, y: table["dS"][x, y] * mod_slope(mod, table["Sr"][x, y], x, y,
-                                                                                     theta))
+                                                                                     theta, h))
         for p in mod.params:
             steps["d" + p.tensor] = lambda p=p: sympy.ImmutableDenseNDimArray(
-                [sum(table["dS"][x, y] * derivative(mod.formula(table["Sr"][x, y], 0, 0, x, y, theta), e)
+                [sum(table["dS"][x, y] * derivative(mod.formula(table["Sr"][x, y], 0, h, x, y, theta), e)
                      for x in range(spec.n_q) for y in range(spec.n_k)) for e in flat(table[p.tensor])],
                 table[p.tensor].shape)
     return steps

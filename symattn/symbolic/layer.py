@@ -5,6 +5,10 @@ Layout: x (n_q, d_model), y (n_k, d_model) (y = x in self-attention), w_q (d_mod
 w_k (d_model, h_kv·d_k), w_v (d_model, h_kv·d_v), w_o (h·d_v, d_model); head i reads columns
 i·d_k:(i+1)·d_k of Q̂ = x w_q (+ b_q) and key/value group g = ⌊i·h_kv/h⌋. Z = Concat(O^(0..h-1)) w_o (+ b_o).
 In indexed formulas a per-head tensor carries the head as a leading index: O_{h,i,b}.
+
+Every head computes the spec's variant (score, score mod, mask). The parameters θ of the score and the mod are
+shared: each head's symbol table aliases them to the layer's, the layer lists them once as inputs, and their
+gradient dθ = Σ_h dθ^(h) sums the heads' contributions (each head's dθ^(h) is its single-head step).
 """
 from __future__ import annotations
 
@@ -13,12 +17,14 @@ import dataclasses
 import sympy
 
 from .tensors import DIMS, INDEX_OF_DIM, SIZES, TENSORS, SymbolTable, c, i, j, m
-from .derive import Derivation, Progress, Step, derive
+from .derive import Derivation, Progress, Step, derive, parameters
 from .spec import MultiHeadSpec
 
-CORE_FORWARD = ("similarity", "scaling", "softmax", "output")
-CORE_BACKWARD = ("dV", "dP", "D", "dS", "dQ", "dK")
+#: A head's steps the layer does not repeat: its inputs are the layer's, the layer sums O directly, and the
+#: softmax Jacobian collapses into dS.
+HEAD_SKIPPED = ("weighted_values", "sum", "jacobian")
 r = sympy.Symbol("r", integer=True, nonnegative=True)  # head within a key/value group
+h_ = sympy.Symbol("h'", integer=True, nonnegative=True)  # a head, summed over in a shared parameter's gradient
 
 
 def _array(rows) -> sympy.ImmutableDenseNDimArray:
@@ -180,7 +186,8 @@ def _inputs(spec: MultiHeadSpec) -> list[tuple[str, str]]:
 
 def derive_multihead(spec: MultiHeadSpec, *, explicit: bool = True, prove: bool = True,
                      progress: Progress | None = None) -> Derivation:
-    """The layer's ordered steps (each head's core steps included), and its proofs when prove=True."""
+    """The layer's ordered steps (each head's steps of the spec's variant included; the variant's parameters θ
+    once, shared, with dθ summed over the heads), and its proofs when prove=True."""
     if not isinstance(spec, MultiHeadSpec):
         raise TypeError(f"derive_multihead expects a MultiHeadSpec, got {type(spec).__name__}")
     note = progress or (lambda message: None)
@@ -188,14 +195,8 @@ def derive_multihead(spec: MultiHeadSpec, *, explicit: bool = True, prove: bool 
         spec.check_explicit()
     t = SymbolTable(spec)
     layer, indexed = _Layer(spec, t), _indexed(spec)
-    heads = []
-    for h in range(spec.heads):
-        g = spec.group(h)
-        aliases = {"Q": _columns(t.matrix("Qp"), h * spec.d_k, spec.d_k),
-                   "K": _columns(t.matrix("Kp"), g * spec.d_k, spec.d_k),
-                   "V": _columns(t.matrix("Vp"), g * spec.d_v, spec.d_v),
-                   "dO": _columns(t.matrix("dC"), h * spec.d_v, spec.d_v)}
-        heads.append(t.child(spec.head, str(h), aliases))
+    heads = [_head_table(spec, t, h) if explicit else None for h in range(spec.heads)]
+    head_derivations = [derive(spec.head, explicit=explicit, prove=False, table=table) for table in heads]
     src = _source(spec)
     builders = {
         "project_q": lambda: layer.matmul("X", "Wq", bias="bq"), "project_k": lambda: layer.matmul(src, "Wk", bias="bk"),
@@ -217,25 +218,24 @@ def derive_multihead(spec: MultiHeadSpec, *, explicit: bool = True, prove: bool 
         return Step(key, *TEXTS[key], phase, tensor, indices, rhs, builders[key]() if explicit else None,
                     matrix, t[tensor] if explicit else None)
 
-    def head_steps(keys: tuple[str, ...]) -> list[Step]:
-        out = []
-        for h, table in enumerate(heads):
-            d = derive(spec.head, explicit=explicit, prove=False, table=table if explicit else None)
-            out += [dataclasses.replace(d.step(k), key=f"h{h}.{k}", title=f"Head {h}: {d.step(k).title}", tag=str(h))
-                    for k in keys]
-        return out
+    def head_steps(phase: str) -> list[Step]:
+        return [dataclasses.replace(s, key=f"h{h}.{s.key}", title=f"Head {h}: {s.title}", tag=str(h))
+                for h, d in enumerate(head_derivations) for s in d.steps
+                if s.phase == phase and not s.is_input and s.key not in HEAD_SKIPPED]
 
     note("derive: projections and heads")
     steps = [Step(key, *TEXTS[key], "forward", tensor, tuple(_index(tensor)), None,
                   t[tensor] if explicit else None, None, t[tensor] if explicit else None) for key, tensor in _inputs(spec)]
+    steps += [_shared_input(head_derivations[0].step(p.tensor)) for p in parameters(spec.head)]
     steps += [own(k, "forward") for k in ("project_q", "project_k", "project_v")]
-    steps += head_steps(CORE_FORWARD)
+    steps += head_steps("forward")
     steps += [own("concat", "forward"), own("project_out", "forward")]
     note("derive: backward through the layer")
     steps.append(Step("upstream", *TEXTS["upstream"], "backward", "dOut", (i, m), None,
                       t["dOut"] if explicit else None, indexed["upstream"][3], t["dOut"] if explicit else None))
     steps += [own(k, "backward") for k in ("dWo", "dbo", "dC") if spec.bias or k != "dbo"]
-    steps += head_steps(CORE_BACKWARD)
+    steps += head_steps("backward")
+    steps += [_shared_gradient(spec, t, heads, p, explicit) for p in parameters(spec.head)]
     steps += [own(k, "backward") for k in ("dQp", "dKp", "dVp", "dWq", "dbq", "dWk", "dbk", "dWv", "dbv", "dX")
               if spec.bias or not k.startswith("db")]
     if spec.cross:
@@ -260,3 +260,37 @@ def _dx(layer: _Layer, spec: MultiHeadSpec):
 
 def _dy(layer: _Layer):
     return layer.matmul("dKp", "Wk", transpose_b=True) + layer.matmul("dVp", "Wv", transpose_b=True)
+
+
+def _head_table(spec: MultiHeadSpec, t: SymbolTable, h: int) -> SymbolTable:
+    """Head h's symbol table: Q, K, V its column blocks of the projections, dO its block of dC, θ the layer's."""
+    g = spec.group(h)
+    aliases = {"Q": _columns(t.matrix("Qp"), h * spec.d_k, spec.d_k),
+               "K": _columns(t.matrix("Kp"), g * spec.d_k, spec.d_k),
+               "V": _columns(t.matrix("Vp"), g * spec.d_v, spec.d_v),
+               "dO": _columns(t.matrix("dC"), h * spec.d_v, spec.d_v)}
+    aliases |= {p.tensor: t[p.tensor] for p in parameters(spec.head)}  # shared by every head
+    return t.child(spec.head, str(h), aliases, head=h)
+
+
+def _shared_input(step: Step) -> Step:
+    """A parameter θ's input step (a head's, whose symbols are the layer's), said to be shared."""
+    return dataclasses.replace(step, explanation=step.explanation + " One $" + TENSORS[step.tensor].latex +
+                               "$ serves every head: the heads share the variant's parameters.")
+
+
+def _shared_gradient(spec: MultiHeadSpec, t: SymbolTable, heads: list[SymbolTable], p, explicit: bool) -> Step:
+    """dθ = Σ_h dθ^(h): a shared parameter's gradient sums every head's contribution."""
+    name = "d" + p.tensor
+    tensor, latex = TENSORS[name], TENSORS[p.tensor].latex
+    index = TENSORS[p.tensor].indices()
+    rhs = sympy.Sum(tensor.base[(h_, *index)], (h_, 0, SIZES["h"] - 1))
+    shape = tensor.matrix_symbol().shape
+    matrix = sympy.Eq(tensor.matrix_symbol(), sympy.MatAdd(*(sympy.MatrixSymbol(f"{name}^({h})", *shape)
+                                                             for h in range(spec.heads))), evaluate=False)
+    text = (f"${latex}$ is shared by all heads: every head's scores depend on it, so its gradient sums the heads' "
+            f"contributions, $\\mathrm{{d}}{latex} = \\sum_{{h}} \\mathrm{{d}}{latex}^{{(h)}}$, each "
+            f"$\\mathrm{{d}}{latex}^{{(h)}}$ as in one head.")
+    values = sum((table[name] for table in heads[1:]), heads[0][name]) if explicit else None
+    return Step(name, f"Gradient of the parameter ${latex}$", text, "backward", name, index, rhs, values, matrix,
+                t[name] if explicit else None)

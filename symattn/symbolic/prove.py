@@ -253,11 +253,13 @@ def _head_gradients(d: Derivation) -> list[tuple]:
 
 
 def _layer_gradients(d: Derivation):
-    """A multi-head layer: every weight, bias and input gradient against plain diff of the whole layer."""
+    """A multi-head layer: every weight, bias, input and shared parameter gradient against plain diff of the
+    whole layer."""
     inputs = tuple(s.tensor for s in d.steps if s.is_input and s.phase == "forward")
     forward = tuple(s.key for s in d.steps if s.phase == "forward" and not s.is_input)
     targets = {"dWq": "Wq", "dWk": "Wk", "dWv": "Wv", "dWo": "Wo", "dbq": "bq", "dbk": "bk", "dbv": "bv",
                "dbo": "bo", "dX": "X", "dY": "Yin"}
+    targets |= {"d" + x: x for x in inputs if x not in targets.values()}  # the score's and mod's θ: dθ
     keys = {s.key for s in d.steps}
     return [(key, target, inputs + ("dOut",), forward, "Out", "dOut") for key, target in targets.items() if key in keys]
 

@@ -5,26 +5,26 @@ Every file name, kernel name and document title comes from ``spec.name`` / ``spe
 """
 from __future__ import annotations
 
-import dataclasses
 import decimal
 import functools
 import hashlib
 import math
 import numbers
-import operator
 import re
 from dataclasses import KW_ONLY, dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from ..errors import SizeTooLargeError, SpecError
-from .masks import Mask, mask_of, parse
+from .fields import choice, mask_field, positive_int, short_repr, variant_args, variant_parts, variant_title
+from .masks import Mask, mask_of
 from .mods import ScoreMod, mod_of
+
+_positive_int = positive_int  # the name symattn.app.run imports
 
 if TYPE_CHECKING:
     import sympy
 
-MASKS = ("none", "causal")
 #: The scores of symattn.symbolic.score (SCORES there holds each one's formula); additive is not scaled.
 SCORES = ("dot", "general", "additive", "cosine")
 UNSCALED = ("additive", "cosine")
@@ -35,37 +35,24 @@ DTYPES = ("float32", "float64")
 EXPLICIT_LIMIT = 2048
 
 
-def _positive_int(name: str, value, owner: str = "AttentionSpec") -> int:
-    message = f"{owner}.{name} must be a positive integer, got {value!r}"
-    if isinstance(value, bool):
-        raise SpecError(message)
+def check_variant(spec, owner: str) -> None:
+    """Validate and normalise the score fields of `spec` (an AttentionSpec or a MultiHeadSpec, its scale already
+    parsed): score, hidden (the additive score's d_a), score_mod; errors name `owner`.field."""
+    choice("score", spec.score, SCORES, owner)
+    if spec.score == "additive":
+        if spec.hidden is None:
+            raise SpecError(f"{owner}.hidden (the additive score's d_a tanh units) is required with "
+                            f"score='additive'")
+        object.__setattr__(spec, "hidden", positive_int("hidden", spec.hidden, owner))
+    elif spec.hidden is not None:
+        raise SpecError(f"{owner}.hidden applies to score='additive' only, not {spec.score!r}")
+    if spec.score in UNSCALED and spec.scale is not None:
+        raise SpecError(f"{owner}.scale does not apply to score={spec.score!r} (it has no scale)")
     try:
-        number = operator.index(value)
-    except TypeError:
-        raise SpecError(message) from None
-    if number <= 0:
-        raise SpecError(message)
-    return number
-
-
-def _mask_field(value) -> str | Mask:
-    """'none', a library mask's text ('causal', 'window:3', 'prefix:2', joined by & and |), or a traced user Mask."""
-    if value is None or value == "none":
-        return "none"
-    try:
-        mask = mask_of(value)
+        mod = mod_of(spec.score_mod)
     except SpecError as e:
-        raise SpecError(f"AttentionSpec.mask: {e}") from None
-    try:
-        return parse(mask.text).text  # a library mask: kept as its text
-    except SpecError:
-        return mask  # a user's mask_mod: kept as the Mask (repr and equality by its traced condition)
-
-
-def _choice(name: str, value, allowed: tuple[str, ...], owner: str = "AttentionSpec") -> str:
-    if value not in allowed:
-        raise SpecError(f"{owner}.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value
+        raise SpecError(f"{owner}.score_mod: {e}") from None
+    object.__setattr__(spec, "score_mod", "none" if mod is None else mod.text)
 
 
 #: The scale's bounds: a score scale outside them is a mistake (1/√d_k is 0.002–1 for d_k up to 250,000), and its
@@ -153,34 +140,17 @@ class AttentionSpec:
 
     def __post_init__(self):
         for name in ("n_q", "n_k", "d_k"):
-            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
-        d_v = self.d_k if self.d_v is None else _positive_int("d_v", self.d_v)
+            object.__setattr__(self, name, positive_int(name, getattr(self, name)))
+        d_v = self.d_k if self.d_v is None else positive_int("d_v", self.d_v)
         object.__setattr__(self, "d_v", d_v)
         object.__setattr__(self, "scale", parse_scale(self.scale))
-        object.__setattr__(self, "mask", _mask_field(self.mask))
-        _choice("masked_rows", self.masked_rows, MASKED_ROWS)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("score", self.score, SCORES)
-        if self.score == "additive":
-            if self.hidden is None:
-                raise SpecError("AttentionSpec.hidden (the additive score's d_a tanh units) is required with "
-                                "score='additive'")
-            object.__setattr__(self, "hidden", _positive_int("hidden", self.hidden))
-        elif self.hidden is not None:
-            raise SpecError(f"AttentionSpec.hidden applies to score='additive' only, not {self.score!r}")
-        if self.score in UNSCALED and self.scale is not None:
-            raise SpecError(f"AttentionSpec.scale does not apply to score={self.score!r} (it has no scale)")
-        try:
-            mod = mod_of(self.score_mod)
-        except SpecError as e:
-            raise SpecError(f"AttentionSpec.score_mod: {e}") from None
-        object.__setattr__(self, "score_mod", "none" if mod is None else mod.text)
+        object.__setattr__(self, "mask", mask_field(self.mask))
+        choice("masked_rows", self.masked_rows, MASKED_ROWS)
+        choice("dtype", self.dtype, DTYPES)
+        check_variant(self, "AttentionSpec")
 
     def __repr__(self) -> str:
-        """The dataclass repr, with the score fields shown only when they differ from the dot product's."""
-        shown = [f.name for f in dataclasses.fields(self) if f.name != "_"
-                 and not (f.name in ("score", "hidden", "score_mod") and getattr(self, f.name) == f.default)]
-        return f"AttentionSpec({', '.join(f'{n}={getattr(self, n)!r}' for n in shown)})"
+        return short_repr(self)
 
     # -- exact and numeric scale -------------------------------------------------
     @property
@@ -259,37 +229,21 @@ class AttentionSpec:
     @property
     def name(self) -> str:
         """Deterministic identifier, e.g. 'attn_q3_k4_dk2_dv3_causal'."""
-        parts = [f"attn_q{self.n_q}_k{self.n_k}_dk{self.d_k}_dv{self.d_v}"]
-        if self.score != "dot":
-            parts.append(self.score + (f"_da{self.hidden}" if self.hidden else ""))
-        if self.mod_object is not None:
-            parts.append(self.mod_object.tag)
-        if self.mask_object is not None:
-            parts.append(self.mask_object.tag)
+        parts = [f"attn_q{self.n_q}_k{self.n_k}_dk{self.d_k}_dv{self.d_v}", *variant_parts(self)]
         if self.scale is not None:
             parts.append(scale_tag(self.scale))
         return "_".join(parts)
 
     @property
     def title(self) -> str:
-        mask = "" if self.mask_object is None else f", {self.mask_object.text.replace(':', ' ')} mask"
         scale = "" if self.scale is None else f", scale {self.scale}"
         kind = "Scaled dot-product attention" if self.score == "dot" else f"Attention with the {self.score} score"
-        hidden = f", d_a={self.hidden}" if self.hidden else ""
-        mod = "" if self.mod_object is None else f", {self.mod_object.text.replace(':', ' ')}"
-        return f"{kind} (n_q={self.n_q}, n_k={self.n_k}, d_k={self.d_k}, d_v={self.d_v}{hidden}{mod}{mask}{scale})"
+        return (f"{kind} (n_q={self.n_q}, n_k={self.n_k}, d_k={self.d_k}, d_v={self.d_v}{variant_title(self)}"
+                f"{scale})")
 
     def cli_args(self) -> str:
         """The CLI options that rebuild this spec."""
-        args = f"--n-q {self.n_q} --n-k {self.n_k} --d-k {self.d_k} --d-v {self.d_v}"
-        if self.score != "dot":
-            args += f" --score {self.score}" + (f" --hidden {self.hidden}" if self.hidden else "")
-        if self.mod_object is not None:
-            args += f" --score-mod {self.score_mod}"
-        if self.causal:
-            args += " --causal"
-        elif self.mask != "none":
-            args += f" --mask '{self.mask if isinstance(self.mask, str) else self.mask.text}'"
+        args = f"--n-q {self.n_q} --n-k {self.n_k} --d-k {self.d_k} --d-v {self.d_v}" + variant_args(self)
         if self.scale is not None:
             args += f" --scale {self.scale}"
         return args
@@ -303,6 +257,12 @@ class MultiHeadSpec:
     w_q (d_model, h·d_k), w_k (d_model, h_kv·d_k), w_v (d_model, h_kv·d_v), w_o (h·d_v, d_model), optional
     biases. Head i uses columns i·d_k:(i+1)·d_k of w_q and key/value group ⌊i·h_kv/h⌋.
     output = Concat(head_0, ..., head_{h-1}) w_o (+ b_o).
+
+    The variant is AttentionSpec's (same fields, same checks; `head` passes it on): score ('dot', 'general',
+    'additive' with `hidden`, 'cosine'), score_mod, mask. Every head computes the same variant: the score's and
+    the mod's parameters θ (W_a, U_a, v_a, b_a, tau, a relative-bias table, ...) are shared by all heads, so their
+    gradient sums the heads' contributions; a score mod sees FlexAttention's h as the head index (alibi:heads=H
+    with H = heads gives ALiBi's slope per head) and b = 0; the mask applies to every head.
     """
 
     n_q: int
@@ -317,12 +277,15 @@ class MultiHeadSpec:
     bias: bool = False
     scale: Fraction | None = None
     mask: str = "none"
+    score: str = "dot"
+    hidden: int | None = None
+    score_mod: str = "none"
 
     def __post_init__(self):
         name = "MultiHeadSpec"
         for field_name in ("n_q", "d_model", "heads"):
-            object.__setattr__(self, field_name, _positive_int(field_name, getattr(self, field_name), name))
-        kv = self.heads if self.kv_heads is None else _positive_int("kv_heads", self.kv_heads, name)
+            object.__setattr__(self, field_name, positive_int(field_name, getattr(self, field_name), name))
+        kv = self.heads if self.kv_heads is None else positive_int("kv_heads", self.kv_heads, name)
         if self.heads % kv:
             raise SpecError(f"{name}.kv_heads must divide heads ({self.heads}), got {kv}")
         object.__setattr__(self, "kv_heads", kv)
@@ -333,18 +296,27 @@ class MultiHeadSpec:
                     raise SpecError(f"{name}.d_model ({self.d_model}) is not divisible by heads ({self.heads}): "
                                     f"choose heads dividing d_model, or give d_k and d_v per head")
                 value = self.d_model // self.heads
-            object.__setattr__(self, width, _positive_int(width, value, name))
-        n_k = self.n_q if self.n_k is None else _positive_int("n_k", self.n_k, name)
+            object.__setattr__(self, width, positive_int(width, value, name))
+        n_k = self.n_q if self.n_k is None else positive_int("n_k", self.n_k, name)
         if not self.cross and n_k != self.n_q:
             raise SpecError(f"{name}.n_k ({n_k}) differs from n_q ({self.n_q}) in self-attention: use cross=True")
         object.__setattr__(self, "n_k", n_k)
         object.__setattr__(self, "scale", parse_scale(self.scale, name))
-        _choice("mask", self.mask, MASKS, name)
+        object.__setattr__(self, "mask", mask_field(self.mask, name))
+        check_variant(self, name)
+        slopes = getattr(self.mod_object, "heads", 0)
+        if slopes and slopes != self.heads:
+            raise SpecError(f"{name}.score_mod {self.score_mod!r} has one slope per head of {slopes} heads, but the "
+                            f"layer has {self.heads}: use alibi:heads={self.heads}")
 
-    @property
+    def __repr__(self) -> str:
+        return short_repr(self)
+
+    @functools.cached_property
     def head(self) -> AttentionSpec:
-        """The single-head spec every head shares."""
-        return AttentionSpec(self.n_q, self.n_k, self.d_k, self.d_v, scale=self.scale, mask=self.mask)
+        """The single-head spec every head shares (sizes and variant)."""
+        return AttentionSpec(self.n_q, self.n_k, self.d_k, self.d_v, scale=self.scale, mask=self.mask,
+                             score=self.score, hidden=self.hidden, score_mod=self.score_mod)
 
     def group(self, i: int) -> int:
         """Key/value group of head i: ⌊i·kv_heads/heads⌋."""
@@ -355,6 +327,14 @@ class MultiHeadSpec:
         return self.mask == "causal"
 
     @property
+    def mod_object(self) -> ScoreMod | None:
+        return self.head.mod_object
+
+    @property
+    def mask_object(self) -> Mask | None:
+        return self.head.mask_object
+
+    @property
     def scale_exact(self) -> sympy.Expr:
         return self.head.scale_exact
 
@@ -363,14 +343,15 @@ class MultiHeadSpec:
         return self.head.scale_value
 
     def visible(self, i: int, j: int) -> bool:
-        return j <= i if self.causal else True
+        return self.head.visible(i, j)
 
     @property
     def sizes(self) -> dict[str, int]:
+        """The layer's sizes and the head's (d_a, a relative-bias table's n_rel, ...)."""
         h, g = self.heads, self.kv_heads
-        return {"n_q": self.n_q, "n_k": self.n_k, "d_k": self.d_k, "d_v": self.d_v, "d_model": self.d_model,
-                "h": h, "h_kv": g, "hd_k": h * self.d_k, "gd_k": g * self.d_k, "gd_v": g * self.d_v,
-                "hd_v": h * self.d_v, "one": 1}
+        return self.head.sizes | {
+            "d_model": self.d_model, "h": h, "h_kv": g, "hd_k": h * self.d_k, "gd_k": g * self.d_k,
+            "gd_v": g * self.d_v, "hd_v": h * self.d_v, "one": 1}
 
     @property
     def explicit_cost(self) -> int:
@@ -390,7 +371,8 @@ class MultiHeadSpec:
     def name(self) -> str:
         parts = [f"mha_q{self.n_q}" + (f"_k{self.n_k}" if self.cross else ""),
                  f"dm{self.d_model}_h{self.heads}_kv{self.kv_heads}_dk{self.d_k}_dv{self.d_v}"]
-        parts += [x for x, on in (("cross", self.cross), ("bias", self.bias), ("causal", self.causal)) if on]
+        parts += [x for x, on in (("cross", self.cross), ("bias", self.bias)) if on]
+        parts += variant_parts(self)
         if self.scale is not None:
             parts.append(scale_tag(self.scale))
         return "_".join(parts)
@@ -398,16 +380,17 @@ class MultiHeadSpec:
     @property
     def title(self) -> str:
         kind = "cross" if self.cross else "self"
-        extras = "".join(f", {x}" for x, on in (("biases", self.bias), ("causal mask", self.causal)) if on)
+        score = "" if self.score == "dot" else f", {self.score} score"
         return (f"Multi-head {kind}-attention (n_q={self.n_q}, n_k={self.n_k}, d_model={self.d_model}, "
-                f"heads={self.heads}, kv_heads={self.kv_heads}, d_k={self.d_k}, d_v={self.d_v}{extras})")
+                f"heads={self.heads}, kv_heads={self.kv_heads}, d_k={self.d_k}, d_v={self.d_v}"
+                f"{', biases' if self.bias else ''}{score}{variant_title(self)})")
 
     def cli_args(self) -> str:
         args = f"--n-q {self.n_q} --d-model {self.d_model} --heads {self.heads} --kv-heads {self.kv_heads}"
         args += f" --d-k {self.d_k} --d-v {self.d_v}"
         if self.cross:
             args += f" --cross --n-k {self.n_k}"
-        args += " --bias" * self.bias + " --causal" * self.causal
+        args += " --bias" * self.bias + variant_args(self)
         if self.scale is not None:
             args += f" --scale {self.scale}"
         return args

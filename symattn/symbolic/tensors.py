@@ -67,6 +67,12 @@ class Tensor:
             out.append(SECOND_INDEX[dim] if INDEX_OF_DIM[dim] in out else INDEX_OF_DIM[dim])
         return tuple(out)
 
+    def tagged_elem(self, tag: str) -> str:
+        """LaTeX element base of head `tag`: s^{(1)}, or {w^{a}}^{(1)} where the base has a superscript already."""
+        if not tag:
+            return self.elem_latex
+        return ("{" + self.elem_latex + "}" if "^" in self.elem_latex else self.elem_latex) + f"^{{({tag})}}"
+
     def matrix_symbol(self) -> sympy.MatrixSymbol:
         rows = DIMS[self.dims[0]]
         cols = DIMS[self.dims[1]] if len(self.dims) > 1 else 1
@@ -153,9 +159,10 @@ class SymbolTable:
     """
 
     def __init__(self, spec, *, tag: str = "", aliases: dict | None = None, names: dict | None = None,
-                 where: dict | None = None):
+                 where: dict | None = None, head: int = 0):
         self.spec = spec
         self.tag = tag
+        self.head = head  # a score mod's h in this table's formulas (FlexAttention's head index)
         self.latex_names: dict[sympy.Basic, str] = {} if names is None else names
         self._arrays: dict[str, sympy.Array] = dict(aliases or {})
         self._where: dict[sympy.Symbol, tuple[str, tuple[int, ...]]] = {} if where is None else where
@@ -163,9 +170,9 @@ class SymbolTable:
         for tensor in TENSORS.values():
             self.latex_names[tensor.label] = tensor.latex
 
-    def child(self, spec, tag: str, aliases: dict) -> "SymbolTable":
-        """A table for one head: own tagged symbols, `aliases` for the tensors it shares, names in common."""
-        table = SymbolTable(spec, tag=tag, aliases=aliases, names=self.latex_names, where=self._where)
+    def child(self, spec, tag: str, aliases: dict, head: int = 0) -> "SymbolTable":
+        """A table for head `head`: own tagged symbols, `aliases` for the tensors it shares, names in common."""
+        table = SymbolTable(spec, tag=tag, aliases=aliases, names=self.latex_names, where=self._where, head=head)
         self.children[tag] = table
         return table
 
@@ -191,7 +198,7 @@ class SymbolTable:
         for index in itertools.product(*(range(n) for n in shape)):
             sub = ",".join(map(str, index))
             symbol = sympy.Symbol(f"{tensor.elem}{tag}_{{{sub}}}", real=True)
-            self.latex_names[symbol] = f"{tensor.elem_latex}{tag}_{{{sub}}}"
+            self.latex_names[symbol] = f"{tensor.tagged_elem(self.tag)}_{{{sub}}}"
             self._where[symbol] = (tensor.name, index, self.tag)
             flat.append(symbol)
         return sympy.ImmutableDenseNDimArray(flat, shape)
@@ -203,7 +210,7 @@ class SymbolTable:
         if mask is not None and getattr(mask, "arrays", ()):  # run-time masks: their arrays' values at the indices
             expr = mask.bind(expr.xreplace({BATCH: sympy.Integer(0), **sizes,
                                             **values}).doit())
-        concrete = expr.xreplace({**sizes, HEAD: sympy.Integer(0), BATCH: sympy.Integer(0), **values}).doit()
+        concrete = expr.xreplace({**sizes, HEAD: sympy.Integer(self.head), BATCH: sympy.Integer(0), **values}).doit()
         return concrete.replace(lambda x: isinstance(x, sympy.Indexed), self._element)
 
     def _element(self, x: sympy.Indexed) -> sympy.Symbol:
