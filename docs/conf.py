@@ -31,8 +31,9 @@ source_suffix = {".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 
-myst_enable_extensions = ["dollarmath"]  # $...$ and $$...$$, as in the generated derivation pages
+myst_enable_extensions = ["dollarmath"]  # $...$ and $$...$$
 myst_dmath_double_inline = True
+myst_fence_as_directive = ["math"]  # ```math blocks (GitHub's display math, as symattn writes it) are math
 myst_heading_anchors = 3
 
 mathjax_path = "mathjax/tex-chtml.js"  # relative to _static: the offline copy, never a CDN

@@ -14,7 +14,7 @@ def test_derive_text_to_stdout(capsys):
     assert "Softmax normalisation into weights" in out and "[pass]" in out and "[FAIL]" not in out
 
 
-@pytest.mark.parametrize("fmt, marker", [("latex", r"\begin{align*}"), ("markdown", "$$"),
+@pytest.mark.parametrize("fmt, marker", [("latex", r"\begin{align*}"), ("markdown", "```math"),
                                           ("tex", r"\documentclass")])
 def test_derive_formats_to_file(tmp_path, capsys, fmt, marker):
     path = tmp_path / f"derivation.{fmt}"

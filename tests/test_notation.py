@@ -157,3 +157,40 @@ def test_explanations_become_unicode_in_text_and_stay_escaped_prose_in_latex():
     assert explanation_latex(src).endswith(r"$, n\_q \& 50\%")
     assert explanation_markdown(src).endswith(r"$, n\_q & 50%")
     assert explanation_text("costs $5") == "costs $5"  # a lone $ is prose
+
+
+def test_combined_masks_read_as_one_sentence():
+    from symattn.render.notation import explanation_text
+    from symattn.symbolic import masks
+    text = explanation_text(masks.parse("causal&window:2|prefix:1").description)
+    assert text.startswith("key j is visible to query i when either holds: (1) both hold: (a) j ≤ i; and (b) query i "
+                           "sees keys i − 2 to i (a causal sliding window); or (2) the keys j < 1 (the prefix)"), text
+    three = explanation_text(masks.and_masks("causal", "window:1", "prefix:1").description)
+    assert "when all hold: (a) j ≤ i; (b) query i sees" in three and "; and (c) the keys j < 1" in three
+    assert masks.and_masks("causal").description == masks.causal.description
+
+
+def test_the_worked_example_writes_sizes_and_headings_as_mathematics():
+    from symattn.app.run import run
+    r = run("a b", d_model=2, d_k=2, kernels=False, say=lambda line: None)
+    latex, markdown, text = (r.document.render(f) for f in ("latex", "markdown", "text"))
+    for typeset in (latex, markdown):
+        assert "At $n_q = n_k = 2$, $d_k = 2$, $d_v = 2$:" in typeset
+        assert r"$d_{\text{model}} = 2$, $d_k = 2$, $d_v = 2$, no mask." in typeset  # the sizes line
+        assert "on $d_{\\text{model}} = 2$, each with $d_k = 1$ and $d_v = 1$" in typeset  # the two-head layer
+        assert not re.search(r"\b[nd]\\_(q|k|v|model)\b", typeset)  # no ASCII size names as escaped prose
+    assert "At n_q = n_k = 2, d_k = 2, d_v = 2:" in text and "Layer output z for" in text and "$d" not in text
+
+
+@pdflatex
+def test_mod_and_mask_descriptions_compile(tmp_path):
+    from symattn.render.notation import explanation_latex
+    from symattn.symbolic import masks
+    from symattn.symbolic.mods import ops, parse, score_mod
+    mods = [parse(t) for t in ("alibi", "alibi:heads=4", "softcap:1/2", "relative-bias:2")]
+    mods.append(score_mod(lambda score, b, h, q_idx, kv_idx: ops.where(q_idx >= kv_idx, ops.tanh(score), score / 3)
+                          - abs(kv_idx - q_idx), name="compiled_mod"))
+    shown = [m.description for m in mods] + [masks.parse("causal&window:2|prefix:1").description]
+    body = "\n\n".join(explanation_latex(x) for x in shown)
+    _compile(tmp_path, "descriptions", "\\documentclass{article}\\usepackage{amsmath}\\begin{document}\n"
+             + body + "\n\\end{document}\n")

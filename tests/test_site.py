@@ -80,12 +80,27 @@ def test_math_is_offline(site):
     assert list((site / "_static/mathjax/output/chtml/fonts/woff-v2").glob("*.woff"))
 
 
-def test_generated_pages_keep_every_display(site):
-    """Each `$$ ... $$` block of a generated derivation page becomes one display-math element."""
+def test_generated_pages_keep_every_formula(site):
+    """Each ```math block of a generated derivation page becomes one display-math element, each inline formula
+    ($...$ or GitHub's $`...`$) one inline-math element: none is left as text or code."""
+    inline = re.compile(r"\$`[^`\n]+`\$|(?<![\\$])\$(?![\s$])[^$\n]*?(?<![\s\\])\$")
     for page in GENERATED:
-        blocks = re.findall(r"^\$\$\n.*?\n\$\$$", (DOCS / f"{page}.md").read_text(encoding="utf-8"), re.M | re.S)
+        source = (DOCS / f"{page}.md").read_text(encoding="utf-8")
+        blocks = re.findall(r"^```math\n.*?\n```$", source, re.M | re.S)
+        formulas = inline.findall(re.sub(r"^```.*?^```$", "", source, flags=re.M | re.S))
         html = (site / f"{page}.html").read_text(encoding="utf-8")
         assert blocks and html.count('<div class="math notranslate nohighlight">') == len(blocks), page
+        assert formulas and html.count('<span class="math notranslate nohighlight">') == len(formulas), page
+        assert "$<code" not in html and "$`" not in html, page
+
+
+def test_gallery_describes_masks_with_mathematics(site):
+    """A mask's description (symattn.masks) is typeset like every other explanation, not ASCII prose."""
+    math = r'<span class="math notranslate nohighlight">\\\((.*?)\\\)</span>'
+    window = (site / "gallery/window.html").read_text(encoding="utf-8")
+    assert re.search(f"query {math} sees keys {math} to {math} \\(a causal sliding window\\)", window)
+    causal = (site / "gallery/causal.html").read_text(encoding="utf-8")
+    assert re.search(f"only when {math}", causal) and "j &lt;= i" not in causal
 
 
 def test_tutorial_weights_match_the_numpy_reference(site):

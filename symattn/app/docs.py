@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import SymattnError
 from ..outputs import output_folder, save_figure, write_atomic
 from ..progress import Progress, silent
+from ..render import markdown
 from ..render.latex import align
 from ..render.notation import (DEFAULT, Notation, explanation_latex, explanation_markdown, explanation_text)
 from .inputs import markdown_text, matrix_latex, matrix_markdown, matrix_text, tex_token
@@ -91,14 +92,13 @@ def _markdown(block) -> str:
     if kind == "para":
         return _pieces(a[0], explanation_markdown, markdown_text)
     if kind == "matrix":
-        return f"${a[0]}$, {markdown_text(a[1])}:\n\n" + "\n".join(matrix_markdown(a[2], a[3]))
+        return f"{markdown.math(a[0])}, {markdown_text(a[1])}:\n\n" + "\n".join(matrix_markdown(a[2], a[3]))
     if kind == "step":
         return (f"### {a[0]}. {explanation_markdown(a[1])}\n\n{explanation_markdown(a[2])}\n\n"
-                f"$$\n{align(a[3], 'aligned')}\n$$")
+                + markdown.display(align(a[3], "aligned")))
     if kind == "table":
-        head = "| " + " | ".join(explanation_markdown(h) for h in a[0]) + " |"
-        return "\n".join([head, "|" + "---|" * len(a[0]),
-                          *("| " + " | ".join(markdown_text(c) for c in row) + " |" for row in a[1])])
+        header, rows = [explanation_markdown(h) for h in a[0]], [[markdown_text(c) for c in row] for row in a[1]]
+        return markdown.table(header, rows)
     return "```text\n" + "\n".join(a[0]) + "\n```"
 
 
@@ -185,15 +185,15 @@ def heatmap_figure(panels, tokens, query: int):
 
 def verification_markdown(report) -> str:
     """The verification as a Markdown table: tensor, path, max abs and rel error, tolerances, result."""
-    rows = ["| tensor | path (vs symbolic) | max abs error | max rel error | rtol | atol | result |",
-            "|---|---|---:|---:|---:|---:|---|"]
-    for c in (*report.comparisons, *report.gradcheck.comparisons):
-        rows.append(f"| {c.tensor} | {c.path} | {c.max_abs:.1e} | {c.max_rel:.1e} | {c.rtol:g} | {c.atol:g} | "
-                    f"{'pass' if c.passed else 'FAIL'} |")
+    rows = [[markdown_text(c.tensor), markdown_text(c.path), f"{c.max_abs:.1e}", f"{c.max_rel:.1e}", f"{c.rtol:g}",
+             f"{c.atol:g}", "pass" if c.passed else "FAIL"]
+            for c in (*report.comparisons, *report.gradcheck.comparisons)]
+    table = markdown.table(["tensor", "path (vs symbolic)", "max abs error", "max rel error", "rtol", "atol", "result"],
+                           rows, "llrrrrl")
     verdict = "All paths agree." if report.passed else "Verification FAILED: " + "; ".join(report.failures())
     return (f"# Verification of the generated kernels\n\n`{report.spec.name}`: {markdown_text(report.spec.title)}, "
             f"inputs from `symattn verify` (seed 0). Errors are against the exact symbolic values; the finite "
-            f"differences check the kernels' gradients.\n\n" + "\n".join(rows) + f"\n\n{verdict}\n")
+            f"differences check the kernels' gradients.\n\n" + table + f"\n\n{verdict}\n")
 
 
 def pdf(tex: str, workdir: str | os.PathLike) -> bytes | None:
@@ -231,6 +231,7 @@ def build_docs(spec, worked, out: str | os.PathLike = "symattn-docs", *, notatio
     `worked` is the worked example's RunResult, e.g. run(inputs=..., kernels=False, **worked_variant(spec)).
     Returns the files written, index.md last."""
     from ..check.verification import verify, verify_multihead
+    from ..codegen import render_doc
     from ..symbolic.derive import derive
     from ..symbolic.layer import derive_multihead
     from ..symbolic.spec import MultiHeadSpec
@@ -247,7 +248,7 @@ def build_docs(spec, worked, out: str | os.PathLike = "symattn-docs", *, notatio
     progress(f"deriving {spec.title}")
     d = (derive_multihead if layer else derive)(spec, progress=progress)
     tex = d.to_tex_document(notation=notation.replace(standalone=True))
-    put("derivation.md", d.to_markdown(notation=notation))
+    put("derivation.md", render_doc(spec, derivation=d, command=f"symattn docs {spec.cli_args()}", notation=notation))
     put("derivation.tex", tex)
     progress("compiling derivation.tex with pdflatex")
     document = pdf(tex, folder)

@@ -33,6 +33,7 @@ import sympy
 
 from .. import limits
 from ..errors import InputError, SymattnError
+from ..render.markdown import text as markdown_text  # the public name app/docs.py imports
 from ..render.notation import tex_escape
 from .example import Example, query_index
 
@@ -295,14 +296,6 @@ def matrix_latex(name: str, M: sympy.ImmutableMatrix, labels=None) -> str:
         column = r" \\ ".join(r"\text{" + tex_token(t) + "}" for t in labels)
         matrix = r"\begin{array}{r} " + column + r" \end{array} " + matrix
     return f"{name} = {matrix}"
-
-
-MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>$|#~{}])")
-
-
-def markdown_text(text: str) -> str:
-    """Literal text in Markdown (a token may hold *, _, $ or |)."""
-    return MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 def matrix_markdown(M: sympy.ImmutableMatrix, labels=None) -> list[str]:

@@ -17,6 +17,7 @@ from ..symbolic.tensors import shape_of
 from ..symbolic.derive import Derivation, derive, parameters
 from .example import Example, example, parameters as example_parameters
 from ..render.latex import step_latex
+from ..render.notation import explanation_text
 from .docs import Document, Literal, heatmap
 from .inputs import input_matrices, inputs_example, read_inputs
 from ..progress import Progress, silent
@@ -94,13 +95,12 @@ def _layer_refusal(ex: Example, head: AttentionSpec) -> str | None:
     if ex.X is None:
         return "the inputs give Q, K, V, not embeddings and projections"
     if ex.W_O is None:
-        return "the inputs file gives no output projection W_O"
+        return "the inputs file gives no output projection $W_O$"
     if ex.W_Q.cols % 2 or ex.W_V.cols % 2:
-        return "d_k and d_v must be even to split into two heads"
-    if head.score != "dot" or head.mod_object is not None:
-        return "the multi-head layer has the plain dot-product score only, without score mods"
-    if head.mask not in ("none", "causal"):
-        return f"the multi-head layer takes no mask or the causal mask only, not {head.mask}"
+        return "$d_k$ and $d_v$ must be even to split into two heads"
+    if head.score != "dot" or head.mod_object is not None or head.mask not in ("none", "causal"):
+        return ("the worked example's layer shows the plain or causal dot product only; the layer itself takes the "
+                "variant: symattn derive or verify with --d-model and --heads")
     return None
 
 
@@ -114,7 +114,10 @@ def two_heads(ex: Example, head: AttentionSpec, doc: Document, progress: Progres
         return None, ()
     spec = MultiHeadSpec(n, ex.X.cols, 2, d_k=ex.W_Q.cols // 2, d_v=ex.W_V.cols // 2,
                          mask="causal" if causal else "none")
-    doc.add("heading", f"Two heads: {spec.title}")
+    doc.add("heading", "Two heads: a multi-head self-attention layer")
+    doc.add("para", [f"The sentence through a layer of $h = {spec.heads}$ heads on $d_{{\\text{{model}}}} = "
+                     f"{spec.d_model}$, each with $d_k = {spec.d_k}$ and $d_v = {spec.d_v}$"
+                     + (", causal." if causal else ".")])
     columns = "; ".join(f"head {h}: " + (f"columns {spec.d_k * h} to {spec.d_k * (h + 1) - 1}" if spec.d_k > 1
                                           else f"column {h}") for h in range(2))
     doc.add("para", [f"Each head takes its own columns of $W_Q$, $W_K$, $W_V$ ({columns}); the layer's output is"])
@@ -130,7 +133,7 @@ def two_heads(ex: Example, head: AttentionSpec, doc: Document, progress: Progres
     doc.add("table", ["$j$", "token", *(f"head {h} $p_{{ij}}$" for h in range(spec.heads))],
             [[str(j), t, *(f"{P[i, j]:.4f}" for P in head_P)] for j, t in enumerate(ex.tokens)], text, "rlrr")
     out = np.array([[float(values[d.table["Out"][r, m]]) for m in range(spec.d_model)] for r in range(n)])
-    doc.add("para", ["Layer output z for \"", Literal(ex.tokens[i]), "\": [" + ", ".join(f"{x:.4f}" for x in out[i])
+    doc.add("para", ["Layer output $z$ for \"", Literal(ex.tokens[i]), "\": [" + ", ".join(f"{x:.4f}" for x in out[i])
                      + "]"])
     x, wq, wk, wv, wo = (np.array(M, dtype=float) for M in (ex.X, ex.W_Q, ex.W_K, ex.W_V, ex.W_O))
     numeric = multihead_attention(x, wq, wk, wv, wo, heads=2, is_causal=causal)
@@ -164,10 +167,12 @@ def variant_spec(n: int, d_k: int, d_v: int, *, causal: bool = False, mask: str 
 
 
 def _describe(spec: AttentionSpec) -> str:
-    """The variant in words: 'no mask' for plain attention; the score, score mod and mask otherwise."""
-    words = [f"{spec.score} score" + (f" (d_a = {spec.hidden})" if spec.hidden else "")] if spec.score != "dot" else []
-    words += [f"score mod {spec.score_mod}"] if spec.mod_object is not None else []
-    return ", ".join(words + [{"none": "no mask", "causal": "causal mask"}.get(spec.mask, f"mask {spec.mask}")])
+    """The variant in words, with $math$ (a user mod's or mask's name never opens math): 'no mask' for plain
+    attention; the score, score mod and mask otherwise."""
+    words = [f"{spec.score} score" + (f" ($d_a = {spec.hidden}$)" if spec.hidden else "")] if spec.score != "dot" else []
+    words += [f"score mod {spec.score_mod.replace('$', '')}"] if spec.mod_object is not None else []
+    return ", ".join(words + [{"none": "no mask", "causal": "causal mask"}.get(spec.mask, f"mask {spec.mask}")
+                              .replace("$", "")])
 
 
 def _parameters(spec: AttentionSpec, say: Say) -> dict[str, np.ndarray]:
@@ -240,10 +245,11 @@ def run(sentence: str | None = None, *, inputs=None, query: str | None = None, c
     spec = variant_spec(n, ex.Q.cols, ex.V.cols, causal=causal, mask=mask, score=score, hidden=hidden,
                         score_mod=score_mod)
     doc = Document(say)
-    width = f"d_model = {ex.X.cols}, " if ex.X is not None else ""
-    sizes = f"({n} tokens), {width}d_k = {spec.d_k}, d_v = {spec.d_v}, {_describe(spec)}"
-    doc.add("title", f"symattn run: \"{' '.join(ex.tokens)}\" {sizes}", f"Worked example: \"{' '.join(ex.tokens)}\"")
-    doc.blocks.append(("para", [f"Attention on {n} tokens: {sizes[sizes.index(')') + 3:]}."]))  # not said on the terminal
+    width = f"$d_{{\\text{{model}}}} = {ex.X.cols}$, " if ex.X is not None else ""
+    sizes = f"{width}$d_k = {spec.d_k}$, $d_v = {spec.d_v}$, {_describe(spec)}"  # prose with $math$
+    doc.add("title", f"symattn run: \"{' '.join(ex.tokens)}\" ({n} tokens), {explanation_text(sizes)}",
+            f"Worked example: \"{' '.join(ex.tokens)}\"")
+    doc.blocks.append(("para", [f"Attention on {n} tokens: {sizes}."]))  # not said on the terminal
     lines = []
     params = _parameters(spec, lines.append)
     if lines:
@@ -263,7 +269,8 @@ def run(sentence: str | None = None, *, inputs=None, query: str | None = None, c
     doc.add("para", ["Attention weights of \"", Literal(ex.tokens[i]), f"\" (row {i} of $P$):"])
     doc.add(*_weights_table(ex, d, values))
     doc.add("para", [f"\nExact symbolic weights vs NumPy reference: max $|\\text{{difference}}|$ = {result.agreement:.1e}"])
-    doc.add("heading", f"Proofs at n_q = n_k = {n}, d_k = {spec.d_k}, d_v = {spec.d_v}:")
+    doc.add("heading", "Proofs")
+    doc.add("para", [f"At $n_q = n_k = {n}$, $d_k = {spec.d_k}$, $d_v = {spec.d_v}$:"])
     doc.add(*_proofs_table(d))
     passed = sum(p.passed for p in d.proofs)
     doc.add("para", [f"{passed} of {len(d.proofs)} proofs passed." + ("" if d.proved else " SOME PROOFS FAILED.")])

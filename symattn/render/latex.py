@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import sympy
 from sympy.printing.latex import LatexPrinter
 
+from . import markdown
 from .notation import (DEFAULT, LINE, Notation, doc_printer, explanation_latex, explanation_markdown, explanation_text,
                        fitted, head_tagged, one_based, tex_escape, visible_width, wrap)
 
@@ -64,15 +65,16 @@ def equation_parts(d: Derivation, step: Step, *, query: int | None = None, max_e
     symbols to numbers shown as a last `= value`. Indexed forms follow the notation's index base.
     """
     base = one_based if notation.index_base == 1 else (lambda e: e)
+    shared = frozenset(s.tensor for s in d.steps if s.is_input)  # a layer's inputs: the same in every head
 
     def shift(expr):  # a head's tensors carry the head as a superscript
-        return base(head_tagged(expr, step.tag))
+        return base(head_tagged(expr, step.tag, shared))
     if step.indexed is not None:  # with its chain-rule line where it has one: lhs = ... = rhs
         yield "indexed", [shift(step.lhs), *(shift(x) for x in (step.chain or (step.rhs,)))]
     elif step.is_input:
         yield "indexed", [shift(step.lhs)]
     if step.matrix is not None:
-        yield "matrix", [head_tagged(step.matrix.lhs, step.tag), head_tagged(step.matrix.rhs, step.tag)]
+        yield "matrix", [head_tagged(side, step.tag, shared) for side in (step.matrix.lhs, step.matrix.rhs)]
     if step.explicit is None:
         return
     if step.is_input:
@@ -208,19 +210,21 @@ def to_tex_document(d: Derivation, *, notation: Notation = DEFAULT, **kw) -> str
 
 
 def to_markdown(d: Derivation, *, query: int | None = None, max_entries=_UNSET, notation: Notation = DEFAULT) -> str:
-    """Markdown with $$...$$ display math, for documentation pages (headings one level per section level)."""
+    """Markdown for GitHub and the site: ```math display blocks, inline math as render/markdown.py writes it
+    (headings one level per section level)."""
     h = "#" * max(notation.level, 1)
-    out = [f"{h} {d.spec.title}"]
+    out = [f"{h} {markdown.text(d.spec.title)}"]
     for heading, steps in _sections(d):
         out.append(f"{h}# {heading}")
         for step in steps:
             out.append(f"{h}## {_number(d.steps, step)}. {explanation_markdown(step.title)}\n\n"
                        f"{explanation_markdown(step.explanation)}")
             lines = step_latex(d, step, query=query, max_entries=max_entries, notation=notation)
-            out.append(f"$$\n{align(lines, 'aligned')}\n$$")
+            out.append(markdown.display(align(lines, "aligned")))
     if d.proofs:
-        out.append(f"{h}# Proofs at the chosen sizes\n\n| step | claim | method | result |\n|---|---|---|---|\n" + "\n".join(
-            f"| {p.step} | {p.claim} | {p.method} | {'passed' if p.passed else 'FAILED'} |" for p in d.proofs))
+        rows = [[markdown.text(x) for x in (p.step, p.claim, p.method)] + ["passed" if p.passed else "FAILED"]
+                for p in d.proofs]
+        out.append(f"{h}# Proofs at the chosen sizes\n\n" + markdown.table(["step", "claim", "method", "result"], rows))
     return "\n\n".join(out) + "\n"
 
 

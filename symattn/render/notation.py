@@ -17,6 +17,7 @@ from sympy.printing.latex import LatexPrinter
 from ..errors import SpecError
 from ..symbolic.chains import ONE
 from ..symbolic.tensors import SIZES, TENSORS
+from . import markdown
 
 #: Section commands by level: 0 = \chapter (book/report), 1 = \section, 2 = \subsection, 3 = \subsubsection.
 SECTIONS = ("chapter", "section", "subsection", "subsubsection", "paragraph")
@@ -157,19 +158,19 @@ def _names(table, notation: Notation) -> dict:
         names.update(_tagged_names(notation, table.children))
         if notation.index_base == 1:
             for symbol, (tensor, index, tag) in table._where.items():
-                sup = f"^{{({tag})}}" if tag else ""
-                names[symbol] = f"{TENSORS[tensor].elem_latex}{sup}_{{{','.join(str(k + 1) for k in index)}}}"
+                names[symbol] = f"{TENSORS[tensor].tagged_elem(tag)}_{{{','.join(str(k + 1) for k in index)}}}"
     return names
 
 
-def head_tagged(expr, tag: str):
-    """The formula of head `tag`: every tensor T printed T^{(tag)} (indexed bases and matrix symbols)."""
+def head_tagged(expr, tag: str, shared=frozenset()):
+    """The formula of head `tag`: every tensor T printed T^{(tag)} (indexed bases and matrix symbols), except the
+    `shared` ones (a layer's parameters θ, the same for every head)."""
     if not tag or not isinstance(expr, sympy.Basic):
         return expr
     bases = {b: sympy.IndexedBase(sympy.Symbol(f"{b.label}^({tag})")) for b in expr.atoms(sympy.IndexedBase)
-             if b.label.name in TENSORS}
+             if b.label.name in TENSORS and b.label.name not in shared}
     mats = {m: sympy.MatrixSymbol(f"{m.name}^({tag})", *m.shape) for m in expr.atoms(sympy.MatrixSymbol)
-            if m.name in TENSORS}
+            if m.name in TENSORS and m.name not in shared}
     return expr.xreplace({**bases, **mats})
 
 
@@ -303,21 +304,25 @@ def latex(obj, notation: Notation | None = None, *, table=None) -> str:
 # -- explanations: prose with $...$ mathematics ----------------------------------------------------------------
 _UNICODE = [(r"\mathrm{d}", "d"), (r"\sqrt", "√"), (r"\sum", "Σ"), (r"\odot", "∘"), (r"\circ", "∘"),
             (r"\cdot", "·"), (r"\cdots", "⋯"), (r"\ldots", "…"), (r"\top", "ᵀ"), (r"\infty", "∞"), (r"\tau", "τ"),
-            (r"\delta", "δ"), (r"\partial", "∂"), (r"\leq", "≤"), (r"\geq", "≥"), (r"\neq", "≠"), (r"\to", "→"),
+            (r"\delta", "δ"), (r"\theta", "θ"), (r"\partial", "∂"), (r"\leq", "≤"), (r"\geq", "≥"), (r"\neq", "≠"),
+            (r"\to", "→"),
             (r"\in", "∈"), (r"\times", "×"), (r"\tanh", "tanh"), (r"\exp", "exp"), (r"\log", "log"),
             (r"\operatorname{softmax}", "softmax"), (r"\operatorname{diag}", "diag"), (r"\operatorname{Concat}", "Concat"),
             (r"\operatorname{rowsum}", "rowsum"), (r"\mathbf{1}", "1"), (r"\quad", " "), (r"\,", " "), ("-", "−"),
-            (r"\epsilon", "ε"), (r"\lVert", "‖"), (r"\rVert", "‖"), (r"\bar{S}", "S̄"), (r"\circ", "∘")]
+            (r"\epsilon", "ε"), (r"\lVert", "‖"), (r"\rVert", "‖"), (r"\bar{S}", "S̄"), (r"\circ", "∘"),
+            (r"\ell", "ℓ"), (r"\wedge", "∧"), (r"\vee", "∨"), (r"\neg", "¬")]
 _ACCENTS = {"hat": "\u0302", "tilde": "\u0303", "bar": "\u0304"}
 
 
 def tex_to_unicode(tex: str) -> str:
     """Inline LaTeX of an explanation as Unicode text (for the plain-text format and the terminal):
-    \\hat{Q} -> Q̂, ^\\top -> ᵀ, \\sqrt{d_k} -> √d_k, \\frac{a}{b} -> a/b."""
+    \\hat{Q} -> Q̂, ^\\top -> ᵀ, \\sqrt{d_k} -> √d_k, \\frac{a}{b} -> a/b, \\left( -> (."""
     out = re.sub(r"\\(hat|tilde|bar)\{(\w)\}", lambda m: m.group(2) + _ACCENTS[m.group(1)], tex)
+    out = re.sub(r"\\left\b|\s*\\right\b", "", out)  # \left( -> (, "x \right)" -> "x)"
     out = re.sub(r"\\sqrt\{([^{}]*)\}", r"√\1", out)
     out = re.sub(r"\\mathrm\{d\}", "d", out)
     out = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", out)
+    out = re.sub(r"\^\{([^{}]*[\s+\-/][^{}]*)\}", r"^(\1)", out)  # 2^{-8(h+1)/H} -> 2^(-8(h+1)/H)
     out = re.sub(r"\(([\w√]+)\)/", r"\1/", out)
     out = re.sub(r"/\(([\w√]+)\)", r"/\1", out)
     for a, b in _UNICODE:
@@ -337,7 +342,7 @@ def explanation_parts(text: str) -> list[tuple[bool, str]]:
 
 _TEX_SPECIALS = {"\\": r"\textbackslash{}", "_": r"\_", "^": r"\^{}", "&": r"\&", "%": r"\%",
                  "$": r"\$", "#": r"\#", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                 "<": r"\textless{}", ">": r"\textgreater{}"}
+                 "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
 
 
 def tex_escape(text: str) -> str:
@@ -350,8 +355,9 @@ def explanation_latex(text: str) -> str:
 
 
 def explanation_markdown(text: str) -> str:
-    """Markdown: math stays between $ signs (GitHub and MyST render it); * and _ in prose are escaped."""
-    return "".join(f"${p}$" if math else re.sub(r"([*_\\])", r"\\\1", p) for math, p in explanation_parts(text))
+    """Markdown: math as GitHub and MyST read it ($...$, or $`...`$ where Markdown would touch the TeX), prose
+    escaped (render/markdown.py)."""
+    return "".join(markdown.math(p) if math else markdown.text(p) for math, p in explanation_parts(text))
 
 
 def explanation_text(text: str) -> str:

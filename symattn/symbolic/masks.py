@@ -83,21 +83,22 @@ def _causal(b, h, q, kv):
     return q >= kv
 
 
-causal = Mask("causal", _causal, "key j is visible to query i only when j <= i", lambda b, i: (0, i + 1), True)
+causal = Mask("causal", _causal, "key $j$ is visible to query $i$ only when $j \\leq i$", lambda b, i: (0, i + 1),
+              True)
 
 
 def sliding_window(w: int) -> Mask:
     """Causal, and at most w keys back: query i sees keys i - w .. i."""
     w = _size("sliding_window(w)", w, minimum=0)
     return Mask(f"window:{w}", lambda b, h, q, kv: (q >= kv) & (q - kv <= w),
-                f"query i sees keys i - {w} .. i (a causal sliding window)", lambda b, i: (i - w, i + 1), True)
+                f"query $i$ sees keys $i - {w}$ to $i$ (a causal sliding window)", lambda b, i: (i - w, i + 1), True)
 
 
 def prefix_lm(p: int) -> Mask:
     """The first p keys (the prefix) are seen by every query; the rest causally."""
     p = _size("prefix_lm(p)", p, minimum=1)
     return Mask(f"prefix:{p}", lambda b, h, q, kv: (kv < p) | (q >= kv),
-                f"the first {p} keys (the prefix) are visible to every query, the others causally",
+                f"the keys $j < {p}$ (the prefix) are visible to every query, the others causally ($j \\leq i$)",
                 lambda b, i: (0, _max(p, i + 1)), True)
 
 
@@ -121,8 +122,9 @@ def document(ids) -> Mask:
     def span(b, i):
         import sympy
         return sympy.IndexedBase("doc_lo")[b, i], sympy.IndexedBase("doc_hi")[b, i]
-    return Mask(f"document:{digest}", mod, "key j is visible to query i only within i's document (segment ids "
-                "given at run time)", span, False, (("doc", ids), ("doc_lo", lo), ("doc_hi", hi)), "document")
+    return Mask(f"document:{digest}", mod, "key $j$ is visible to query $i$ only when both lie in one document "
+                "(segment ids given at run time)", span, False,
+                (("doc", ids), ("doc_lo", lo), ("doc_hi", hi)), "document")
 
 
 def key_padding(lengths, n: int | None = None) -> Mask:
@@ -147,8 +149,8 @@ def key_padding(lengths, n: int | None = None) -> Mask:
     def span(b, i):
         import sympy
         return 0, sympy.IndexedBase("kv_len")[b, 0]
-    return Mask(f"key-padding:{digest}", mod, "key j is visible only below its batch element's length (given at "
-                "run time)", span, True, (("kv_len", lengths),), "key-padding")
+    return Mask(f"key-padding:{digest}", mod, "key $j$ is visible only when $j < \\ell_b$, the length of its batch "
+                "element $b$ (given at run time)", span, True, (("kv_len", lengths),), "key-padding")
 
 
 def _int_array(name: str, value, ndim: tuple) -> np.ndarray:
@@ -225,8 +227,32 @@ def _combine(symbol: str, op, masks, word: str) -> Mask:
         span = None if None in spans else (lambda b, i: _hull([s(b, i) for s in spans]))
         exact = len(masks) == 1 and masks[0].exact
     kernel = symbol.join(m.kernel_text or m.text for m in masks)
-    return Mask(symbol.join(m.text for m in masks), mod, f" {word} ".join(m.description for m in masks), span,
+    return Mask(symbol.join(m.text for m in masks), mod, _combined_description(masks, word), span,
                 exact, tuple(pair for m in masks for pair in m.arrays), kernel)
+
+
+def _combined_description(masks, word: str) -> str:
+    """'key $j$ is visible to query $i$ when both hold: (a) $j \\leq i$; and (b) ...': each part's own sentence, its
+    opening 'key $j$ is visible to query $i$ (only) when' said once; an or numbers its parts (1), (2), so an or of
+    ands reads unambiguously. One mask keeps its own description."""
+    if len(masks) == 1:
+        return masks[0].description
+    letters = word == "and" and len(masks) <= 26
+    labels = [chr(ord("a") + n) if letters else str(n + 1) for n in range(len(masks))]
+    count = {"and": ("both hold", "all hold"), "or": ("either holds", "at least one holds")}[word][len(masks) > 2]
+    parts = [f"({label}) {_condition(m.description)}" for label, m in zip(labels, masks)]
+    return f"{_VISIBLE}when {count}: " + "; ".join(parts[:-1]) + f"; {word} " + parts[-1]
+
+
+_VISIBLE = "key $j$ is visible to query $i$ "
+
+
+def _condition(description: str) -> str:
+    """A mask's description as a condition on (i, j): without the opening that the combined sentence says."""
+    for opening in (_VISIBLE + "only when ", _VISIBLE + "when "):
+        if description.startswith(opening):
+            return description[len(opening):]
+    return description
 
 
 def _is_symbolic(*xs) -> bool:
@@ -315,4 +341,16 @@ def traced(mod: MaskMod, name: str | None = None) -> Mask:
                             f"its value at q_idx={qi}, kv_idx={kj}; with symbols, == compares expressions: write "
                             f"sympy.Eq(a, b) (or (a <= b) & (a >= b)) for equality")
     text = name or "user_" + hashlib.sha256(sympy.srepr(condition).encode()).hexdigest()[:8]
-    return Mask(text, mod, f"user mask: {condition}")
+    return Mask(text, mod, _user_description(condition, q, kv))
+
+
+def _user_description(condition, q, kv) -> str:
+    """The condition as mathematics (sympy.latex), the query index written i and the key index j as the derivation
+    writes them; the condition's text, outside math, when SymPy cannot print it."""
+    import sympy
+    i, j = sympy.symbols("i j", integer=True)
+    try:
+        tex = sympy.latex(sympy.sympify(condition).xreplace({q: i, kv: j}))
+    except Exception:  # a condition SymPy's printer refuses: its text, outside math
+        return f"user mask: {str(condition).replace('$', '')}"
+    return f"user mask, key $j$ visible to query $i$ where ${tex}$"

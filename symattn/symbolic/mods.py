@@ -1,9 +1,8 @@
 """Score mods as data: s' = f(s, b, h, q_idx, kv_idx; θ) (FlexAttention's score_mod), applied to any score.
 
-Library: `alibi(slope)` (s + slope·(kv_idx − q_idx); the ALiBi paper's slope for a single head, 2^-8, by
-default), `alibi(heads=H)` (slope m_h = 2^(-8(h+1)/H) of head h, the paper's geometric slopes), `softcap(c)` (c·tanh(s/c)), `relative_bias(d)` (s + B[clip(kv_idx − q_idx, −d, d) + d], a learnable
-table B of 2d + 1 entries). Each has a text form (`spec.score_mod`: "alibi", "softcap:30", "relative-bias:4")
-that names files and rebuilds it from the command line. The derivative ∂f/∂s and ∂f/∂θ are derived by SymPy.
+Library: `alibi(slope)` (s + slope·(kv_idx − q_idx), slope 2^-8 by default; `heads=H`: the paper's m_h =
+2^(-8(h+1)/H) of head h), `softcap(c)` (c·tanh(s/c)), `relative_bias(d)` (s + B[clip(kv_idx − q_idx, −d, d) + d],
+a table of 2d + 1 entries). Text forms ("alibi", "softcap:30", "relative-bias:4") name files; ∂f by SymPy.
 
 A user's own score_mod(score, b, h, q_idx, kv_idx), written with +, -, *, /, ** and the operations of `ops`
 (exp, log, tanh, abs, where, minimum, maximum, comparisons) and indexing a declared `table`, is traced with
@@ -64,12 +63,12 @@ def alibi(slope=Fraction(1, 256), *, heads: int | None = None) -> ScoreMod:
         def per_head(s, b, h, q, kv, theta):
             import sympy
             return s + sympy.Integer(2) ** (-sympy.Rational(8, heads) * (h + 1)) * (kv - q)
-        return ScoreMod(f"alibi:heads={heads}", per_head, f"s + m_h*(j - i) with m_h = 2^(-8(h+1)/{heads}): ALiBi's "
-                        f"linear distance penalty, one slope per head", "alibi-heads", Fraction(heads), heads=heads)
+        text = f"ALiBi's linear bias $f(s) = s + m_h (j - i)$, head $h$'s slope $m_h = 2^{{-8(h+1)/{heads}}}$"
+        return ScoreMod(f"alibi:heads={heads}", per_head, text, "alibi-heads", Fraction(heads), heads=heads)
     slope = _number("alibi slope", slope)
     text = "alibi" if slope == Fraction(1, 256) else f"alibi:{slope}"
     return ScoreMod(text, lambda s, b, h, q, kv, theta: s + _exact(slope) * (kv - q),
-                    f"s + {slope}*(j - i): ALiBi's linear distance penalty", "alibi", slope)
+                    f"ALiBi's linear bias $f(s) = s + m (j - i)$ with slope $m = {slope}$", "alibi", slope)
 
 
 def softcap(c) -> ScoreMod:
@@ -79,7 +78,7 @@ def softcap(c) -> ScoreMod:
     def formula(s, b, h, q, kv, theta):
         import sympy
         return _exact(c) * sympy.tanh(s / _exact(c))
-    return ScoreMod(f"softcap:{c}", formula, f"{c}*tanh(s/{c}): soft-capped scores", "softcap", c)
+    return ScoreMod(f"softcap:{c}", formula, f"soft-capping $f(s) = c \\tanh(s/c)$ with $c = {c}$", "softcap", c)
 
 
 def relative_bias(d: int) -> ScoreMod:
@@ -91,8 +90,8 @@ def relative_bias(d: int) -> ScoreMod:
     def formula(s, b, h, q, kv, theta):
         import sympy
         return s + theta["B_rel"](sympy.Min(sympy.Max(kv - q, -d), d) + d)
-    return ScoreMod(f"relative-bias:{d}", formula, f"s + B[clip(j - i, -{d}, {d}) + {d}]: a learned bias per "
-                    f"relative distance", "relative-bias", Fraction(d), (table,), (("n_rel", 2 * d + 1),))
+    return ScoreMod(f"relative-bias:{d}", formula, f"a learned bias per distance $f(s) = s + B[\\mathrm{{clip}}(j - i, "
+                    f"-d, d) + d]$, $d = {d}$", "relative-bias", Fraction(d), (table,), (("n_rel", 2 * d + 1),))
 
 
 def _number(name: str, value) -> Fraction:
@@ -312,6 +311,7 @@ def _in_range(t: Table, entry) -> tuple:
 
 def _trace(fn, params, name) -> ScoreMod:
     import sympy
+    from .mathtext import user_mod_description
     label = getattr(fn, "__name__", type(fn).__name__)
     symbols = (sympy.Symbol("score", real=True), *sympy.symbols("b h q_idx kv_idx", integer=True))
     theta = {n: Table(n, shape) for n, shape in (params or {}).items()}
@@ -331,8 +331,8 @@ def _trace(fn, params, name) -> ScoreMod:
                       rf"\theta^{{\mathrm{{{t.name}}}}}", _dims(t)) for t in tables)
     sizes = tuple((dim, n) for t in tables for dim, n in zip(_dims(t), t.shape))
     traced = Trace(expr, symbols, tables)
-    mod = ScoreMod(text, traced.formula, f"{expr} (the user's score_mod {label})", "user", declared=declared,
-                   sizes=sizes, trace=traced)
+    mod = ScoreMod(text, traced.formula, user_mod_description(expr, symbols, tables, label), "user",
+                   declared=declared, sizes=sizes, trace=traced)
     try:
         mod.params  # declares the tables' tensors: a name used before with another rank is refused here
     except ValueError as e:
