@@ -29,6 +29,18 @@ def evaluate_steps(d, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_kernel_cache(request, tmp_path_factory):
+    """One kernel cache for the whole run, never ~/.cache: a variant compiled by one test is reused by the next.
+    It lives in pytest's cache folder (kept between local runs; folders are per generator fingerprint, so a changed
+    generator renders afresh), or in a fresh folder under -p no:cacheprovider. Tests of the cache set their own."""
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("symattn-kernels") if cache is not None else tmp_path_factory.mktemp("symattn-kernels")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SYMATTN_CACHE", str(folder))
+        yield
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

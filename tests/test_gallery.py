@@ -17,8 +17,7 @@ def test_the_gallery_covers_the_issue_list():
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_every_example_is_verified_four_ways(name, monkeypatch, tmp_path):
-    monkeypatch.setenv("SYMATTN_CACHE", str(tmp_path))
+def test_every_example_is_verified_four_ways(name):
     spec = EXAMPLES[name].spec()
     report = verify(spec)
     assert report.passed, report.failures()

@@ -19,17 +19,6 @@ PAIRS = [("alibi", "causal"), ("softcap", "window"), ("relative_bias", "prefix")
          ("softcap", "key_padding"), ("relative_bias", "and_or")]  # every mask, every mod twice
 
 
-@pytest.fixture(autouse=True, scope="module")
-def kernel_cache(request):
-    """Rendered variants kept across test runs (Numba's cache beside them): the first run compiles."""
-    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider: a fresh folder then
-    folder = cache.mkdir("symattn-variant-kernels") if cache is not None else \
-        request.getfixturevalue("tmp_path_factory").mktemp("symattn-variant-kernels")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SYMATTN_CACHE", str(folder))
-        yield
-
-
 def _params(mod, dtype):
     return {"B_rel": np.linspace(-1.0, 1.5, 7).astype(dtype)} if mod.kind == "relative-bias" else None
 
