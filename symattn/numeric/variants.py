@@ -288,10 +288,9 @@ def backward(variant: Variant, p, params: dict, O, LSE, dO):
     if variant.score == "cosine":
         Qs, Kh, tau, Qh, NQ, NK = _cosine(p, params)
         grads = kernels.variant_backward(Qs, Kh, *args[2:6], 1.0, *args[7:])
-        qz, kz = p.batch[:, 0], p.batch[:, 1]
-        grads["tau"] = np.sum(Qh[qz] * dQ, dtype=dQ.dtype).reshape(1)  # s = (tau q̂)·k̂: dtau = Σ q̂·dQs
-        dQ[:] = _through_norm(Qh[qz], NQ[qz], tau * dQ)
-        dK[:] = _through_norm(Kh[kz], NK[kz], dK)
+        # s = (tau q̂)·k̂: dtau = Σ q̂·dQs, dq̂ = tau dQs; then through the norms, in place
+        grads["tau"] = np.array([_through_norm(Qh, NQ, p.batch[:, 0], tau, dQ)], dtype=dQ.dtype)
+        _through_norm(Kh, NK, p.batch[:, 1], Kh.dtype.type(1.0), dK)
     elif variant.score == "dot":
         grads = kernels.variant_backward(*args)
     else:
@@ -310,11 +309,26 @@ def _normalized(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return X / N, N
 
 
-def _through_norm(Xh: np.ndarray, N: np.ndarray, dXh: np.ndarray) -> np.ndarray:
-    """dx of x̂ = x / max(‖x‖, ε) given dx̂: (dx̂ − x̂ (x̂·dx̂)) / ‖x‖ where the norm exceeds ε, dx̂ / ε where the
-    clamp holds (its derivative is 0, as torch's clamp_min)."""
-    along = np.einsum("bnd,bnd->bn", Xh, dXh)[..., None]  # (B, n, 1)
-    return np.where(N > NORM_EPS, (dXh - Xh * along) / N, dXh / N)
+@numba.njit(cache=True, error_model="numpy")
+def _through_norm(Xh, N, rows, coef, dXh):
+    """In place, dXh[z] (B, n, d) -> dx of x̂ = x / max(‖x‖, ε) given dx̂ = coef·dXh[z], with x̂ = Xh[rows[z]] and
+    the clamped norms N[rows[z]] (n, 1): (dx̂ − x̂ (x̂·dx̂)) / ‖x‖ where the norm exceeds ε, dx̂ / ε where the clamp
+    holds (its derivative is 0, as torch's clamp_min). Returns Σ x̂·dXh over every row (cosine's dtau)."""
+    B, n, d = dXh.shape
+    total = 0.0
+    for z in range(B):
+        r = rows[z]
+        for i in range(n):
+            along = 0.0
+            for a in range(d):
+                along += Xh[r, i, a] * dXh[z, i, a]
+            total += along
+            inv = 1.0 / N[r, i, 0]
+            keep = N[r, i, 0] > NORM_EPS
+            for a in range(d):
+                g = dXh[z, i, a] - (Xh[r, i, a] * along if keep else 0.0)
+                dXh[z, i, a] = coef * g * inv
+    return total
 
 
 def _cosine(p, params: dict) -> tuple:
