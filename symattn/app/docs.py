@@ -41,6 +41,11 @@ class Literal(str):
     """Text printed as it is (a token): escaped in LaTeX and Markdown, never read as mathematics."""
 
 
+class Prose(str):
+    """A table cell in symattn's own words with $math$ (a proof's claim; never user text): typeset like an
+    explanation. Other cells are printed as they are."""
+
+
 @dataclass
 class Document:
     """The worked example as blocks, rendered as text (what the terminal shows), LaTeX, Markdown or a .tex
@@ -97,7 +102,8 @@ def _markdown(block) -> str:
         return (f"### {a[0]}. {explanation_markdown(a[1])}\n\n{explanation_markdown(a[2])}\n\n"
                 + markdown.display(align(a[3], "aligned")))
     if kind == "table":
-        header, rows = [explanation_markdown(h) for h in a[0]], [[markdown_text(c) for c in row] for row in a[1]]
+        header = [explanation_markdown(h) for h in a[0]]
+        rows = [[explanation_markdown(c) if isinstance(c, Prose) else markdown_text(c) for c in row] for row in a[1]]
         return markdown.table(header, rows)
     return "```text\n" + "\n".join(a[0]) + "\n```"
 
@@ -115,7 +121,8 @@ def _latex(block) -> str:
                 + align(a[3], "align*"))
     if kind == "table":
         rows = [" & ".join(explanation_latex(h) for h in a[0]) + r" \\ \hline"]
-        rows += [" & ".join(tex_token(c) for c in row) + r" \\" for row in a[1]]
+        rows += [" & ".join(explanation_latex(c) if isinstance(c, Prose) else tex_token(c) for c in row) + r" \\"
+                 for row in a[1]]
         return "{\\small\n\\begin{tabular}{" + a[3] + "}\n" + "\n".join(rows) + "\n\\end{tabular}}"
     return "{\\small\n\\begin{verbatim}\n" + "\n".join(a[0]) + "\n\\end{verbatim}}"
 

@@ -18,7 +18,7 @@ from ..symbolic.derive import Derivation, derive, parameters
 from .example import Example, example, parameters as example_parameters
 from ..render.latex import step_latex
 from ..render.notation import explanation_text
-from .docs import Document, Literal, heatmap
+from .docs import Document, Literal, Prose, heatmap
 from .inputs import input_matrices, inputs_example, read_inputs
 from ..progress import Progress, silent
 from ..symbolic.layer import derive_multihead
@@ -84,8 +84,8 @@ def _weights_table(ex: Example, d: Derivation, values: dict) -> tuple:
 
 def _proofs_table(d: Derivation) -> tuple:
     """The proofs as a table block (no timings: documents are deterministic)."""
-    rows = [[p.step, p.claim, p.method, "passed" if p.passed else "FAILED"] for p in d.proofs]
-    text = [f"  [{'pass' if p.passed else 'FAIL'}] {p.kind:<9}{p.step:<16} {p.method:<24} {p.claim}"
+    rows = [[p.step, Prose(p.claim), p.method, "passed" if p.passed else "FAILED"] for p in d.proofs]
+    text = [f"  [{'pass' if p.passed else 'FAIL'}] {p.kind:<9}{p.step:<16} {p.method:<24} {explanation_text(p.claim)}"
             + (f"\n         {p.failure}" if p.failure else "") for p in d.proofs]
     return "table", ["step", "claim", "method", "result"], rows, text, r"p{0.14\linewidth}p{0.5\linewidth}p{0.2\linewidth}l"
 

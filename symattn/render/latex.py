@@ -181,7 +181,7 @@ def to_latex(d: Derivation, *, query: int | None = None, max_entries=_UNSET, not
 def proofs_latex(d: Derivation, notation: Notation = DEFAULT) -> str:
     if not d.proofs:
         return ""
-    rows = [rf"{tex_escape(p.step)} & {tex_escape(p.claim)} & {tex_escape(p.method)} & "
+    rows = [rf"{tex_escape(p.step)} & {explanation_latex(p.claim)} & {tex_escape(p.method)} & "
             rf"{'passed' if p.passed else 'FAILED'} \\" for p in d.proofs]
     return (notation.section() + "{Proofs at the chosen sizes}\n\\begin{tabular}{p{0.12\\linewidth}p{0.5\\linewidth}"
             "p{0.2\\linewidth}l}\nstep & claim & method & result \\\\ \\hline\n" + "\n".join(rows) + "\n\\end{tabular}")
@@ -222,7 +222,8 @@ def to_markdown(d: Derivation, *, query: int | None = None, max_entries=_UNSET, 
             lines = step_latex(d, step, query=query, max_entries=max_entries, notation=notation)
             out.append(markdown.display(align(lines, "aligned")))
     if d.proofs:
-        rows = [[markdown.text(x) for x in (p.step, p.claim, p.method)] + ["passed" if p.passed else "FAILED"]
+        rows = [[markdown.text(p.step), explanation_markdown(p.claim), markdown.text(p.method),
+                 "passed" if p.passed else "FAILED"]
                 for p in d.proofs]
         out.append(f"{h}# Proofs at the chosen sizes\n\n" + markdown.table(["step", "claim", "method", "result"], rows))
     return "\n\n".join(out) + "\n"
@@ -252,5 +253,5 @@ def to_text(d: Derivation, *, query: int | None = None, max_entries=_UNSET, nota
 
 
 def proof_lines(d: Derivation) -> list[str]:
-    return [f"  [{'pass' if p.passed else 'FAIL'}] {p.kind:<9}{p.step:<16} {p.method:<24} {p.seconds:6.2f} s  {p.claim}"
+    return [f"  [{'pass' if p.passed else 'FAIL'}] {p.kind:<9}{p.step:<16} {p.method:<24} {p.seconds:6.2f} s  {explanation_text(p.claim)}"
             + (f"\n         {p.failure}" if p.failure else "") for p in d.proofs]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import symengine as se
 import sympy
 
-from .tensors import flat, shape_of
+from .tensors import TENSORS, flat, shape_of
 
 if TYPE_CHECKING:  # type hints only: derive() runs the proofs, so prove must not import derive
     from .derive import Derivation, Progress
@@ -190,8 +190,14 @@ def _gradient(chain: _Chain, key: str, target: str, leaves: tuple[str, ...], for
                 if not _is_zero(plain_value - vals[sym], False):
                     failure = failure or f"{sym}: closed {vals[sym]} != diff {plain_value}"
         method, detail = "random rational points", f"{POINTS} points, seed crc32({spec.name!r})"
-    return Proof(key, "gradient", f"{chain.d.step(key).tensor} (closed form) = dL/d{target} (plain diff of L over "
-                 f"{', '.join(leaves)})", method, detail, not failure, checked, time.perf_counter() - start, failure)
+    claim = (f"${_tex(chain.d.step(key).tensor)}$ (closed form) $= \\partial L / \\partial {_tex(target)}$ (plain "
+             f"differentiation of $L$ over ${', '.join(map(_tex, leaves))}$)")
+    return Proof(key, "gradient", claim, method, detail, not failure, checked, time.perf_counter() - start, failure)
+
+
+def _tex(name: str) -> str:
+    """A tensor's LaTeX name in a claim (math between $ signs; a name that is not a tensor as it is)."""
+    return TENSORS[name].latex if name in TENSORS else name
 
 
 def _jacobian(chain: _Chain) -> Proof:
@@ -209,7 +215,8 @@ def _jacobian(chain: _Chain) -> Proof:
         checked += 1
         if not _is_zero(diff - closed, exact=True):
             failure = failure or f"J[{x},{y},{z}] differs from d p_{x}{y} / d s_{x}{z}"
-    return Proof("jacobian", "jacobian", "J_ijl = p_ij (delta_jl - p_il) = d p_ij / d s_il", "exact simplification",
+    return Proof("jacobian", "jacobian", r"$J_{ijl} = p_{ij} (\delta_{jl} - p_{il}) = \partial p_{ij} / \partial s_{il}$",
+                 "exact simplification",
                  "SymPy cancel of (closed - diff) to 0", not failure, checked, time.perf_counter() - start, failure)
 
 
@@ -233,7 +240,8 @@ def _indexed(d: Derivation) -> list[Proof]:
             if _expanded(value - step.explicit[index]) != 0:
                 failure = failure or (f"{step.symbols[index]}: indexed {value} != explicit "
                                       f"{step.explicit[index]}")
-        proofs.append(Proof(step.key, "indexed", f"indexed {step.tensor} formula at the sizes = explicit {step.tensor}",
+        claim = f"indexed ${_tex(step.tensor)}$ formula at the sizes $=$ explicit ${_tex(step.tensor)}$"
+        proofs.append(Proof(step.key, "indexed", claim,
                             "exact simplification", "SymPy expand of (indexed - explicit) to 0",
                             not failure, checked, time.perf_counter() - start, failure))
     return proofs
