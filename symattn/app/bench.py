@@ -241,10 +241,13 @@ def plot(rows: list[Row], path: Path) -> None:
         for k, p in enumerate(others):
             ax.bar(x + k * width, [r.ratio(p) or 0 for r in sel], width, label=p)
         ax.axhline(1.0, color="black", lw=0.8)
-        labels = [r.label.replace(" ", "\n") + (f"\n{r.mode.split(' ', 1)[1]}" if r.mode.startswith(("layer", "variant",
-                                                                                              "score")) else "")
-                  for r in sel]
-        ax.set_xticks(x + width * (len(others) - 1) / 2, labels, fontsize=7)
+        if mode == "variants":  # long names: one slanted line each
+            labels = [f"({r.batch},{r.n},{r.d}) {r.mode.split(' ', 1)[1]}" for r in sel]
+            ax.set_xticks(x + width * (len(others) - 1) / 2, labels, fontsize=7, rotation=35, ha="right")
+        else:
+            labels = [r.label.replace(" ", "\n") + (f"\n{r.mode.split(' ', 1)[1]}" if r.mode.startswith("layer")
+                                                      else "") for r in sel]
+            ax.set_xticks(x + width * (len(others) - 1) / 2, labels, fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{mode}: symattn speed-up (peer time / symattn time)", fontsize=9)
     axes[0].set_ylabel("times faster than the peer (higher is better)")
