@@ -47,10 +47,15 @@ def test_additive_score_with_relative_bias_and_window_mask():
 
 def test_params_are_exact_deterministic_rationals():
     spec = run_module.variant_spec(3, 2, 2, score="additive", hidden=3)
-    a, b = (run_module._parameters(spec, lambda line: None) for _ in range(2))
+    docs = [run_module.Document(say=lambda line: None) for _ in range(2)]
+    a, b = (run_module._parameters(spec, doc) for doc in docs)
     assert {k: v.shape for k, v in a.items()} == {"W_a": (2, 3), "U_a": (2, 3), "v_a": (3,), "b_a": (3,)}
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert {float(x) for v in a.values() for x in v.flat} <= {-1, -0.5, 0, 0.5, 1}
+    shown = [block for block in docs[0].blocks if block[0] == "matrix"]  # each θ shown as a matrix, exact
+    assert [block[1] for block in shown] == ["W_a", "U_a", "v_a", "b_a"]
+    assert all(block[3].shape == (a[name].shape[0] if a[name].ndim == 2 else 1, a[name].shape[-1]) and
+               list(block[3]) == list(a[name].flat) for block, name in zip(shown, a))
 
 
 def test_cli_run_with_a_variant(capsys):

@@ -83,7 +83,7 @@ def _text(block) -> list[str]:
     if kind == "para":
         return [_pieces(a[0], explanation_text, str)]
     if kind == "matrix":
-        return [f"{a[0]}, {a[1]}:", *matrix_text(a[2], a[3])]
+        return [f"{explanation_text('$' + a[0] + '$')}, {a[1]}:", *matrix_text(a[2], a[3])]
     if kind == "step":
         return [f"% {a[0]}. {explanation_text(a[1])}: {explanation_text(a[2])}",
                 *("  " + " = ".join(parts) for parts in a[3]), ""]

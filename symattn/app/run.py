@@ -175,13 +175,16 @@ def _describe(spec: AttentionSpec) -> str:
                               .replace("$", "")])
 
 
-def _parameters(spec: AttentionSpec, say: Say) -> dict[str, np.ndarray]:
-    """Exact example values of the variant's parameters θ, keyed by parameter name (none for the dot product)."""
+def _parameters(spec: AttentionSpec, doc: Document) -> dict[str, np.ndarray]:
+    """Exact example values of the variant's parameters θ, keyed by parameter name (none for the dot product),
+    shown as matrices (a vector as one row)."""
     params = example_parameters({p.name: TENSORS[p.tensor].shape(spec) for p in parameters(spec)})
     if params:
-        say("Parameters of the variant, exact deterministic example values:")
-    for name, x in params.items():
-        say(f"  {name} {x.shape} = {x.tolist()}")
+        doc.add("para", ["The variant's parameters, exact deterministic example values:"])
+    for p in parameters(spec):
+        x = params[p.name]
+        doc.add("matrix", TENSORS[p.tensor].latex, f"params[{p.name!r}], shape {x.shape}",
+                sympy.ImmutableMatrix(x.reshape(x.shape[0] if x.ndim == 2 else 1, -1)), None)
     return params
 
 
@@ -250,10 +253,7 @@ def run(sentence: str | None = None, *, inputs=None, query: str | None = None, c
     doc.add("title", f"symattn run: \"{' '.join(ex.tokens)}\" ({n} tokens), {explanation_text(sizes)}",
             f"Worked example: \"{' '.join(ex.tokens)}\"")
     doc.blocks.append(("para", [f"Attention on {n} tokens: {sizes}."]))  # not said on the terminal
-    lines = []
-    params = _parameters(spec, lines.append)
-    if lines:
-        doc.add("pre", lines)
+    params = _parameters(spec, doc)
     _inputs_section(ex, doc)
     d = derive(spec, progress=progress)
     progress("evaluating the exact forward values")
