@@ -31,13 +31,16 @@ def test_the_set_is_complete_and_linked(built):
     out = built / "a"
     names = {p.name for p in out.iterdir()}
     expected = {"index.md", "derivation.md", "derivation.tex", "worked-example.md", "worked-example.tex",
-                "heatmap.png", "verification.md"} | ({"derivation.pdf"} if shutil.which("pdflatex") else set())
+                "heatmap.png", "verification.md"} | ({"derivation.pdf", "worked-example.pdf"} if shutil.which("pdflatex")
+                                                    else set())
     assert names == expected  # nothing else (no pdflatex leftovers)
     index = (out / "index.md").read_text()
     for link in re.findall(r"\]\(([^)]+)\)", index):
         assert (out / link).is_file(), link
     assert "All proofs and checks passed." in index
     assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in names & {"derivation.pdf", "worked-example.pdf"}:
+        assert (out / name).read_bytes()[:5] == b"%PDF-", name
     derivation = (out / "derivation.md").read_text()
     assert "```math" in derivation and "$$" not in derivation and "causal" in derivation.lower()
     example = (out / "worked-example.md").read_text()
