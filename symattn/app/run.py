@@ -23,7 +23,8 @@ from .inputs import input_matrices, inputs_example, read_inputs
 from ..progress import Progress, silent
 from ..symbolic.layer import derive_multihead
 from ..numeric.layer import multihead_attention
-from ..symbolic.spec import UNSCALED, AttentionSpec, MultiHeadSpec, _positive_int
+from ..symbolic.fields import positive_int
+from ..symbolic.spec import UNSCALED, AttentionSpec, MultiHeadSpec
 from ..symbolic.tensors import TENSORS
 from ..check.verification import verify
 
@@ -212,9 +213,9 @@ def _example(sentence, inputs, query, d_model, d_k, d_v) -> Example:
             raise SymattnError("the inputs file gives the tokens and sizes: leave out the sentence, d_model, d_k "
                                "and d_v")
         return inputs_example(inputs, query=query) if isinstance(inputs, Mapping) else read_inputs(inputs, query=query)
-    d_model = _positive_int("d_model", 4 if d_model is None else d_model, "run")
-    d_k = _positive_int("d_k", 4 if d_k is None else d_k, "run")
-    d_v = d_k if d_v is None else _positive_int("d_v", d_v, "run")
+    d_model = positive_int("d_model", 4 if d_model is None else d_model, "run")
+    d_k = positive_int("d_k", 4 if d_k is None else d_k, "run")
+    d_v = d_k if d_v is None else positive_int("d_v", d_v, "run")
     limits.check_run_sizes(len((sentence or "").split()), d_model, d_k, d_v)
     return example(sentence, query=query, d_model=d_model, d_k=d_k, d_v=d_v)
 

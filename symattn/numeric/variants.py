@@ -266,12 +266,11 @@ def forward(variant: Variant, p, params: dict):
     """O (B, n_q, d_v) and LSE (B, n_q) of a prepared problem (api._Problem)."""
     B, n_q, d_v = p.batch.shape[0], p.Q.shape[1], p.V.shape[2]
     O, LSE = np.empty((B, n_q, d_v), dtype=p.Q.dtype), np.empty((B, n_q), dtype=p.Q.dtype)
-    args = (p.Q, p.K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), p.scale, kernels.MASKED_ROWS[p.masked_rows],
+    Q, K, scale = _cosine(p, params)[:3] if variant.score == "cosine" else (p.Q, p.K, p.scale)
+    args = (Q, K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), scale, kernels.MASKED_ROWS[p.masked_rows],
             variant.mod, variant.mask, params, O, LSE)
-    if variant.score == "cosine":
-        args = (*_cosine(p, params)[:2], *args[2:])
     if variant.score in ("dot", "cosine"):
-        kernels.variant_forward(*args[:6], 1.0 if variant.score == "cosine" else p.scale, *args[7:])
+        kernels.variant_forward(*args)
     else:
         variant_forward(variant.score, *args)
     return O, LSE
@@ -283,18 +282,17 @@ def backward(variant: Variant, p, params: dict, O, LSE, dO):
     dQ = np.empty((B,) + p.Q.shape[1:], dtype=p.Q.dtype)
     dK = np.empty((B,) + p.K.shape[1:], dtype=p.Q.dtype)
     dV = np.empty((B,) + p.V.shape[1:], dtype=p.Q.dtype)
-    args = (p.Q, p.K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), p.scale, kernels.MASKED_ROWS[p.masked_rows],
+    cosine = _cosine(p, params) if variant.score == "cosine" else None
+    Q, K, scale = cosine[:3] if cosine else (p.Q, p.K, p.scale)
+    args = (Q, K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), scale, kernels.MASKED_ROWS[p.masked_rows],
             variant.mod, variant.mask, params, O, LSE, dO, dQ, dK, dV)
-    if variant.score == "cosine":
-        Qs, Kh, tau, Qh, NQ, NK = _cosine(p, params)
-        grads = kernels.variant_backward(Qs, Kh, *args[2:6], 1.0, *args[7:])
-        # s = (tau q̂)·k̂: dtau = Σ q̂·dQs, dq̂ = tau dQs; then through the norms, in place
+    if variant.score not in ("dot", "cosine"):
+        return dQ, dK, dV, variant_backward(variant.score, *args)
+    grads = kernels.variant_backward(*args)
+    if cosine:  # s = (tau q̂)·k̂: dtau = Σ q̂·dQs, dq̂ = tau dQs; then through the norms, in place
+        _, Kh, _, tau, Qh, NQ, NK = cosine
         grads["tau"] = np.array([_through_norm(Qh, NQ, p.batch[:, 0], tau, dQ)], dtype=dQ.dtype)
         _through_norm(Kh, NK, p.batch[:, 1], Kh.dtype.type(1.0), dK)
-    elif variant.score == "dot":
-        grads = kernels.variant_backward(*args)
-    else:
-        grads = variant_backward(variant.score, *args)
     return dQ, dK, dV, grads
 
 
@@ -324,17 +322,16 @@ def _through_norm(Xh, N, rows, coef, dXh):
                 along += Xh[r, i, a] * dXh[z, i, a]
             total += along
             inv = 1.0 / N[r, i, 0]
-            keep = N[r, i, 0] > NORM_EPS
+            radial = along if N[r, i, 0] > NORM_EPS else 0.0  # the clamp holds: no gradient along x̂
             for a in range(d):
-                g = dXh[z, i, a] - (Xh[r, i, a] * along if keep else 0.0)
-                dXh[z, i, a] = coef * g * inv
+                dXh[z, i, a] = coef * (dXh[z, i, a] - Xh[r, i, a] * radial) * inv
     return total
 
 
 def _cosine(p, params: dict) -> tuple:
     """The cosine score s = tau·q̂·k̂ as a dot product with scale 1 of Qs = tau·Q̂ and K̂ (so its score mods and
-    masks run on the dot kernels, masked tiles skipped): (Qs, K̂, tau, Q̂, |Q|, |K|), Q̂ and K̂ per stored row."""
+    masks run on the dot kernels, masked tiles skipped): (Qs, K̂, 1.0, tau, Q̂, |Q|, |K|), per stored row."""
     tau = params["tau"][0]
     Qh, NQ = _normalized(p.Q)
     Kh, NK = _normalized(p.K)
-    return np.ascontiguousarray(tau * Qh), np.ascontiguousarray(Kh), tau, Qh, NQ, NK
+    return np.ascontiguousarray(tau * Qh), np.ascontiguousarray(Kh), 1.0, tau, Qh, NQ, NK

@@ -345,12 +345,11 @@ def traced(mod: MaskMod, name: str | None = None) -> Mask:
 
 
 def _user_description(condition, q, kv) -> str:
-    """The condition as mathematics (sympy.latex), the query index written i and the key index j as the derivation
-    writes them; the condition's text, outside math, when SymPy cannot print it."""
+    """The condition as mathematics, the query index written i and the key index j as the derivation writes them;
+    its text, outside math, when SymPy cannot print it (symbolic/mathtext.py)."""
     import sympy
+
+    from .mathtext import inline_math, prose
     i, j = sympy.symbols("i j", integer=True)
-    try:
-        tex = sympy.latex(sympy.sympify(condition).xreplace({q: i, kv: j}))
-    except Exception:  # a condition SymPy's printer refuses: its text, outside math
-        return f"user mask: {str(condition).replace('$', '')}"
-    return f"user mask, key $j$ visible to query $i$ where ${tex}$"
+    tex = inline_math(sympy.sympify(condition).xreplace({q: i, kv: j}), {})
+    return f"user mask, key $j$ visible to query $i$ where ${tex}$" if tex else f"user mask: {prose(condition)}"

@@ -20,8 +20,6 @@ from .fields import choice, mask_field, positive_int, short_repr, variant_args, 
 from .masks import Mask, mask_of
 from .mods import ScoreMod, mod_of
 
-_positive_int = positive_int  # the name symattn.app.run imports
-
 if TYPE_CHECKING:
     import sympy
 
