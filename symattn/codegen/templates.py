@@ -24,8 +24,9 @@ JIT_OPTIONS = {"cache": True, "error_model": "'numpy'", "fastmath": "{'nsz', 'ar
 
 def decorator(parallel: bool = False, *, inline: bool = False, exact: bool = False) -> str:
     """The JIT decorator of generated code. `inline`: a helper inlined into the kernels that call it (compiled
-    with them, so not cached on its own); `exact`: no fastmath, for arithmetic whose order matters (exp's
-    argument reduction)."""
+    with them, so not cached on its own); `exact`: no fastmath where the helper is called on its own (exp's
+    argument reduction). Numba inlines at its IR level, so an inlined helper takes its caller's fastmath flags:
+    tests/test_exp.py measures the exp's accuracy that way."""
     options = dict(JIT_OPTIONS)
     if inline:
         options = {"inline": "'always'", **{k: v for k, v in options.items() if k != "cache"}}
