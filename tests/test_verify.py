@@ -126,3 +126,12 @@ def test_unrolled_kernels_reload_from_numba_cache(tmp_path):
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True) for _ in range(2)]
     assert all(o.returncode == 0 and o.stdout.strip() == "4.0" for o in outs), [o.stderr[-2000:] for o in outs]
     assert list((tmp_path / "__pycache__").glob("*.nbi"))  # the second run loaded the cache
+
+
+def test_bench_names_the_blas_kernels_and_warns_when_an_env_variable_forces_older_ones():
+    from symattn.app.bench import blas_note, environment
+    env = environment()
+    assert env["blas_kernels"] and env["blas_kernels"] != "unknown"  # threadpoolctl found SciPy's OpenBLAS
+    assert blas_note({k: v for k, v in env.items() if k != "OPENBLAS_CORETYPE"}) is None
+    note = blas_note(env | {"OPENBLAS_CORETYPE": "Haswell", "blas_kernels": "Haswell"})
+    assert "OPENBLAS_CORETYPE=Haswell" in note and "Haswell kernels" in note

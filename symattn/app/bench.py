@@ -69,6 +69,34 @@ def _time(f, budget: float = 0.25) -> float:
     return min(timer.repeat(repeat=5, number=number)) / number
 
 
+def blas_kernels() -> str:
+    """The kernels each loaded OpenBLAS picked (threadpoolctl's 'architecture'), e.g. 'SkylakeX' for AVX-512:
+    NumPy's matmul and symattn's tiles (SciPy's OpenBLAS) run on them."""
+    from ..numeric.kernels import one_blas_thread
+    found = {lib.info().get("architecture") for lib in one_blas_thread.libs()} - {None}
+    return ", ".join(sorted(found)) or "unknown"
+
+
+def cpu_name() -> str:
+    """The CPU LLVM compiles Numba's kernels for, e.g. 'znver5'."""
+    import llvmlite.binding as llvm
+    return llvm.get_host_cpu_name()
+
+
+def blas_note(env: dict) -> str | None:
+    """A warning when OPENBLAS_CORETYPE holds OpenBLAS to older kernels than the CPU has (AVX2 on an AVX-512
+    CPU halves its GEMM: measured 100 vs 190 GF/s per core on float32 128 x 64 x 256 tiles), else None."""
+    forced = env.get("OPENBLAS_CORETYPE")
+    if not forced:
+        return None
+    import llvmlite.binding as llvm
+    avx512 = llvm.get_host_cpu_features().get("avx512f", False)
+    slower = avx512 and forced.lower() in ("haswell", "zen", "sandybridge", "nehalem", "prescott", "core2")
+    return (f"note: OPENBLAS_CORETYPE={forced} is set, so OpenBLAS runs its {env.get('blas_kernels', forced)} "
+            f"kernels" + (" on this AVX-512 CPU: GEMMs (NumPy's and symattn's BLAS tiles) run at about half speed; "
+                          "unset it to measure OpenBLAS's own choice" if slower else "") + ".")
+
+
 def environment() -> dict:
     """Versions, threads and BLAS configuration the numbers were taken with."""
     import numba
@@ -83,6 +111,8 @@ def environment() -> dict:
         env["blas"] = f"{blas.get('name')} {blas.get('version', '')}".strip()
     except Exception:  # older NumPy: no dict mode
         env["blas"] = "unknown"
+    env["blas_kernels"] = blas_kernels()
+    env["cpu"] = cpu_name()
     a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
     env["numpy_sgemm_gflops"] = round(2 * 1024 ** 3 / _time(lambda: a @ a, 0.5) / 1e9, 1)  # the machine's GEMM
     return env
@@ -266,8 +296,8 @@ def bench(cases=CASES, dtypes=(np.float32, np.float64), *, layer_cases=LAYER_CAS
     peers.setup(numba.get_num_threads())
     env = environment()
     say("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    if env.get("OPENBLAS_CORETYPE"):
-        say(f"note: OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']} is set; it can slow OpenBLAS (NumPy's matmul).")
+    if note := blas_note(env):
+        say(note)
     empty = empty_call_seconds()
     rows = []
     for b, n, d in cases:
