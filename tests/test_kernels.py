@@ -16,7 +16,8 @@ def path(request, monkeypatch):
     """Force one kernel family: small tiles (several blocks per problem) or the serial loop kernels."""
     if request.param == "tiles":
         monkeypatch.setattr(kernels, "SMALL", 0)
-        for name, size in (("BQ", 16), ("BK", 32), ("BQ_BWD", 16), ("BK_BWD", 16)):
+        for name, size in (("BQ", 16), ("BK", 32), ("BQ_MASKED", 8), ("BK_MASKED", 16), ("BQ_BWD", 16),
+                           ("BK_BWD", 16)):
             monkeypatch.setattr(kernels, name, size)
     else:
         monkeypatch.setattr(kernels, "SMALL", 1 << 62)

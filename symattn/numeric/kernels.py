@@ -28,8 +28,21 @@ from ..progress import silent
 MASKED_ROWS = {"zero": 0, "uniform": 1, "nan": 2}
 #: Below this many score entries (B·n_q·n_k) the serial loop kernels win: no BLAS call, no thread start.
 SMALL = 1 << 15
-#: Tile sizes (query rows x keys): forward 128 x 256 (64 x 64 measured 35% slower), backward 128 x 128.
-BQ, BK, BQ_BWD, BK_BWD = 128, 256, 128, 128
+#: Forward tiles (query rows x keys): 128 x 256 (64 x 64 measured 35% slower), 256 x 256 where that still gives every
+#: thread two blocks (bigger GEMMs: 0.90 vs 0.98 ms at (8,256,64), one core); masked (causal, an index mask) 64 x 128:
+#: less work past the diagonal (causal (2,1024,64) 2.25 vs 2.32 ms). Backward 256 x 256 (one core,
+#: f32, AVX-512 OpenBLAS: 2.27 vs 2.79 ms at (8,256,64), 9.3 vs 13.1 ms at (2,1024,64) against 128 x 128: bigger
+#: GEMMs and fewer partial-sum passes; causal (2,1024,64) 6.0 vs 6.2 ms despite more diagonal waste).
+BQ, BK, BQ_BWD, BK_BWD = 128, 256, 256, 256
+BQ_MASKED, BK_MASKED = 64, 128
+
+
+def forward_tile_shape(B: int, n_q: int, masked: bool) -> tuple[int, int]:
+    """(bq, bk) of the forward tile kernels for B batch elements of n_q queries."""
+    if masked:
+        return BQ_MASKED, BK_MASKED
+    wide = 2 * BQ
+    return (wide, BK) if B * -(-n_q // wide) >= 2 * numba.get_num_threads() else (BQ, BK)
 
 
 class _Blas:
@@ -80,7 +93,8 @@ def forward_into(Q, K, V, bias, batch, causal: bool, scale: float, code: int, O,
         loops.attention_forward(Q, K, V, bias, batch, causal, scale, code, O, LSE)
     else:
         with one_blas_thread:
-            loops.forward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE, BQ, BK)
+            loops.forward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE,
+                                *forward_tile_shape(batch.shape[0], Q.shape[1], causal))
 
 
 def forward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str):
@@ -130,7 +144,8 @@ def variant_forward(Q, K, V, bias, batch, bh, scale: float, code: int, mod, mask
         module.attention_forward(Q, K, V, bias, batch, bh, scale, code, O, LSE, *extras)
     else:
         with one_blas_thread:
-            module.forward_tiles(Q, K, V, bias, batch, bh, scale, code, O, LSE, BQ, BK, *extras)
+            module.forward_tiles(Q, K, V, bias, batch, bh, scale, code, O, LSE,
+                                 *forward_tile_shape(batch.shape[0], Q.shape[1], mask is not None), *extras)
 
 
 def variant_backward(Q, K, V, bias, batch, bh, scale: float, code: int, mod, mask, params, O, LSE, dO, dQ, dK,
