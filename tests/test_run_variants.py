@@ -28,7 +28,7 @@ def test_general_score_run_is_proved_verified_and_exact():
     S = Q @ theta["W_a"] @ K.T / np.sqrt(2)  # (3, 3): scale q_i W_a k_j^T
     np.testing.assert_allclose(result.P, _softmax(S, np.ones((3, 3), bool)), rtol=0, atol=1e-13)
     assert result.derivation.proved and result.report.passed and result.passed
-    assert result.layer is None  # the two-head layer has the dot product only
+    assert result.layer.proved and result.layer.spec.score == "general"  # the two-head layer computes it too
     assert result.agreement < 1e-12
 
 
@@ -63,7 +63,8 @@ def test_cli_run_with_a_variant(capsys):
                  "--causal"]) == 0
     out = capsys.readouterr().out
     assert "score mod softcap:2, causal mask" in out and "all paths agree" in out
-    assert "two-head layer skipped" in out
+    assert "two-head layer skipped" not in out
+    assert "each head computes the single head's variant: score mod softcap:2, causal mask." in out
 
 
 @pytest.mark.parametrize("argv, message", [

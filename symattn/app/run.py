@@ -9,7 +9,7 @@ from typing import Callable, Mapping
 import numpy as np
 import sympy
 
-from ..errors import SymattnError
+from ..errors import SizeTooLargeError, SpecError, SymattnError
 
 from .. import limits
 from ..numeric import reference
@@ -25,7 +25,8 @@ from ..symbolic.layer import derive_multihead
 from ..numeric.layer import multihead_attention
 from ..symbolic.fields import positive_int
 from ..symbolic.spec import UNSCALED, AttentionSpec, MultiHeadSpec
-from ..symbolic.tensors import TENSORS
+from ..symbolic.modsteps import mod_theta
+from ..symbolic.tensors import HEAD, TENSORS
 from ..check.verification import verify
 
 Say = Callable[[str], None]
@@ -43,6 +44,8 @@ class RunResult:
     params: dict = field(default_factory=dict)  # parameter name -> exact values (object array) of θ
     document: Document | None = None  # the worked example as printed: render(fmt) for text, LaTeX, Markdown, .tex
     head_P: tuple = ()  # (n, n) weights of each head of the two-head layer
+    layer_params: dict = field(default_factory=dict)  # θ of the layer's heads (their shapes: d_k is half)
+    layer_agreement: float | None = None  # max |exact − numeric| of the layer's output (None: no layer)
 
     @property
     def passed(self) -> bool:
@@ -91,59 +94,113 @@ def _proofs_table(d: Derivation) -> tuple:
     return "table", ["step", "claim", "method", "result"], rows, text, r"p{0.14\linewidth}p{0.5\linewidth}p{0.2\linewidth}l"
 
 
-def _layer_refusal(ex: Example, head: AttentionSpec) -> str | None:
-    """Why the two-head layer is not shown for this example and variant, or None."""
+def _layer_refusal(ex: Example) -> str | None:
+    """Why the example cannot go through the two-head layer (whatever the variant), or None."""
     if ex.X is None:
         return "the inputs give Q, K, V, not embeddings and projections"
     if ex.W_O is None:
         return "the inputs file gives no output projection $W_O$"
     if ex.W_Q.cols % 2 or ex.W_V.cols % 2:
         return "$d_k$ and $d_v$ must be even to split into two heads"
-    if head.score != "dot" or head.mod_object is not None or head.mask not in ("none", "causal"):
-        return ("the worked example's layer shows the plain or causal dot product only; the layer itself takes the "
-                "variant: symattn derive or verify with --d-model and --heads")
     return None
 
 
-def two_heads(ex: Example, head: AttentionSpec, doc: Document, progress: Progress):
-    """The same sentence through a two-head layer: each head's weights for the query token, the output.
-    Returns the layer's Derivation and each head's (n, n) weights, or (None, ())."""
-    n, i, causal = len(ex.tokens), ex.query, head.causal
-    refusal = _layer_refusal(ex, head)
+def layer_spec(ex: Example, head: AttentionSpec) -> MultiHeadSpec | str:
+    """The two-head layer of the example computing the single head's variant (score, score mod, mask), or why
+    there is none (the example's shape, or a variant the layer refuses, e.g. alibi:heads=4 on two heads)."""
+    refusal = _layer_refusal(ex)
     if refusal:
-        doc.add("para", [f"\n(two-head layer skipped: {refusal})"])
-        return None, ()
-    spec = MultiHeadSpec(n, ex.X.cols, 2, d_k=ex.W_Q.cols // 2, d_v=ex.W_V.cols // 2,
-                         mask="causal" if causal else "none")
+        return refusal
+    try:
+        spec = MultiHeadSpec(len(ex.tokens), ex.X.cols, 2, d_k=ex.W_Q.cols // 2, d_v=ex.W_V.cols // 2,
+                             scale=head.scale, mask=head.mask, score=head.score, hidden=head.hidden,
+                             score_mod=head.score_mod)
+        spec.check_explicit()
+    except (SpecError, SizeTooLargeError) as e:
+        return Literal(str(e))
+    return spec
+
+
+def _layer_theta(spec: MultiHeadSpec, params: dict[str, np.ndarray], doc: Document) -> dict[str, np.ndarray]:
+    """θ of the layer's heads (shared by both): the example's values at the heads' shapes, the single head's
+    where the shapes agree; shown where they differ (a head is d_k wide, half the single head)."""
+    theta = _theta(spec.head)
+    if any(theta[name].shape != params[name].shape for name in theta):
+        doc.add("para", [f"Both heads share the variant's parameters $\\theta$; at the heads' width "
+                         f"$d_k = {spec.d_k}$ their exact example values are:"])
+        _show_theta(spec.head, theta, doc)
+    elif theta:
+        doc.add("para", ["Both heads share the variant's parameters $\\theta$, the values above."])
+    return theta
+
+
+def _layer_numeric(ex: Example, spec: MultiHeadSpec, theta: dict[str, np.ndarray]) -> np.ndarray:
+    """Z (n, d_model) of symattn.multihead_attention with the variant: θ as floats, the mask as the causal flag
+    or the index predicate (a run-time mask's data with it)."""
+    x, wq, wk, wv, wo = (np.array(M, dtype=float) for M in (ex.X, ex.W_Q, ex.W_K, ex.W_V, ex.W_O))
+    mask = None if spec.causal else spec.mask_object
+    return multihead_attention(x, wq, wk, wv, wo, heads=spec.heads, is_causal=spec.causal, mask_mod=mask,
+                               scale=None if spec.scale is None else float(spec.scale), score=spec.score,
+                               score_mod=spec.mod_object, params={k: v.astype(float) for k, v in theta.items()})
+
+
+def _layer_variant(spec: MultiHeadSpec) -> str:
+    """The end of the layer's first sentence: the variant every head computes ('.' for plain attention)."""
+    if spec.score == "dot" and spec.mod_object is None and spec.mask == "none":
+        return "."
+    mod, s, (q, kv) = spec.mod_object, sympy.Symbol("s", real=True), sympy.symbols("q kv", integer=True)
+    uses_h = mod is not None and HEAD in sympy.sympify(mod.formula(s, 0, HEAD, q, kv,
+                                                                   mod_theta(spec.head))).free_symbols
+    return (f"; each head computes the single head's variant: {_describe(spec.head)}"
+            + (", the score mod's $h$ being the head's index (0 or 1)." if uses_h else "."))
+
+
+def _heads_table(ex: Example, spec: MultiHeadSpec, head_P: tuple) -> tuple:
+    """The table block of each head's weights for the query token, masked keys marked."""
+    i, heads = ex.query, range(spec.heads)
+    marks = ["" if spec.visible(i, j) else "masked" for j in range(len(ex.tokens))]
+    text = [f"  {'j':>2}  {'token':<12}" + "".join(f" {'head ' + str(h) + ' p_ij':>14}" for h in heads)]
+    text += [f"  {j:>2}  {token:<12}" + "".join(f" {P[i, j]:>14.4f}" for P in head_P)
+             + (f"  ({marks[j]})" if marks[j] else "") for j, token in enumerate(ex.tokens)]
+    rows = [[str(j), t, *(f"{P[i, j]:.4f}" for P in head_P), marks[j]] for j, t in enumerate(ex.tokens)]
+    header = ["$j$", "token", *(f"head {h} $p_{{ij}}$" for h in heads), ""]
+    return "table", header, rows, text, "rl" + "r" * len(heads) + "l"
+
+
+def two_heads(ex: Example, head: AttentionSpec, params: dict[str, np.ndarray], doc: Document, progress: Progress):
+    """The same sentence through a two-head layer of the same variant: each head's weights for the query token,
+    the output, checked against the numeric layer. Returns the layer's Derivation, each head's (n, n) weights,
+    θ (exact, at the heads' shapes) and max |exact − numeric| of the output, or (None, (), {}, None)."""
+    n, i = len(ex.tokens), ex.query
+    spec = layer_spec(ex, head)
+    if not isinstance(spec, MultiHeadSpec):
+        doc.add("para", ["\n(two-head layer skipped: ", spec, ")"])
+        return None, (), {}, None
     doc.add("heading", "Two heads: a multi-head self-attention layer")
     doc.add("para", [f"The sentence through a layer of $h = {spec.heads}$ heads on $d_{{\\text{{model}}}} = "
-                     f"{spec.d_model}$, each with $d_k = {spec.d_k}$ and $d_v = {spec.d_v}$"
-                     + (", causal." if causal else ".")])
+                     f"{spec.d_model}$, each with $d_k = {spec.d_k}$ and $d_v = {spec.d_v}$" + _layer_variant(spec)])
     columns = "; ".join(f"head {h}: " + (f"columns {spec.d_k * h} to {spec.d_k * (h + 1) - 1}" if spec.d_k > 1
                                           else f"column {h}") for h in range(2))
     doc.add("para", [f"Each head takes its own columns of $W_Q$, $W_K$, $W_V$ ({columns}); the layer's output is"])
     doc.add("para", [r"$Z = \operatorname{Concat}(\mathrm{head}_0, \mathrm{head}_1) W_O$."])
     doc.add("matrix", "W_O", f"the output projection ({ex.W_O.rows} × {ex.W_O.cols})", ex.W_O, None)
+    theta = _layer_theta(spec, params, doc)
     d = derive_multihead(spec, progress=progress)
-    values = exact_values(d, {"X": ex.X, "Wq": ex.W_Q, "Wk": ex.W_K, "Wv": ex.W_V, "Wo": ex.W_O})
+    shared = {p.tensor: theta[p.name] for p in parameters(spec.head)}
+    values = exact_values(d, {"X": ex.X, "Wq": ex.W_Q, "Wk": ex.W_K, "Wv": ex.W_V, "Wo": ex.W_O, **shared})
     heads = [d.table.children[str(h)] for h in range(spec.heads)]
     head_P = tuple(np.array([[float(values[t["P"][r, c]]) for c in range(n)] for r in range(n)]) for t in heads)
-    text = [f"  {'j':>2}  {'token':<12}" + "".join(f" {'head ' + str(h) + ' p_ij':>14}" for h in range(spec.heads))]
-    text += [f"  {j:>2}  {token:<12}" + "".join(f" {P[i, j]:>14.4f}" for P in head_P)
-             for j, token in enumerate(ex.tokens)]
-    doc.add("table", ["$j$", "token", *(f"head {h} $p_{{ij}}$" for h in range(spec.heads))],
-            [[str(j), t, *(f"{P[i, j]:.4f}" for P in head_P)] for j, t in enumerate(ex.tokens)], text, "rlrr")
+    doc.add(*_heads_table(ex, spec, head_P))
     out = np.array([[float(values[d.table["Out"][r, m]]) for m in range(spec.d_model)] for r in range(n)])
     doc.add("para", ["Layer output $z$ for \"", Literal(ex.tokens[i]), "\": [" + ", ".join(f"{x:.4f}" for x in out[i])
                      + "]"])
-    x, wq, wk, wv, wo = (np.array(M, dtype=float) for M in (ex.X, ex.W_Q, ex.W_K, ex.W_V, ex.W_O))
-    numeric = multihead_attention(x, wq, wk, wv, wo, heads=2, is_causal=causal)
+    agreement = float(np.max(np.abs(out - _layer_numeric(ex, spec, theta))))
     doc.add("para", [f"Exact symbolic layer vs numeric layer (symattn.multihead_attention): max $|\\text{{difference}}|$ = "
-                     f"{np.max(np.abs(out - numeric)):.1e}"])
+                     f"{agreement:.1e}"])
     passed = sum(p.passed for p in d.proofs)
     doc.add("para", [f"{passed} of {len(d.proofs)} layer proofs passed (every weight and input gradient = plain "
                      f"differentiation of the whole layer)." + ("" if d.proved else " SOME PROOFS FAILED.")])
-    return d, head_P
+    return d, head_P, theta, agreement
 
 
 def check_sentence(sentence: str | None) -> None:
@@ -176,16 +233,26 @@ def _describe(spec: AttentionSpec) -> str:
                               .replace("$", "")])
 
 
-def _parameters(spec: AttentionSpec, doc: Document) -> dict[str, np.ndarray]:
-    """Exact example values of the variant's parameters θ, keyed by parameter name (none for the dot product),
-    shown as matrices (a vector as one row)."""
-    params = example_parameters({p.name: TENSORS[p.tensor].shape(spec) for p in parameters(spec)})
-    if params:
-        doc.add("para", ["The variant's parameters, exact deterministic example values:"])
+def _theta(spec: AttentionSpec) -> dict[str, np.ndarray]:
+    """Exact example values of the variant's parameters θ at the spec's shapes, keyed by parameter name."""
+    return example_parameters({p.name: TENSORS[p.tensor].shape(spec) for p in parameters(spec)})
+
+
+def _show_theta(spec: AttentionSpec, params: dict[str, np.ndarray], doc: Document) -> None:
+    """θ as matrices (a vector as one row) with their params key."""
     for p in parameters(spec):
         x = params[p.name]
         doc.add("matrix", TENSORS[p.tensor].latex, f"params[{p.name!r}], shape {x.shape}",
                 sympy.ImmutableMatrix(x.reshape(x.shape[0] if x.ndim == 2 else 1, -1)), None)
+
+
+def _parameters(spec: AttentionSpec, doc: Document) -> dict[str, np.ndarray]:
+    """Exact example values of the variant's parameters θ, keyed by parameter name (none for the dot product),
+    shown as matrices (a vector as one row)."""
+    params = _theta(spec)
+    if params:
+        doc.add("para", ["The variant's parameters, exact deterministic example values:"])
+    _show_theta(spec, params, doc)
     return params
 
 
@@ -275,8 +342,9 @@ def run(sentence: str | None = None, *, inputs=None, query: str | None = None, c
     doc.add(*_proofs_table(d))
     passed = sum(p.passed for p in d.proofs)
     doc.add("para", [f"{passed} of {len(d.proofs)} proofs passed." + ("" if d.proved else " SOME PROOFS FAILED.")])
-    layer, head_P = two_heads(ex, spec, doc, progress)
-    result = dataclasses.replace(result, layer=layer, head_P=head_P)
+    layer, head_P, layer_params, layer_agreement = two_heads(ex, spec, params, doc, progress)
+    result = dataclasses.replace(result, layer=layer, head_P=head_P, layer_params=layer_params,
+                                 layer_agreement=layer_agreement)
     if plot:
         heatmap(result, plot)
         say(f"Heatmap of all attention weights written to {plot}")

@@ -16,7 +16,7 @@ import dataclasses
 
 import sympy
 
-from .tensors import DIMS, INDEX_OF_DIM, SIZES, TENSORS, SymbolTable, c, i, j, m
+from .tensors import DIMS, HEAD, INDEX_OF_DIM, SIZES, TENSORS, SymbolTable, c, i, j, m
 from .derive import Derivation, Progress, Step, derive, parameters
 from .spec import MultiHeadSpec
 
@@ -219,8 +219,7 @@ def derive_multihead(spec: MultiHeadSpec, *, explicit: bool = True, prove: bool 
                     matrix, t[tensor] if explicit else None)
 
     def head_steps(phase: str) -> list[Step]:
-        return [dataclasses.replace(s, key=f"h{h}.{s.key}", title=f"Head {h}: {s.title}", tag=str(h))
-                for h, d in enumerate(head_derivations) for s in d.steps
+        return [_head_step(s, h) for h, d in enumerate(head_derivations) for s in d.steps
                 if s.phase == phase and not s.is_input and s.key not in HEAD_SKIPPED]
 
     note("derive: projections and heads")
@@ -260,6 +259,17 @@ def _dx(layer: _Layer, spec: MultiHeadSpec):
 
 def _dy(layer: _Layer):
     return layer.matmul("dKp", "Wk", transpose_b=True) + layer.matmul("dVp", "Wv", transpose_b=True)
+
+
+def _head_step(step: Step, h: int) -> Step:
+    """Head h's copy of one of its steps: key, title and tag name the head, and its indexed formulas (right-hand
+    side, chain-rule line, matrix form) read a score mod's head index as h itself (ALiBi's slope of head 1 is
+    2^-8 under "Head 1", not 2^(-4h-4))."""
+    def at_head(expr):
+        return expr.xreplace({HEAD: sympy.Integer(h)}) if isinstance(expr, sympy.Basic) else expr
+    return dataclasses.replace(step, key=f"h{h}.{step.key}", title=f"Head {h}: {step.title}", tag=str(h),
+                               rhs=at_head(step.rhs), chain=tuple(map(at_head, step.chain)),
+                               matrix=at_head(step.matrix))
 
 
 def _head_table(spec: MultiHeadSpec, t: SymbolTable, h: int) -> SymbolTable:
