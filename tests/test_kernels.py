@@ -17,7 +17,7 @@ def path(request, monkeypatch):
     if request.param == "tiles":
         monkeypatch.setattr(kernels, "SMALL", 0)
         for name, size in (("BQ", 16), ("BK", 32), ("BQ_MASKED", 8), ("BK_MASKED", 16), ("BQ_BWD", 16),
-                           ("BK_BWD", 16)):
+                           ("BK_BWD", 16), ("BQ_BWD_MASKED", 8), ("BK_BWD_MASKED", 16)):
             monkeypatch.setattr(kernels, name, size)
     else:
         monkeypatch.setattr(kernels, "SMALL", 1 << 62)
@@ -105,6 +105,7 @@ def test_tile_gradients_are_deterministic(rng, monkeypatch):
     """One batch element with several key-block groups (dQ partials summed in a fixed order): identical bits."""
     monkeypatch.setattr(kernels, "SMALL", 0)
     monkeypatch.setattr(kernels, "BK_BWD", 16)
+    monkeypatch.setattr(kernels, "BK_BWD_MASKED", 16)
     q, k, v, dO = (rng.standard_normal((1, 64, 8)).astype(np.float32) for _ in range(4))
     runs = [symattn.attention_backward(q, k, v, dO) for _ in range(3)]
     for other in runs[1:]:

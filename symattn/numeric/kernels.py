@@ -35,6 +35,9 @@ SMALL = 1 << 15
 #: GEMMs and fewer partial-sum passes; causal (2,1024,64) 6.0 vs 6.2 ms despite more diagonal waste).
 BQ, BK, BQ_BWD, BK_BWD = 128, 256, 256, 256
 BQ_MASKED, BK_MASKED = 64, 128
+#: Masked backward tiles: a causal n = 256 is one 256 x 256 diagonal tile, computed whole (1.58 vs 1.25 ms at
+#: (8,256,64) for 128 x 128, two threads).
+BQ_BWD_MASKED, BK_BWD_MASKED = 128, 128
 
 
 def forward_tile_shape(B: int, n_q: int, masked: bool) -> tuple[int, int]:
@@ -43,6 +46,14 @@ def forward_tile_shape(B: int, n_q: int, masked: bool) -> tuple[int, int]:
         return BQ_MASKED, BK_MASKED
     wide = 2 * BQ
     return (wide, BK) if B * -(-n_q // wide) >= 2 * numba.get_num_threads() else (BQ, BK)
+
+
+def backward_tile_shape(B: int, n_k: int, masked: bool) -> tuple[int, int, int]:
+    """(bq, bk, groups) of the backward tile kernels: groups of key blocks per batch element, more than one
+    when there are fewer batch elements than threads."""
+    bq, bk = (BQ_BWD_MASKED, BK_BWD_MASKED) if masked else (BQ_BWD, BK_BWD)
+    threads = numba.get_num_threads()
+    return bq, bk, 1 if B >= threads else min(-(-n_k // bk), -(-2 * threads // max(B, 1)))
 
 
 class _Blas:
@@ -114,11 +125,9 @@ def backward_into(Q, K, V, bias, batch, causal: bool, scale: float, code: int, O
     if B * n_q * n_k < SMALL:
         loops.attention_backward(Q, K, V, bias, batch, causal, scale, code, O, LSE, dO, dQ, dK, dV)
         return
-    threads = numba.get_num_threads()
-    groups = 1 if B >= threads else min(-(-n_k // BK_BWD), -(-2 * threads // max(B, 1)))
     with one_blas_thread:
-        loops.backward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE, dO, dQ, dK, dV, BQ_BWD, BK_BWD,
-                             groups)
+        loops.backward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE, dO, dQ, dK, dV,
+                             *backward_tile_shape(B, n_k, causal))
 
 
 def backward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str, O, LSE, dO):
@@ -159,8 +168,7 @@ def variant_backward(Q, K, V, bias, batch, bh, scale: float, code: int, mod, mas
     module, extras = _variant_call(Q, K, bh, mod, mask, params)
     B, n_q, n_k = batch.shape[0], Q.shape[1], K.shape[1]
     small = B * n_q * n_k < SMALL
-    threads = numba.get_num_threads()
-    groups = 1 if small or B >= threads else min(-(-n_k // BK_BWD), -(-2 * threads // max(B, 1)))
+    bq, bk, groups = backward_tile_shape(B, n_k, mask is not None)
     tasks = 1 if small else B * groups
     names = _variant_params(mod)
     partials = [np.zeros((tasks,) + extras[n].shape, dtype=Q.dtype) for n in range(len(names))]
@@ -168,8 +176,8 @@ def variant_backward(Q, K, V, bias, batch, bh, scale: float, code: int, mod, mas
         module.attention_backward(Q, K, V, bias, batch, bh, scale, code, O, LSE, dO, dQ, dK, dV, *extras, *partials)
     else:
         with one_blas_thread:
-            module.backward_tiles(Q, K, V, bias, batch, bh, scale, code, O, LSE, dO, dQ, dK, dV, BQ_BWD, BK_BWD,
-                                  groups, *extras, *partials)
+            module.backward_tiles(Q, K, V, bias, batch, bh, scale, code, O, LSE, dO, dQ, dK, dV, bq, bk, groups,
+                                  *extras, *partials)
     return {name: partial.sum(axis=0) for (name, _), partial in zip(names, partials)}
 
 
@@ -233,7 +241,7 @@ def variant_tag(mod, mask) -> str:
     return tag
 
 
-_VARIANTS: dict[str, object] = {}
+_VARIANTS: dict = {}  # path, or (tag, $SYMATTN_CACHE) of the default folder -> module
 
 
 def load_variant(mod, mask, folder=None, progress=None):
@@ -241,6 +249,9 @@ def load_variant(mod, mask, folder=None, progress=None):
     content hash holds, else rendered from the derivation (needs SymPy), written through codegen's writer and
     imported (a damaged file is regenerated with one line saying so). Loaded once per process."""
     tag = variant_tag(mod, mask)
+    loaded = _VARIANTS.get((tag, os.environ.get("SYMATTN_CACHE"))) if folder is None else None
+    if loaded is not None:  # the default folder's module, found without building paths (~50 µs a call)
+        return loaded
     folder = cache_dir() if folder is None else Path(folder)
     path = folder / f"variant_{tag}.py"
     if str(path) in _VARIANTS:
@@ -258,6 +269,8 @@ def load_variant(mod, mask, folder=None, progress=None):
         _write_variant(mod, mask, path)
         module = _import(name, path, ("forward_tiles", "backward_tiles", "attention_forward", "attention_backward"))
     _VARIANTS[str(path)] = module
+    if folder == cache_dir():
+        _VARIANTS[tag, os.environ.get("SYMATTN_CACHE")] = module
     return module
 
 
