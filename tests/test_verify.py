@@ -135,3 +135,10 @@ def test_bench_names_the_blas_kernels_and_warns_when_an_env_variable_forces_olde
     assert blas_note({k: v for k, v in env.items() if k != "OPENBLAS_CORETYPE"}) is None
     note = blas_note(env | {"OPENBLAS_CORETYPE": "Haswell", "blas_kernels": "Haswell"})
     assert "OPENBLAS_CORETYPE=Haswell" in note and "Haswell kernels" in note
+
+
+def test_verify_takes_a_per_head_mod_as_head_0_of_its_heads(capsys):
+    """alibi:heads=2 reads h: the numeric API wants (B, 2, n, d), so verify runs the spec's head as head 0 (the
+    head its derivation computes, slope 1/16); it used to stop at the shape check with exit 2."""
+    assert main(["verify", "--score-mod", "alibi:heads=2", "--n-q", "3", "--n-k", "3", "--d-k", "2", "-q"]) == 0
+    assert "all paths agree" in capsys.readouterr().out

@@ -137,16 +137,29 @@ def _options(spec) -> dict:
 
 
 def _numeric(spec):
-    """f(q, k, v, *θ) and grads(q, k, v, *θ, dO) of the numeric API (the loop/tile or element kernels)."""
+    """f(q, k, v, *θ) and grads(q, k, v, *θ, dO) of the numeric API (the loop/tile or element kernels). A per-head
+    mod (alibi:heads=H) reads h, so the numeric API wants (B, H, n, d): the spec's head, head h = 0 as in its
+    derivation, goes in as head 0 of (1, H, n, d), its dO alone nonzero, and comes out as head 0."""
     names, options = [p.name for p in parameters(spec)], _options(spec)
+    heads = getattr(spec.mod_object, "heads", 0) or 0
+
+    def lift(a, fill=None):  # (n, d) -> (1, H, n, d): a copy per head, or `fill` beyond head 0
+        if not heads:
+            return a
+        out = np.repeat(a[None, None], heads, axis=1) if fill is None else np.full((1, heads) + a.shape, fill, a.dtype)
+        out[0, 0] = a
+        return out
+
+    def head0(a):
+        return a[0, 0] if heads else a
 
     def f(q, k, v, *theta):
-        return attention(q, k, v, params=dict(zip(names, theta)) or None, **options)
+        return head0(attention(lift(q), lift(k), lift(v), params=dict(zip(names, theta)) or None, **options))
 
     def grads(q, k, v, *rest):
-        O, pullback = attention_vjp(q, k, v, params=dict(zip(names, rest[:-1])) or None, **options)
-        g = pullback(rest[-1])
-        return (g["q"], g["k"], g["v"], *(g[n] for n in names))
+        O, pullback = attention_vjp(lift(q), lift(k), lift(v), params=dict(zip(names, rest[:-1])) or None, **options)
+        g = pullback(lift(rest[-1], 0))
+        return (head0(g["q"]), head0(g["k"]), head0(g["v"]), *(g[n] for n in names))
     return f, grads
 
 
