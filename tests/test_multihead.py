@@ -183,3 +183,21 @@ def test_cli_layer_derive_verify_generate(tmp_path, capsys):
     assert "all paths agree" in capsys.readouterr().out
     assert main(["generate", *argv, "-o", str(tmp_path / "k"), "-q"]) == 0
     assert (tmp_path / "k" / "mha_q3_dm4_h2_kv1_dk2_dv2.py").exists()
+
+
+def test_one_pool_layer_forward_matches_the_reference_and_gives_blas_its_threads_back(rng, monkeypatch):
+    """The plain layer forward runs its projections as Numba tiles (numeric/projections.py) under a hold of BLAS
+    at one thread that nests the attention kernels' own hold: results equal the reference (GQA, cross-attention,
+    biases, causal) and every BLAS library has its thread count back afterwards."""
+    from symattn.numeric import kernels, layer, projections
+    calls = []
+    monkeypatch.setattr(projections, "merge_project", lambda *a, f=projections.merge_project: (calls.append(1), f(*a)))
+    before = [lib.get_num_threads() for lib in kernels.one_blas_thread.libs()]
+    x, y = rng.standard_normal((2, 6, 8)), rng.standard_normal((2, 9, 8))
+    w = [rng.standard_normal(s) for s in ((8, 8), (8, 4), (8, 4), (8, 8))]
+    b = dict(b_q=rng.standard_normal(8), b_k=rng.standard_normal(4), b_v=rng.standard_normal(4), b_o=rng.standard_normal(8))
+    got = layer.multihead_attention(x, *w, heads=4, kv_heads=2, y=y, is_causal=True, **b)
+    want = reference.multihead_attention(x, *w, heads=4, kv_heads=2, y=y, is_causal=True, **b)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert calls  # the one-pool path ran
+    assert [lib.get_num_threads() for lib in kernels.one_blas_thread.libs()] == before

@@ -66,6 +66,7 @@ class _Blas:
 
     def __init__(self):
         self._libs = None
+        self._stack = []  # what each (possibly nested) hold changed, restored by its own exit
 
     def libs(self):
         if self._libs is None:
@@ -75,12 +76,13 @@ class _Blas:
         return self._libs
 
     def __enter__(self):
-        self._held = [(lib, n) for lib in self.libs() if (n := lib.get_num_threads()) != 1]
-        for lib, _ in self._held:
+        held = [(lib, n) for lib in self.libs() if (n := lib.get_num_threads()) != 1]
+        for lib, _ in held:
             lib.set_num_threads(1)
+        self._stack.append(held)
 
     def __exit__(self, *exc):
-        for lib, n in self._held:
+        for lib, n in self._stack.pop():
             lib.set_num_threads(n)
 
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .api import _array, _bias, _unbroadcast, attention, attention_vjp, check_causal, check_masked_rows, check_scale
+from . import kernels, projections
+from .api import (_NOBIAS, _array, _bias, _unbroadcast, attention, attention_vjp, check_causal, check_masked_rows,
+                  check_scale)
 from ..errors import InputError
 
 
@@ -202,11 +204,54 @@ def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, 
     c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
               dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o),
               dict(score=score, score_mod=score_mod, mask_mod=mask_mod, params=params))
+    out = _forward_one_pool(c)
+    if out is not None:
+        return out
     Q, K, V = _heads(c.x, c.y, *c.w[:3], c.layer, c.biases)
     O = _attention(attention, Q, K, V, c.options, c.variant)
     if c.variant:
         O = _from_flex_output(O, Q, K)
     return _output(c, _merge(O))  # Concat(heads) (..., n_q, h·d_v) w_o
+
+
+#: Rows per task of the projection kernels: a head's n x d block, in blocks of 256 rows; the output in 128.
+BN_HEADS, BN_OUT = 256, 128
+
+
+def _forward_one_pool(c: _Call) -> np.ndarray | None:
+    """The plain layer's forward with every GEMM and the attention in Numba's thread pool (numeric/projections.py),
+    or None where it does not apply: a variant, a mask array, or x and y without one shared batch dim (Z,)."""
+    mask, causal, scale, masked_rows = c.options
+    x, y, L = c.x, c.y, c.layer
+    src = x if y is None else y
+    if c.variant or mask is not None or x.ndim not in (2, 3) or src.shape[:-2] != x.shape[:-2]:
+        return None
+    dt, H, G = x.dtype, L.heads, L.kv_heads
+    X = np.ascontiguousarray(x.reshape((-1,) + x.shape[-2:]))  # (Z, n_q, d_model)
+    S = X if y is None else np.ascontiguousarray(y.reshape((-1,) + y.shape[-2:]))  # (Z, n_k, d_model)
+    (Z, n_q, d_model), n_k = X.shape, S.shape[1]
+    w_q, w_k, w_v, w_o = c.w
+
+    def bias(name: str, groups: int, width: int) -> np.ndarray:  # (groups, width), or (0, width) for none
+        b = c.biases[name]
+        return np.zeros((0, width), dt) if b is None else np.ascontiguousarray(b.reshape(groups, width), dtype=dt)
+    Q, K = np.empty((Z, H, n_q, L.d_k), dt), np.empty((Z, G, n_k, L.d_k), dt)
+    V, O = np.empty((Z, G, n_k, L.d_v), dt), np.empty((Z, H, n_q, L.d_v), dt)
+    LSE, out = np.empty((Z * H, n_q), dt), np.empty((Z, n_q, d_model), dt)
+    z = np.arange(Z * H)
+    kv = (z // H) * G + (z % H) // (H // G)  # head h reads key/value group h // (H / G)
+    batch = np.ascontiguousarray(np.stack([z, kv, kv, np.zeros_like(z)], axis=1), dtype=np.int64)
+    b_o = np.zeros(0, dt) if c.biases["b_o"] is None else np.ascontiguousarray(c.biases["b_o"], dtype=dt)
+    with kernels.one_blas_thread:
+        projections.project_heads(X, projections.head_blocks(w_q, H), bias("b_q", H, L.d_k), Q, BN_HEADS)
+        projections.project_heads(S, projections.head_blocks(w_k, G), bias("b_k", G, L.d_k), K, BN_HEADS)
+        projections.project_heads(S, projections.head_blocks(w_v, G), bias("b_v", G, L.d_v), V, BN_HEADS)
+        kernels.forward_into(Q.reshape(Z * H, n_q, L.d_k), K.reshape(Z * G, n_k, L.d_k),
+                             V.reshape(Z * G, n_k, L.d_v), _NOBIAS[dt], batch, causal,
+                             1.0 / math.sqrt(L.d_k) if scale is None else scale, kernels.MASKED_ROWS[masked_rows],
+                             O.reshape(Z * H, n_q, L.d_v), LSE)
+        projections.merge_project(O, np.ascontiguousarray(w_o), b_o, out, BN_OUT)
+    return out.reshape(x.shape[:-2] + (n_q, d_model))
 
 
 def multihead_attention_vjp(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
