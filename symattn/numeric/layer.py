@@ -224,8 +224,8 @@ def _forward_one_pool(c: _Call) -> np.ndarray | None:
     mask, causal, scale, masked_rows = c.options
     x, y, L = c.x, c.y, c.layer
     src = x if y is None else y
-    if c.variant or mask is not None or x.ndim not in (2, 3) or src.shape[:-2] != x.shape[:-2]:
-        return None
+    if c.variant or mask is not None or x.ndim not in (2, 3) or src.shape[:-2] != x.shape[:-2] or not x.size:
+        return None  # (empty queries or batch: the general path's empty output)
     dt, H, G = x.dtype, L.heads, L.kv_heads
     X = np.ascontiguousarray(x.reshape((-1,) + x.shape[-2:]))  # (Z, n_q, d_model)
     S = X if y is None else np.ascontiguousarray(y.reshape((-1,) + y.shape[-2:]))  # (Z, n_k, d_model)
