@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels, projections
-from .api import (_NOBIAS, _array, _bias, _unbroadcast, attention, attention_vjp, check_causal, check_masked_rows,
+from .api import (_NOBIAS, _array, _bias, _rows, _unbroadcast, attention, attention_vjp, check_causal, check_masked_rows,
                   check_scale)
 from ..errors import InputError
 
@@ -238,9 +238,9 @@ def _forward_one_pool(c: _Call) -> np.ndarray | None:
     Q, K = np.empty((Z, H, n_q, L.d_k), dt), np.empty((Z, G, n_k, L.d_k), dt)
     V, O = np.empty((Z, G, n_k, L.d_v), dt), np.empty((Z, H, n_q, L.d_v), dt)
     LSE, out = np.empty((Z * H, n_q), dt), np.empty((Z, n_q, d_model), dt)
-    z = np.arange(Z * H)
-    kv = (z // H) * G + (z % H) // (H // G)  # head h reads key/value group h // (H / G)
-    batch = np.ascontiguousarray(np.stack([z, kv, kv, np.zeros_like(z)], axis=1), dtype=np.int64)
+    heads, groups = (Z, G, H // G), (Z, G, 1)  # head h = g·R + r reads key/value group g (the `_split` layout)
+    kv = _rows(groups, heads)
+    batch = np.ascontiguousarray(np.stack([_rows(heads, heads), kv, kv, np.zeros_like(kv)], axis=1))
     b_o = np.zeros(0, dt) if c.biases["b_o"] is None else np.ascontiguousarray(c.biases["b_o"], dtype=dt)
     with kernels.one_blas_thread:
         projections.project_heads(X, projections.head_blocks(w_q, H), bias("b_q", H, L.d_k), Q, BN_HEADS)
@@ -248,7 +248,7 @@ def _forward_one_pool(c: _Call) -> np.ndarray | None:
         projections.project_heads(S, projections.head_blocks(w_v, G), bias("b_v", G, L.d_v), V, BN_HEADS)
         kernels.forward_into(Q.reshape(Z * H, n_q, L.d_k), K.reshape(Z * G, n_k, L.d_k),
                              V.reshape(Z * G, n_k, L.d_v), _NOBIAS[dt], batch, causal,
-                             1.0 / math.sqrt(L.d_k) if scale is None else scale, kernels.MASKED_ROWS[masked_rows],
+                             check_scale(scale, L.d_k), kernels.MASKED_ROWS[masked_rows],
                              O.reshape(Z * H, n_q, L.d_v), LSE)
         projections.merge_project(O, np.ascontiguousarray(w_o), b_o, out, BN_OUT)
     return out.reshape(x.shape[:-2] + (n_q, d_model))
