@@ -27,7 +27,7 @@ from ..symbolic.fields import positive_int
 from ..symbolic.spec import UNSCALED, AttentionSpec, MultiHeadSpec
 from ..symbolic.modsteps import mod_theta
 from ..symbolic.tensors import HEAD, TENSORS
-from ..check.verification import verify
+from ..check.verification import layer_options, verify
 
 Say = Callable[[str], None]
 NUMBERS = {2: "two", 3: "three", 4: "four"}
@@ -138,10 +138,8 @@ def _layer_numeric(ex: Example, spec: MultiHeadSpec, theta: dict[str, np.ndarray
     """Z (n, d_model) of symattn.multihead_attention with the variant: θ as floats, the mask as the causal flag
     or the index predicate (a run-time mask's data with it)."""
     x, wq, wk, wv, wo = (np.array(M, dtype=float) for M in (ex.X, ex.W_Q, ex.W_K, ex.W_V, ex.W_O))
-    mask = None if spec.causal else spec.mask_object
-    return multihead_attention(x, wq, wk, wv, wo, heads=spec.heads, is_causal=spec.causal, mask_mod=mask,
-                               scale=None if spec.scale is None else float(spec.scale), score=spec.score,
-                               score_mod=spec.mod_object, params={k: v.astype(float) for k, v in theta.items()})
+    return multihead_attention(x, wq, wk, wv, wo, params={k: v.astype(float) for k, v in theta.items()},
+                               **layer_options(spec))
 
 
 def _layer_variant(spec: MultiHeadSpec) -> str:

@@ -228,7 +228,7 @@ def _layer_inputs(spec, seed: int) -> dict[str, np.ndarray]:
             for name in [*_layer_names(spec), "dOut"]}
 
 
-def _layer_options(spec) -> dict:
+def layer_options(spec) -> dict:
     """The spec as options of the layer (numeric and reference): heads, and the head's variant options."""
     return dict(heads=spec.heads, kv_heads=spec.kv_heads, **_options(spec))
 
@@ -263,7 +263,7 @@ def verify_multihead(spec, *, seed: int = 0, progress: Progress = silent) -> Ver
     """The layer four ways (symbolic, unrolled layer kernel, numeric API f64/f32, NumPy reference) and finite
     differences of the numeric API for every input, weight, bias and shared parameter θ of the variant."""
     spec.check_explicit()  # the symbolic path expands the whole layer: refuse before allocating anything
-    names, options = _layer_names(spec), _layer_options(spec)
+    names, options = _layer_names(spec), layer_options(spec)
     x = _layer_inputs(spec, limits.seed(seed))
     progress(f"verify: symbolic values of {spec.name}")
     d = derive_multihead(spec, prove=False)
