@@ -201,3 +201,43 @@ def test_one_pool_layer_forward_matches_the_reference_and_gives_blas_its_threads
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert calls  # the one-pool path ran
     assert [lib.get_num_threads() for lib in kernels.one_blas_thread.libs()] == before
+
+
+@pytest.mark.parametrize("tiles", [True, False], ids=["blas-tiles", "loop-kernels"])
+@pytest.mark.parametrize("case", ["self-gqa-bias-causal", "cross-bias", "2d-x-dv", "batch-of-one-mqa"])
+def test_one_pool_layer_backward_matches_the_reference(rng, monkeypatch, tiles, case):
+    """The plain layer's vjp runs forward and backward in one thread pool (numeric/one_pool.py): dO into the
+    heads, the attention backward, dx (dy) as one product of the concatenated dQ, dK, dV, weight gradients as
+    per-head batch sums. Every gradient equals the reference's (float64 and float32), repeated calls give
+    bitwise the same gradients (the parameter sums have a fixed order), and BLAS gets its threads back."""
+    from symattn.numeric import layer, one_pool
+    monkeypatch.setattr(kernels, "SMALL", 0 if tiles else 1 << 62)
+    ran = []
+    monkeypatch.setattr(one_pool, "backward", lambda *a, f=one_pool.backward: (ran.append(1), f(*a))[1])
+    H, G, d_model, d_v, batch, n_q, n_k, bias, causal = {
+        "self-gqa-bias-causal": (4, 2, 8, 2, (3,), 7, 7, True, True),
+        "cross-bias": (2, 2, 6, 3, (2,), 5, 9, True, False),
+        "2d-x-dv": (3, 3, 6, 4, (), 6, 6, False, True),
+        "batch-of-one-mqa": (4, 1, 8, 2, (1,), 10, 10, False, False)}[case]
+    d_k = d_model // H
+    before = [lib.get_num_threads() for lib in kernels.one_blas_thread.libs()]
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 2e-4)):
+        x = rng.standard_normal(batch + (n_q, d_model)).astype(dtype)
+        y = rng.standard_normal(batch + (n_k, d_model)).astype(dtype) if case.startswith("cross") else None
+        w = [(rng.standard_normal(s) / 2).astype(dtype) for s in
+             ((d_model, H * d_k), (d_model, G * d_k), (d_model, G * d_v), (H * d_v, d_model))]
+        b = {} if not bias else {name: rng.standard_normal(width).astype(dtype) for name, width in
+                                 (("b_q", H * d_k), ("b_k", G * d_k), ("b_v", G * d_v), ("b_o", d_model))}
+        kw = dict(heads=H, kv_heads=G, y=y, is_causal=causal, **b)
+        out, pullback = layer.multihead_attention_vjp(x, *w, **kw)
+        np.testing.assert_allclose(out, reference.multihead_attention(x, *w, **kw), rtol=tol, atol=tol)
+        d_out = rng.standard_normal(out.shape).astype(dtype)
+        got, again = pullback(d_out), pullback(d_out)
+        want = reference.multihead_attention_backward(x, *w, d_out, **kw)
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].shape == want[name].shape and got[name].dtype == dtype, name
+            np.testing.assert_allclose(got[name], want[name], rtol=tol, atol=tol, err_msg=name)
+            np.testing.assert_array_equal(got[name], again[name], err_msg=name)
+    assert len(ran) == 4  # two pullbacks per dtype, each through the one-pool path
+    assert [lib.get_num_threads() for lib in kernels.one_blas_thread.libs()] == before

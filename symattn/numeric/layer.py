@@ -9,7 +9,8 @@ the same for every head: the parameters θ in `params` are shared by all heads (
 batch), a mod's h is the layer's head, its b the batch element (0 without batch dims). All heads (batch x heads,
 each key/value group broadcast over its heads) go through one call of the attention kernels (symattn.attention_vjp:
 flash-style tiles, no n x n scores in memory); the backward reuses the forward's output and log-sum-exp instead of
-running the forward again.
+running the forward again. The plain layer (no variant, no mask array) runs forward and backward in one thread
+pool instead (numeric/one_pool.py).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, projections
-from .api import (_NOBIAS, _array, _bias, _rows, _unbroadcast, attention, attention_vjp, check_causal, check_masked_rows,
+from . import one_pool
+from .api import (_array, _bias, _unbroadcast, attention, attention_vjp, check_causal, check_masked_rows,
                   check_scale)
 from ..errors import InputError
 
@@ -204,54 +205,13 @@ def multihead_attention(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, 
     c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
               dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o),
               dict(score=score, score_mod=score_mod, mask_mod=mask_mod, params=params))
-    out = _forward_one_pool(c)
-    if out is not None:
-        return out
+    if one_pool.applies(c):
+        return one_pool.output(c, one_pool.forward(c))
     Q, K, V = _heads(c.x, c.y, *c.w[:3], c.layer, c.biases)
     O = _attention(attention, Q, K, V, c.options, c.variant)
     if c.variant:
         O = _from_flex_output(O, Q, K)
     return _output(c, _merge(O))  # Concat(heads) (..., n_q, h·d_v) w_o
-
-
-#: Rows per task of the projection kernels: a head's n x d block, in blocks of 256 rows; the output in 128.
-BN_HEADS, BN_OUT = 256, 128
-
-
-def _forward_one_pool(c: _Call) -> np.ndarray | None:
-    """The plain layer's forward with every GEMM and the attention in Numba's thread pool (numeric/projections.py),
-    or None where it does not apply: a variant, a mask array, or x and y without one shared batch dim (Z,)."""
-    mask, causal, scale, masked_rows = c.options
-    x, y, L = c.x, c.y, c.layer
-    src = x if y is None else y
-    if c.variant or mask is not None or x.ndim not in (2, 3) or src.shape[:-2] != x.shape[:-2] or not x.size:
-        return None  # (empty queries or batch: the general path's empty output)
-    dt, H, G = x.dtype, L.heads, L.kv_heads
-    X = np.ascontiguousarray(x.reshape((-1,) + x.shape[-2:]))  # (Z, n_q, d_model)
-    S = X if y is None else np.ascontiguousarray(y.reshape((-1,) + y.shape[-2:]))  # (Z, n_k, d_model)
-    (Z, n_q, d_model), n_k = X.shape, S.shape[1]
-    w_q, w_k, w_v, w_o = c.w
-
-    def bias(name: str, groups: int, width: int) -> np.ndarray:  # (groups, width), or (0, width) for none
-        b = c.biases[name]
-        return np.zeros((0, width), dt) if b is None else np.ascontiguousarray(b.reshape(groups, width), dtype=dt)
-    Q, K = np.empty((Z, H, n_q, L.d_k), dt), np.empty((Z, G, n_k, L.d_k), dt)
-    V, O = np.empty((Z, G, n_k, L.d_v), dt), np.empty((Z, H, n_q, L.d_v), dt)
-    LSE, out = np.empty((Z * H, n_q), dt), np.empty((Z, n_q, d_model), dt)
-    heads, groups = (Z, G, H // G), (Z, G, 1)  # head h = g·R + r reads key/value group g (the `_split` layout)
-    kv = _rows(groups, heads)
-    batch = np.ascontiguousarray(np.stack([_rows(heads, heads), kv, kv, np.zeros_like(kv)], axis=1))
-    b_o = np.zeros(0, dt) if c.biases["b_o"] is None else np.ascontiguousarray(c.biases["b_o"], dtype=dt)
-    with kernels.one_blas_thread:
-        projections.project_heads(X, projections.head_blocks(w_q, H), bias("b_q", H, L.d_k), Q, BN_HEADS)
-        projections.project_heads(S, projections.head_blocks(w_k, G), bias("b_k", G, L.d_k), K, BN_HEADS)
-        projections.project_heads(S, projections.head_blocks(w_v, G), bias("b_v", G, L.d_v), V, BN_HEADS)
-        kernels.forward_into(Q.reshape(Z * H, n_q, L.d_k), K.reshape(Z * G, n_k, L.d_k),
-                             V.reshape(Z * G, n_k, L.d_v), _NOBIAS[dt], batch, causal,
-                             check_scale(scale, L.d_k), kernels.MASKED_ROWS[masked_rows],
-                             O.reshape(Z * H, n_q, L.d_v), LSE)
-        projections.merge_project(O, np.ascontiguousarray(w_o), b_o, out, BN_OUT)
-    return out.reshape(x.shape[:-2] + (n_q, d_model))
 
 
 def multihead_attention_vjp(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=None, mask=None, is_causal=False,
@@ -263,8 +223,8 @@ def multihead_attention_vjp(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=No
     c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
               dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o),
               dict(score=score, score_mod=score_mod, mask_mod=mask_mod, params=params))
-    C, pullback = _vjp(c)
-    return _output(c, C), lambda d_out: pullback(_check_d_out(c, d_out))
+    out, pullback = _vjp(c)
+    return out, lambda d_out: pullback(_check_d_out(c, d_out))
 
 
 def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_heads=None, y=None, mask=None,
@@ -281,7 +241,11 @@ def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_head
 
 
 def _vjp(c: _Call):
-    """Concat(heads) C (..., n_q, h·d_v) and the pullback of the whole layer for a checked d_out."""
+    """The layer's output and the pullback of the whole layer for a checked d_out (the plain layer in one thread
+    pool, numeric/one_pool.py)."""
+    if one_pool.applies(c):
+        h = one_pool.forward(c)
+        return one_pool.output(c, h), lambda d_out: one_pool.backward(c, h, d_out)
     x, y, (w_q, w_k, w_v, w_o), layer, biases = c.x, c.y, c.w, c.layer, c.biases
     Q, K, V = _heads(x, y, w_q, w_k, w_v, layer, biases)
     G, R = layer.kv_heads, layer.heads // layer.kv_heads
@@ -316,4 +280,4 @@ def _vjp(c: _Call):
                 grads[name] = g_b.reshape(-1, g_b.shape[-1]).sum(axis=0)
         grads.update({name: value for name, value in g.items() if name not in ("q", "k", "v")})  # shared θ
         return grads
-    return C, pullback
+    return _output(c, C), pullback

@@ -16,43 +16,99 @@ _JIT = dict(cache=True, error_model="numpy", fastmath={"nsz", "arcp", "contract"
 
 
 @numba.njit(parallel=True, **_JIT)
-def project_heads(X, W, b, out, bn):
-    """out[z, g, i] = X[z, i] W[g] (+ b[g]): X (Z, n, d_model), W (G, d_model, d) one block of columns per head,
-    b (G, d) or (0, d) for none, out (Z, G, n, d); one task per (z, g, block of bn rows)."""
+def project_heads(X, W, b, outs, bn):
+    """Every output's heads from one GEMM per task: X (Z, n, d_model); W (G, d_model, width) each key/value group's
+    columns packed (`group_blocks`); b (G, width) or (0, width) for none; outs a tuple of (Z, G·c, n, d) arrays
+    whose c heads per group fill the width in order (Σ c·d = width): Q, K, V of a group from one product
+    X[z, rows] W[g]. One task per (z, g, block of bn rows)."""
     Z, n = X.shape[0], X.shape[1]
-    G = W.shape[0]
+    G, width = W.shape[0], W.shape[2]
     nb = (n + bn - 1) // bn
     for t in prange(Z * G * nb):
         z = t // (G * nb)
         g = (t // nb) % G
         i0 = (t % nb) * bn
         i1 = min(i0 + bn, n)
-        rows = out[z, g, i0:i1]  # (rows, d), contiguous
-        np.dot(X[z, i0:i1], W[g], rows)
+        direct = len(outs) == 1 and outs[0].shape[1] == G  # one head per group: straight into its rows
+        T = outs[0][z, g, i0:i1] if direct else np.empty((i1 - i0, width), dtype=X.dtype)  # (rows, width)
+        np.dot(X[z, i0:i1], W[g], T)
         if b.shape[0] > 0:
-            rows += b[g]
+            T += b[g]
+        if not direct:
+            at = 0
+            for A in outs:
+                c, d = A.shape[1] // G, A.shape[3]
+                for r in range(c):
+                    A[z, g * c + r, i0:i1] = T[:, at:at + d]
+                    at += d
 
 
 @numba.njit(parallel=True, **_JIT)
-def merge_project(O, W, b, out, bn):
-    """out[z, i] = Concat_g(O[z, g, i]) W (+ b): O (Z, G, n, d) the heads' outputs, W (G·d, d_model), b (d_model,)
-    or (0,), out (Z, n, d_model); one task per (z, block of bn rows) gathers its rows of every head, then one GEMM."""
-    Z, G, n, d = O.shape
+def merge_project(heads, W, b, out, bn, add):
+    """out[z, i] (+)= Concat(every head of every array in `heads`, rows i) W (+ b): heads a tuple of (Z, h, n, d)
+    arrays, W (Σ h·d, d_model) with rows in the same order, b (d_model,) or (0,), out (Z, n, d_model), added to
+    where `add`. One task per (z, block of bn rows) gathers its rows of every head, then one GEMM."""
+    Z, n = out.shape[0], out.shape[1]
     nb = (n + bn - 1) // bn
     for t in prange(Z * nb):
         z = t // nb
         i0 = (t % nb) * bn
         i1 = min(i0 + bn, n)
-        C = np.empty((i1 - i0, G * d), dtype=O.dtype)  # (rows, G·d) = Concat(heads) of these rows
-        for g in range(G):
-            C[:, g * d:(g + 1) * d] = O[z, g, i0:i1]
+        C = np.empty((i1 - i0, W.shape[0]), dtype=W.dtype)  # (rows, Σ h·d) = Concat(heads) of these rows
+        at = 0
+        for A in heads:
+            d = A.shape[3]
+            for h in range(A.shape[1]):
+                C[:, at:at + d] = A[z, h, i0:i1]
+                at += d
         rows = out[z, i0:i1]
-        np.dot(C, W, rows)
+        if add:
+            rows += np.dot(C, W)
+        else:
+            np.dot(C, W, rows)
         if b.shape[0] > 0:
             rows += b
 
 
-def head_blocks(W: np.ndarray, groups: int) -> np.ndarray:
-    """W (d_model, G·d) -> (G, d_model, d): each head's block of columns, contiguous."""
-    d_model, width = W.shape
-    return np.ascontiguousarray(W.reshape(d_model, groups, width // groups).transpose(1, 0, 2))
+#: Parts the batch sum of a head's weight gradient is split into (fixed, so the sum's order does not depend on
+#: the number of threads): enough tasks for 8 threads with a single head.
+PARTS = 8
+
+
+@numba.njit(parallel=True, **_JIT)
+def head_grads(A, D):
+    """Σ_z A[z]ᵀ D[z, g] for every g: A (Z, n, m), D (Z, G, n, d) -> (G, m, d). One task per (g, part of the batch
+    elements); the parts' partial sums are then added in order, so the result is deterministic."""
+    Z, G, d, m = A.shape[0], D.shape[1], D.shape[3], A.shape[2]
+    P = min(Z, max(1, PARTS // G))
+    partial = np.zeros((G, P, m, d), dtype=A.dtype)
+    for t in prange(G * P):
+        g, p = t // P, t % P
+        tmp = np.empty((m, d), dtype=A.dtype)
+        for z in range(p * Z // P, (p + 1) * Z // P):
+            np.dot(A[z].T, D[z, g], tmp)
+            partial[g, p] += tmp
+    out = np.empty((G, m, d), dtype=A.dtype)
+    for g in prange(G):
+        out[g] = partial[g, 0]
+        for p in range(1, P):
+            out[g] += partial[g, p]
+    return out
+
+
+def group_blocks(weights, groups: int) -> np.ndarray:
+    """Weights (d_model, G·c·d) each -> (G, d_model, width): for every key/value group g, the columns of its heads
+    in every weight, in order (Q's R heads, then K's and V's one), contiguous: `project_heads`'s W."""
+    d_model = weights[0].shape[0]
+    packed = np.concatenate([W.reshape(d_model, groups, -1) for W in weights], axis=2)  # (d_model, G, width)
+    return np.ascontiguousarray(packed.transpose(1, 0, 2))
+
+
+def group_biases(biases, widths, groups: int, dtype) -> np.ndarray:
+    """Biases (G·c·d,) or None, of weights `widths` columns wide -> (G, width) packed as `group_blocks` packs the
+    columns (zeros for a None among given ones), or (0, width) when none is given."""
+    if all(b is None for b in biases):
+        return np.zeros((0, sum(widths) // groups), dtype)
+    parts = [np.zeros((groups, w // groups), dtype) if b is None else np.reshape(b, (groups, -1))
+             for b, w in zip(biases, widths)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=dtype)

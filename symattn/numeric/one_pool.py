@@ -1,0 +1,139 @@
+"""The plain multi-head layer (no variant, no mask array) forward and backward with every GEMM in Numba's thread pool.
+
+NumPy's matmul runs on OpenBLAS's threads and the attention kernels on Numba's; each pool keeps spinning after its
+call and takes a core from the other (numeric/projections.py has the measurement). Here the projections, the
+attention and the weight gradients are all Numba kernels with BLAS held to one thread, each writing the layout
+the next step reads. Layout: x (Z, n_q, d_model), y (Z, n_k, d_model); heads Q (Z, H, n_q, d_k), K (Z, G, n_k, d_k),
+V (Z, G, n_k, d_v), O (Z, H, n_q, d_v), head h = g·R + r reading key/value group g (R = H/G, layer.py's `_split`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import kernels, projections
+from .api import _NOBIAS, _rows, check_scale
+
+if TYPE_CHECKING:
+    from .layer import _Call
+
+#: Rows per task of the projection kernels: a head's n x d block, in blocks of 256 rows; the output in 128.
+BN_HEADS, BN_OUT = 256, 128
+
+
+@dataclass
+class Heads:
+    """What the forward computed and the backward reads again."""
+    X: np.ndarray  # (Z, n_q, d_model)
+    S: np.ndarray  # (Z, n_k, d_model), the keys' and values' source (X for self-attention)
+    Q: np.ndarray  # (Z, H, n_q, d_k)
+    K: np.ndarray  # (Z, G, n_k, d_k)
+    V: np.ndarray  # (Z, G, n_k, d_v)
+    O: np.ndarray  # (Z, H, n_q, d_v)
+    LSE: np.ndarray  # (Z·H, n_q)
+    batch: np.ndarray  # (Z·H, 4) rows [q, k, v, bias] of each head
+    out: np.ndarray  # (Z, n_q, d_model)
+
+
+def applies(c: _Call) -> bool:
+    """The one-pool path takes the plain layer: no variant, no mask array, x (and y) with one shared batch dim or
+    none, and at least one query and batch element (the general path gives the empty output)."""
+    x, y = c.x, c.y
+    src = x if y is None else y
+    return not c.variant and c.options[0] is None and x.ndim in (2, 3) and src.shape[:-2] == x.shape[:-2] \
+        and x.size > 0
+
+
+def forward(c: _Call) -> Heads:
+    """The layer's forward: heads, attention (output and log-sum-exp kept) and out = Concat(heads) w_o (+ b_o)."""
+    _, causal, scale, masked_rows = c.options
+    x, y, L = c.x, c.y, c.layer
+    dt, H, G = x.dtype, L.heads, L.kv_heads
+    X = np.ascontiguousarray(x.reshape((-1,) + x.shape[-2:]))  # (Z, n_q, d_model)
+    S = X if y is None else np.ascontiguousarray(y.reshape((-1,) + y.shape[-2:]))  # (Z, n_k, d_model)
+    (Z, n_q, d_model), n_k = X.shape, S.shape[1]
+    w_q, w_k, w_v, w_o = c.w
+    Q, K = np.empty((Z, H, n_q, L.d_k), dt), np.empty((Z, G, n_k, L.d_k), dt)
+    V, O = np.empty((Z, G, n_k, L.d_v), dt), np.empty((Z, H, n_q, L.d_v), dt)
+    LSE, out = np.empty((Z * H, n_q), dt), np.empty((Z, n_q, d_model), dt)
+    heads, groups = (Z, G, H // G), (Z, G, 1)
+    kv = _rows(groups, heads)
+    batch = np.ascontiguousarray(np.stack([_rows(heads, heads), kv, kv, np.zeros_like(kv)], axis=1))
+    with kernels.one_blas_thread:
+        _project(c, X, S, Q, K, V)
+        kernels.forward_into(Q.reshape(Z * H, n_q, L.d_k), K.reshape(Z * G, n_k, L.d_k),
+                             V.reshape(Z * G, n_k, L.d_v), _NOBIAS[dt], batch, causal,
+                             check_scale(scale, L.d_k), kernels.MASKED_ROWS[masked_rows],
+                             O.reshape(Z * H, n_q, L.d_v), LSE)
+        b_o = np.zeros(0, dt) if c.biases["b_o"] is None else np.ascontiguousarray(c.biases["b_o"], dtype=dt)
+        projections.merge_project((O,), np.ascontiguousarray(w_o), b_o, out, BN_OUT, False)
+    return Heads(X, S, Q, K, V, O, LSE, batch, out)
+
+
+def _project(c: _Call, X, S, Q, K, V) -> None:
+    """Q, K, V of every head: self-attention as one product per (batch element, key/value group, row block) with
+    the group's Q, K and V columns packed side by side; cross-attention as Q from x, then K and V from y."""
+    G, b, (w_q, w_k, w_v, _) = c.layer.kv_heads, c.biases, c.w
+    parts = [((w_q, w_k, w_v), ("b_q", "b_k", "b_v"), X, (Q, K, V))] if S is X else \
+        [((w_q,), ("b_q",), X, (Q,)), ((w_k, w_v), ("b_k", "b_v"), S, (K, V))]
+    for weights, names, source, outs in parts:
+        bias = projections.group_biases([b[n] for n in names], [w.shape[1] for w in weights], G, X.dtype)
+        projections.project_heads(source, projections.group_blocks(weights, G), bias, outs, BN_HEADS)
+
+
+def output(c: _Call, h: Heads) -> np.ndarray:
+    """The forward's output in x's batch shape (..., n_q, d_model)."""
+    return h.out.reshape(c.x.shape[:-1] + (h.out.shape[-1],))
+
+
+def backward(c: _Call, h: Heads, d_out: np.ndarray) -> dict:
+    """Gradients of Σ d_out∘out by argument name (x, y, w_*, b_* given), from the forward's heads: dO into the
+    heads' layout, the attention backward (no second forward), dx (dy) as Concat(dQ) w_qᵀ (+ dK w_kᵀ + dV w_vᵀ),
+    weight gradients as per-head sums over the batch in a fixed order (deterministic)."""
+    _, causal, scale, masked_rows = c.options
+    L, (w_q, w_k, w_v, w_o) = c.layer, c.w
+    (Z, n_q, d_model), n_k, dt = h.X.shape, h.S.shape[1], h.X.dtype
+    H, G = L.heads, L.kv_heads
+    dOut = np.ascontiguousarray(d_out.reshape(h.out.shape))  # (Z, n_q, d_model)
+    dO = np.empty(h.O.shape, dt)  # (Z, H, n_q, d_v)
+    dQ = np.empty(h.Q.shape, dt)  # (Z, H, n_q, d_k)
+    dK, dV = np.empty((Z, H, n_k, L.d_k), dt), np.empty((Z, H, n_k, L.d_v), dt)  # per head, summed per group below
+    with kernels.one_blas_thread:
+        projections.project_heads(dOut, projections.group_blocks((w_o.T,), H), np.zeros((0, L.d_v), dt), (dO,),
+                                  BN_HEADS)  # dC = d_out w_oᵀ, into the heads
+        kernels.backward_into(h.Q.reshape(Z * H, n_q, L.d_k), h.K.reshape(Z * G, n_k, L.d_k),
+                              h.V.reshape(Z * G, n_k, L.d_v), _NOBIAS[dt], h.batch, causal,
+                              check_scale(scale, L.d_k), kernels.MASKED_ROWS[masked_rows],
+                              h.O.reshape(Z * H, n_q, L.d_v), h.LSE, dO.reshape(Z * H, n_q, L.d_v),
+                              dQ.reshape(Z * H, n_q, L.d_k), dK.reshape(Z * H, n_k, L.d_k),
+                              dV.reshape(Z * H, n_k, L.d_v))
+        if G < H:  # grouped-query: a key/value group's gradient sums over its heads
+            dK, dV = (A.reshape((Z, G, H // G) + A.shape[2:]).sum(axis=2) for A in (dK, dV))
+        dX, no_b = np.empty((Z, n_q, d_model), dt), np.zeros(0, dt)
+        if c.y is None:  # dx = Concat(dQ, dK, dV) [w_q; w_k; w_v]ᵀ: one product
+            projections.merge_project((dQ, dK, dV), np.concatenate([w_q.T, w_k.T, w_v.T]), no_b, dX, BN_OUT, False)
+        else:
+            dS = np.empty((Z, n_k, d_model), dt)
+            projections.merge_project((dQ,), np.ascontiguousarray(w_q.T), no_b, dX, BN_OUT, False)
+            projections.merge_project((dK, dV), np.concatenate([w_k.T, w_v.T]), no_b, dS, BN_OUT, False)
+        grads = {"x": dX.reshape(c.x_shape),
+                 "w_q": _columns(projections.head_grads(h.X, dQ)), "w_k": _columns(projections.head_grads(h.S, dK)),
+                 "w_v": _columns(projections.head_grads(h.S, dV)),
+                 "w_o": projections.head_grads(dOut, h.O).transpose(0, 2, 1).reshape(H * L.d_v, d_model)}
+    if c.y is not None:
+        grads["y"] = dS.reshape(c.y_shape)
+    for name, g in (("b_q", dQ), ("b_k", dK), ("b_v", dV)):
+        if c.biases[name] is not None:
+            grads[name] = g.sum(axis=(0, 2)).reshape(-1)  # (heads·d,) in the heads' column order
+    if c.biases["b_o"] is not None:
+        grads["b_o"] = dOut.sum(axis=(0, 1))
+    return grads
+
+
+def _columns(blocks: np.ndarray) -> np.ndarray:
+    """(G, d_model, d) per-head blocks -> (d_model, G·d), the weight's layout."""
+    return np.ascontiguousarray(blocks.transpose(1, 0, 2)).reshape(blocks.shape[1], -1)
+
+
