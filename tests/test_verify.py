@@ -137,6 +137,21 @@ def test_bench_names_the_blas_kernels_and_warns_when_an_env_variable_forces_olde
     assert "OPENBLAS_CORETYPE=Haswell" in note and "Haswell kernels" in note
 
 
+def test_bench_sets_pytorchs_threads_only_where_they_differ(monkeypatch):
+    """torch.set_num_threads after Numba's OpenMP pool has started slowed PyTorch's layer 4-7x for the rest of the
+    process (peers.setup): setup leaves an equal thread count alone and sets a different one."""
+    import types
+    from symattn.app import peers
+    calls = []
+    fake = types.SimpleNamespace(get_num_threads=lambda: 2, set_num_threads=calls.append)
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    monkeypatch.setitem(sys.modules, "jax", None)  # not installed, as far as setup can tell
+    peers.setup(2)
+    assert calls == []
+    peers.setup(1)
+    assert calls == [1]
+
+
 def test_verify_takes_a_per_head_mod_as_head_0_of_its_heads(capsys):
     """alibi:heads=2 reads h: the numeric API wants (B, 2, n, d), so verify runs the spec's head as head 0 (the
     head its derivation computes, slope 1/16); it used to stop at the shape check with exit 2."""

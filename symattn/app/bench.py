@@ -293,7 +293,7 @@ def bench(cases=CASES, dtypes=(np.float32, np.float64), *, layer_cases=LAYER_CAS
     if out_dir is not None:
         output_folder(out_dir)  # before minutes of timing, not after
     import numba
-    peers.setup(numba.get_num_threads())
+    peers.setup(numba.config.NUMBA_NUM_THREADS)  # before Numba's pool starts (peers.setup says why)
     env = environment()
     say("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     if note := blas_note(env):

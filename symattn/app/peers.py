@@ -26,10 +26,15 @@ def versions() -> dict:
 
 
 def setup(threads: int) -> None:
-    """Same thread count as symattn; float64 enabled in JAX (the f64 rows)."""
+    """Same thread count as symattn; float64 enabled in JAX (the f64 rows). Call it before Numba's thread pool starts
+    (numba.config.NUMBA_NUM_THREADS, not numba.get_num_threads(), which starts it). PyTorch's thread count is set
+    only where it differs: measured here, torch.set_num_threads(2) after Numba's OpenMP pool had started (both use
+    the one libgomp) made PyTorch's multi-head layer 4-7x slower for the rest of the process (16 -> 64-99 ms
+    forward at (4,256,512)), which had flattered symattn's layer rows."""
     try:
         import torch
-        torch.set_num_threads(threads)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     except ImportError:
         pass
     try:
