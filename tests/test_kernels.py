@@ -17,7 +17,9 @@ def path(request, monkeypatch):
     if request.param == "tiles":
         monkeypatch.setattr(kernels, "SMALL", 0)
         for name, size in (("BQ", 16), ("BK", 32), ("BQ_MASKED", 8), ("BK_MASKED", 16), ("BQ_BWD", 16),
-                           ("BK_BWD", 16), ("BQ_BWD_MASKED", 8), ("BK_BWD_MASKED", 16)):
+                           ("BK_BWD", 16), ("BQ_BWD_MASKED", 8), ("BK_BWD_MASKED", 16), ("BQ_CAUSAL", 16),
+                           ("BK_CAUSAL", 8), ("BD_CAUSAL", 3), ("BQ_BWD_CAUSAL", 8), ("BK_BWD_CAUSAL", 16),
+                           ("BD_BWD_CAUSAL", 3)):  # causal: full tiles and diagonal strips of 3 rows
             monkeypatch.setattr(kernels, name, size)
     else:
         monkeypatch.setattr(kernels, "SMALL", 1 << 62)

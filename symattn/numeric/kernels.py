@@ -29,8 +29,8 @@ MASKED_ROWS = {"zero": 0, "uniform": 1, "nan": 2}
 #: Below this many score entries (B·n_q·n_k) the serial loop kernels win: no BLAS call, no thread start.
 SMALL = 1 << 15
 #: Forward tiles (query rows x keys): 128 x 256 (64 x 64 measured 35% slower), 256 x 256 where that still gives every
-#: thread two blocks (bigger GEMMs: 0.90 vs 0.98 ms at (8,256,64), one core); masked (causal, an index mask) 64 x 128:
-#: less work past the diagonal (causal (2,1024,64) 2.25 vs 2.32 ms). Backward 256 x 256 (one core,
+#: thread two blocks (bigger GEMMs: 0.90 vs 0.98 ms at (8,256,64), one core); a variant's index mask 64 x 128:
+#: less work past the mask's edge (causal (2,1024,64) 2.25 vs 2.32 ms, before the plain causal kernel's strips). Backward 256 x 256 (one core,
 #: f32, AVX-512 OpenBLAS: 2.27 vs 2.79 ms at (8,256,64), 9.3 vs 13.1 ms at (2,1024,64) against 128 x 128: bigger
 #: GEMMs and fewer partial-sum passes; causal (2,1024,64) 6.0 vs 6.2 ms despite more diagonal waste).
 BQ, BK, BQ_BWD, BK_BWD = 128, 256, 256, 256
@@ -38,6 +38,14 @@ BQ_MASKED, BK_MASKED = 64, 128
 #: Masked backward tiles: a causal n = 256 is one 256 x 256 diagonal tile, computed whole (1.58 vs 1.25 ms at
 #: (8,256,64) for 128 x 128, two threads).
 BQ_BWD_MASKED, BK_BWD_MASKED = 128, 128
+#: The plain causal forward: query blocks of 256 against full 256-key tiles left of the diagonal, the diagonal in
+#: strips of 64 rows (most work in big GEMMs, a 64-row staircase of masked waste). One core, (8,1024,64): causal
+#: 9.1 ms against 15.0 plain (10.0 with 64 x 128 tiles); (2,4096,64) 31-33 against 59-64 ms (35 before).
+BQ_CAUSAL, BK_CAUSAL, BD_CAUSAL = 256, 256, 64
+#: The plain causal backward: key blocks of 256, full query blocks of 256 below the diagonal, the diagonal in
+#: strips of 64 query rows. One core, fwd+bwd (8,1024,64): 35.5 ms against 56 plain (1.60x; 128 x 128 tiles without
+#: strips 1.50x); (2,4096,64) 109-111 against 207-210 ms (122 before).
+BQ_BWD_CAUSAL, BK_BWD_CAUSAL, BD_BWD_CAUSAL = 256, 256, 64
 
 
 def forward_tile_shape(B: int, n_q: int, masked: bool) -> tuple[int, int]:
@@ -48,10 +56,11 @@ def forward_tile_shape(B: int, n_q: int, masked: bool) -> tuple[int, int]:
     return (wide, BK) if B * -(-n_q // wide) >= 2 * numba.get_num_threads() else (BQ, BK)
 
 
-def backward_tile_shape(B: int, n_k: int, masked: bool) -> tuple[int, int, int]:
+def backward_tile_shape(B: int, n_k: int, masked: bool, causal_strips: bool = False) -> tuple[int, int, int]:
     """(bq, bk, groups) of the backward tile kernels: groups of key blocks per batch element, more than one
-    when there are fewer batch elements than threads."""
-    bq, bk = (BQ_BWD_MASKED, BK_BWD_MASKED) if masked else (BQ_BWD, BK_BWD)
+    when there are fewer batch elements than threads. `causal_strips`: the plain causal kernel's shape."""
+    bq, bk = (BQ_BWD_CAUSAL, BK_BWD_CAUSAL) if causal_strips else \
+        (BQ_BWD_MASKED, BK_BWD_MASKED) if masked else (BQ_BWD, BK_BWD)
     threads = numba.get_num_threads()
     return bq, bk, 1 if B >= threads else min(-(-n_k // bk), -(-2 * threads // max(B, 1)))
 
@@ -102,12 +111,13 @@ def run_recording_entry(kernel, args: tuple):
 
 def forward_into(Q, K, V, bias, batch, causal: bool, scale: float, code: int, O, LSE) -> None:
     """Write O (B, n_q, d_v) and the row log-sum-exp LSE (B, n_q); `code` is MASKED_ROWS[policy]."""
-    if batch.shape[0] * Q.shape[1] * K.shape[1] < SMALL:
+    B = batch.shape[0]
+    if B * Q.shape[1] * K.shape[1] < SMALL:
         loops.attention_forward(Q, K, V, bias, batch, causal, scale, code, O, LSE)
     else:
         with one_blas_thread:
-            loops.forward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE,
-                                *forward_tile_shape(batch.shape[0], Q.shape[1], causal))
+            bq, bk = (BQ_CAUSAL, BK_CAUSAL) if causal else forward_tile_shape(B, Q.shape[1], False)
+            loops.forward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE, bq, bk, min(BD_CAUSAL, bk))
 
 
 def forward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str):
@@ -128,8 +138,9 @@ def backward_into(Q, K, V, bias, batch, causal: bool, scale: float, code: int, O
         loops.attention_backward(Q, K, V, bias, batch, causal, scale, code, O, LSE, dO, dQ, dK, dV)
         return
     with one_blas_thread:
-        loops.backward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE, dO, dQ, dK, dV,
-                             *backward_tile_shape(B, n_k, causal))
+        bq, bk, groups = backward_tile_shape(B, n_k, causal, causal_strips=causal)
+        loops.backward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE, dO, dQ, dK, dV, bq, bk,
+                             min(BD_BWD_CAUSAL, bq), groups)
 
 
 def backward(Q, K, V, bias, batch, causal: bool, scale: float, masked_rows: str, O, LSE, dO):
