@@ -7,15 +7,47 @@ from __future__ import annotations
 
 import operator
 import os
+from dataclasses import dataclass
 
 from .errors import SizeTooLargeError, SymattnError
 
-#: `symattn run` derives, proves, expands a two-head layer and compiles unrolled kernels for the sentence. Measured
-#: on 2 cores: 8 tokens at width 4 take 39 s, 6 at width 6 31 s, 4 at width 8 22 s; 8 tokens at width 8 ran over
-#: 4 minutes (the layer's proofs), 16 tokens over 5. So: at most 8 tokens, widths of 8, tokens × width <= 36.
-RUN_MAX_TOKENS = 8
-RUN_MAX_WIDTH = 8
-RUN_MAX_CELLS = 36
+#: `symattn run` derives and proves one head and a two-head layer of the variant, expands them and compiles unrolled
+#: kernels for the sentence: its cost grows with the tokens, the widths and the score. Measured on 2 cores (a fresh
+#: kernel cache, another process busy on the second core), tokens × width:
+#:   dot       8 × 4: 32 s (47 s with relative-bias:2); 6 × 6: 24 s; 4 × 8: 17 s
+#:   general   8 × 4: 56-59 s; 6 × 6: 58 s; with a score mod 8 × 4 took 79 s, so 24 cells: 8 × 3 45 s, 3 × 8 40 s
+#:   additive  8 × 2: 64 s, hidden 8 at 2 × 8: 102 s, so 6 tokens, widths (hidden units included) <= 6 and 16 cells:
+#:             4 × 4 with hidden 4 53 s, 6 × 2 39 s; with a score mod 12 cells: 2 × 6 with hidden 6 45-48 s
+#:   cosine    6 × 4: 83 s, 4 × 8: 178 s (130 s of it the layer's proofs), so 16 cells: 8 × 2 49 s (50 s with
+#:             window:2), 2 × 8 48 s; with a score mod 8 × 2 took 63 s, so 12 cells: 6 × 2 41-45 s
+#: Masks (causal, window, prefix) add nothing beyond the noise. Over these limits a run takes minutes.
+
+
+@dataclass(frozen=True)
+class RunLimit:
+    """The worked example's sizes for one score: at most `tokens` tokens, every width (d_model, d_k, d_v; the
+    additive score's hidden units too) at most `width`, and tokens × widest width at most `cells`, or `mod_cells`
+    with a score mod (ALiBi, soft-cap, relative bias, a user's)."""
+    tokens: int
+    width: int
+    cells: int
+    mod_cells: int
+
+    def max_cells(self, score_mod: bool) -> int:
+        return self.mod_cells if score_mod else self.cells
+
+
+#: The worked example's limits by score (each within about 60 s at its worst corner; see the table above).
+RUN_LIMITS = {
+    "dot": RunLimit(tokens=8, width=8, cells=36, mod_cells=36),
+    "general": RunLimit(tokens=8, width=8, cells=32, mod_cells=24),
+    "additive": RunLimit(tokens=6, width=6, cells=16, mod_cells=12),
+    "cosine": RunLimit(tokens=8, width=8, cells=16, mod_cells=12),
+}
+#: The dot product's limits (the default run's), by their old names.
+RUN_MAX_TOKENS = RUN_LIMITS["dot"].tokens
+RUN_MAX_WIDTH = RUN_LIMITS["dot"].width
+RUN_MAX_CELLS = RUN_LIMITS["dot"].cells
 #: Share of the memory available now that one array symattn allocates may take.
 MEMORY_SHARE = 0.5
 
@@ -35,8 +67,16 @@ def available_bytes() -> int:
         return 1 << 34
 
 
+#: Arrays up to this size pass the memory check without reading /proc/meminfo (14 µs a call, measured: 3% of a
+#: (8,256,64) float32 forward with a score mod).
+SMALL_BYTES = 1 << 26
+
+
 def check_memory(nbytes: int, what: str, instead: str, error=SizeTooLargeError) -> None:
-    """Refuse to allocate `nbytes` for `what` when it exceeds MEMORY_SHARE of the memory available now."""
+    """Refuse to allocate `nbytes` for `what` when it exceeds MEMORY_SHARE of the memory available now (arrays of
+    at most SMALL_BYTES pass without asking)."""
+    if nbytes <= SMALL_BYTES:
+        return
     limit = int(available_bytes() * MEMORY_SHARE)
     if nbytes > limit:
         raise error(f"{what} would need {_bytes(nbytes)}, over the limit of {_bytes(limit)} "
@@ -50,22 +90,47 @@ def _bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-def check_run_sizes(tokens: int, d_model: int, d_k: int, d_v: int, *, names=("--d-model", "--d-k", "--d-v"),
-                    source: str = "the sentence") -> None:
-    """The worked example's limits: `symattn run` expands and proves everything at these sizes. `names` and
-    `source` say where the sizes came from (command-line flags and the sentence, or an inputs file's fields)."""
-    for name, value in zip(names, (d_model, d_k, d_v)):
-        if value > RUN_MAX_WIDTH:
+def check_run_sizes(tokens: int, d_model: int, d_k: int, d_v: int, *, score: str = "dot", hidden=None,
+                    score_mod=None, names=("--d-model", "--d-k", "--d-v"), source: str = "the sentence") -> None:
+    """The worked example's limits for its variant (RUN_LIMITS): `symattn run` expands and proves everything at
+    these sizes. `score`, `hidden` (the additive score's units, a width) and `score_mod` (any value but None or
+    "none" counts) are run()'s; an unknown score or a missing hidden gets the dot product's limits here and its
+    own error from the spec. `names` and `source` say where the sizes came from (command-line flags and the
+    sentence, or an inputs file's fields)."""
+    counted = isinstance(hidden, int) and not isinstance(hidden, bool)
+    known = isinstance(score, str) and score in RUN_LIMITS and (counted or score != "additive")
+    limit = RUN_LIMITS[score] if known else RUN_LIMITS["dot"]
+    modded = score_mod not in (None, "none", "")
+    additive = known and score == "additive"
+    widths = [*zip(names, (d_model, d_k, d_v))] + ([("--hidden", hidden)] if additive else [])
+    variant = "" if limit == RUN_LIMITS["dot"] else f" for the {score} score" + (" with a score mod" if modded else "")
+    units = ", its hidden units counting as a width" if additive else ""
+    instead = ("use `symattn derive --indexed-only` for the formulas at any size and symattn.attention for "
+               "numbers")
+    for name, value in widths:
+        if value > limit.width:
             raise SizeTooLargeError(
-                f"{name} {value} is over the worked example's limit of {RUN_MAX_WIDTH} (run proves every step "
-                f"exactly); use `symattn derive --indexed-only` for the formulas at any size and "
-                f"symattn.attention for numbers")
-    if tokens > RUN_MAX_TOKENS or tokens * max(d_model, d_k, d_v) > RUN_MAX_CELLS:
+                f"{name} {value} is over the worked example's limit of {limit.width}{variant} (run proves every "
+                f"step exactly{units}); {instead}")
+    width = max(value for _, value in widths)
+    cells = limit.max_cells(modded)
+    if tokens > limit.tokens or tokens * width > cells:
+        fits = (f" (at most {min(limit.tokens, cells // width)} tokens at width {width}, or width "
+                f"{min(limit.width, cells // tokens)} at {tokens} tokens)" if tokens <= limit.tokens else "")
         raise SizeTooLargeError(
-            f"{source} has {tokens} tokens at width {max(d_model, d_k, d_v)}, over the worked example's limit "
-            f"({RUN_MAX_TOKENS} tokens, tokens × width <= {RUN_MAX_CELLS}: run proves every step and compiles "
-            f"kernels for exactly these sizes); shorten it or narrow it, or use `symattn derive --indexed-only` for "
-            f"the formulas and symattn.attention for numbers")
+            f"{source} has {tokens} tokens at width {width}, over the worked example's limit{variant} "
+            f"({limit.tokens} tokens, tokens × width <= {cells}{units}: run proves every step and compiles kernels "
+            f"for exactly these sizes); shorten it or narrow it{fits}, or {instead}")
+
+
+def run_width(tokens: int, *, score: str = "dot", hidden=None, score_mod=None, preferred: int = 4) -> int:
+    """The worked example's default width for `tokens` tokens: the widest up to `preferred` that the variant's
+    limits (RUN_LIMITS) allow, even where it can be (the two-head layer halves it), so `symattn run --score
+    cosine` fits on the default sentence by narrowing; or `preferred` where none fits (check_run_sizes then names
+    the limit)."""
+    limit = RUN_LIMITS.get(score, RUN_LIMITS["dot"]) if isinstance(score, str) else RUN_LIMITS["dot"]
+    fit = min(preferred, limit.width, limit.max_cells(score_mod not in (None, "none", "")) // max(tokens, 1))
+    return preferred if fit < 1 else fit if fit == 1 else fit - fit % 2
 
 
 def seed(value, name: str = "seed") -> int:

@@ -73,7 +73,8 @@ def test_cli_run_with_a_variant(capsys):
     (["--causal", "--mask", "window:2"], "disagree"),
     (["--score-mod", "bogus"], "unknown score mod"),
     (["--mask", "window:x"], "mask"),
-    (["--score", "additive", "--hidden", "8", "--d-model", "6", "--d-k", "6"], "explicit"),  # too large to expand
+    (["--score", "additive", "--hidden", "8", "--d-model", "6", "--d-k", "6"],  # too large for the worked example
+     "--hidden 8 is over the worked example's limit"),
 ])
 def test_bad_variants_are_refused_before_any_derivation(argv, message, capsys, monkeypatch):
     def no_derivation(*args, **kwargs):

@@ -25,6 +25,11 @@ def _default() -> dict:
     return json.loads(resources.files("symattn.app").joinpath("data/default.json").read_text())
 
 
+def default_sentence() -> str:
+    """The worked example's sentence when none is given ("The cat sat on the mat")."""
+    return _default()["sentence"]
+
+
 def _hashed(name: str, count: int) -> list[sympy.Rational]:
     """`count` deterministic entries from SHA-256 of `name`."""
     digest = b""

@@ -16,7 +16,7 @@ Matrices are lists of rows. Entries stay exact: integers, decimals (JSON numbers
 (0.1 -> 1/10); tokens are a 1-D string array. Nothing is evaluated as code (no eval, no sympify of text, no
 pickles). Checked before any derivation, each error naming the file and the field: the file size (MAX_BYTES),
 each entry's digits (MAX_DIGITS in numerator and denominator), the shapes, and the worked example's sizes
-(limits.check_run_sizes: the exact derivation must stay tractable).
+(limits.check_run_sizes, for the run's score and score mod: the exact derivation must stay tractable).
 """
 from __future__ import annotations
 
@@ -61,9 +61,10 @@ def shipped(name: str) -> str:
     return str(resources.files("symattn.app").joinpath(f"data/{name.removesuffix('.json')}.json"))
 
 
-def read_inputs(path: str | os.PathLike, *, query: str | None = None) -> Example:
+def read_inputs(path: str | os.PathLike, *, query: str | None = None, variant: Mapping | None = None) -> Example:
     """The example in the inputs file at `path` (.npz by suffix or content, JSON otherwise), or a shipped one
-    by name (SHIPPED); see the module doc."""
+    by name (SHIPPED); see the module doc. `variant`: the run's score, hidden and score_mod, whose limits the
+    sizes must meet (limits.check_run_sizes; default the dot product's)."""
     source = os.fspath(path)
     if not os.path.exists(source) and source.removesuffix(".json") in SHIPPED:
         source = shipped(source)
@@ -78,7 +79,7 @@ def read_inputs(path: str | os.PathLike, *, query: str | None = None) -> Example
     except OSError as e:
         raise InputError(f"{source}: cannot read it: {e.strerror or e}") from None
     data = _npz(source) if source.lower().endswith(".npz") or blob[:2] == b"PK" else _json(source, blob)
-    return inputs_example(data, query=query, source=source)
+    return inputs_example(data, query=query, source=source, variant=variant)
 
 
 def _json(source: str, blob: bytes) -> dict:
@@ -120,9 +121,11 @@ def _npz(source: str) -> dict:
     return data
 
 
-def inputs_example(data: Mapping, *, query: str | None = None, source: str = "inputs") -> Example:
+def inputs_example(data: Mapping, *, query: str | None = None, source: str = "inputs",
+                   variant: Mapping | None = None) -> Example:
     """An Example from a mapping in the inputs schema (the module doc): lists of rows or NumPy arrays, entries
-    as int, float, str, Fraction or sympy.Rational. Raises InputError naming `source` and the field."""
+    as int, float, str, Fraction or sympy.Rational. Raises InputError naming `source` and the field. `variant`
+    as for read_inputs."""
     if not isinstance(data, Mapping):
         raise InputError(f"{source}: the inputs must be a mapping of names to matrices, got {type(data).__name__}")
     unknown = [str(k) for k in data if k not in KNOWN]
@@ -141,7 +144,7 @@ def inputs_example(data: Mapping, *, query: str | None = None, source: str = "in
     n = shapes[names[0]][0]
     tokens = _tokens(source, data.get("tokens"), n, names[0])
     _check_shapes(source, shapes, names)
-    _check_sizes(source, shapes, names)
+    _check_sizes(source, shapes, names, variant or {})
     M = {k: sympy.ImmutableMatrix([[_entry(source, f"{k}[{r}][{c}]", x) for c, x in enumerate(row)]
                                    for r, row in enumerate(_rows(data[k]))]) for k in shapes}
     if query is None and data.get("query") is not None:
@@ -212,8 +215,8 @@ def _check_shapes(source: str, shapes: dict, names: tuple) -> None:
                              f"got {got}")
 
 
-def _check_sizes(source: str, shapes: dict, names: tuple) -> None:
-    """The worked example's limits (symattn.limits), stated for the file."""
+def _check_sizes(source: str, shapes: dict, names: tuple, variant: Mapping) -> None:
+    """The worked example's limits for the run's variant (symattn.limits), stated for the file."""
     if names is EMBEDDINGS:
         n, d_model = shapes["X"]
         d_k, d_v = shapes["W_Q"][1], shapes["W_V"][1]
@@ -221,7 +224,7 @@ def _check_sizes(source: str, shapes: dict, names: tuple) -> None:
         (n, d_k), d_v = shapes["Q"], shapes["V"][1]
         d_model = d_k
     try:
-        limits.check_run_sizes(n, d_model, d_k, d_v, names=("d_model", "d_k", "d_v"), source="the file")
+        limits.check_run_sizes(n, d_model, d_k, d_v, names=("d_model", "d_k", "d_v"), source="the file", **variant)
     except SymattnError as e:
         raise type(e)(f"{source}: {e}") from None
 

@@ -15,7 +15,7 @@ from .. import limits
 from ..numeric import reference
 from ..symbolic.tensors import shape_of
 from ..symbolic.derive import Derivation, derive, parameters
-from .example import Example, example, parameters as example_parameters
+from .example import Example, default_sentence, example, parameters as example_parameters
 from ..render.latex import step_latex
 from ..render.notation import explanation_text
 from .docs import Document, Literal, Prose, heatmap
@@ -269,19 +269,24 @@ def _ways(report) -> str:
     return f"{NUMBERS.get(len(kinds), len(kinds))} ways ({', '.join(kinds)})"
 
 
-def _example(sentence, inputs, query, d_model, d_k, d_v) -> Example:
-    """The worked example from the sentence options or an inputs file/mapping, every size checked."""
+def _example(sentence, inputs, query, d_model, d_k, d_v, variant: dict) -> Example:
+    """The worked example from the sentence options or an inputs file/mapping, every size checked against the
+    limits of the `variant` (score, hidden, score_mod: limits.check_run_sizes) before any SymPy work."""
     check_sentence(sentence)
     check_sentence(query)
     if inputs is not None:
         if sentence is not None or any(x is not None for x in (d_model, d_k, d_v)):
             raise SymattnError("the inputs file gives the tokens and sizes: leave out the sentence, d_model, d_k "
                                "and d_v")
-        return inputs_example(inputs, query=query) if isinstance(inputs, Mapping) else read_inputs(inputs, query=query)
-    d_model = positive_int("d_model", 4 if d_model is None else d_model, "run")
-    d_k = positive_int("d_k", 4 if d_k is None else d_k, "run")
+        if isinstance(inputs, Mapping):
+            return inputs_example(inputs, query=query, variant=variant)
+        return read_inputs(inputs, query=query, variant=variant)
+    tokens = len((default_sentence() if sentence is None else sentence).split())  # the default's 6 count too
+    width = limits.run_width(tokens, **variant)  # default widths: 4, or narrower where the variant's limit says
+    d_model = positive_int("d_model", width if d_model is None else d_model, "run")
+    d_k = positive_int("d_k", width if d_k is None else d_k, "run")
     d_v = d_k if d_v is None else positive_int("d_v", d_v, "run")
-    limits.check_run_sizes(len((sentence or "").split()), d_model, d_k, d_v)
+    limits.check_run_sizes(tokens, d_model, d_k, d_v, **variant)
     return example(sentence, query=query, d_model=d_model, d_k=d_k, d_v=d_v)
 
 
@@ -298,7 +303,8 @@ def run(sentence: str | None = None, *, inputs=None, query: str | None = None, c
         mask: str | None = None, score: str = "dot", hidden: int | None = None, score_mod: str | None = None,
         d_model: int | None = None, d_k: int | None = None, d_v: int | None = None, say: Say = print,
         progress: Progress = silent, plot: str | None = None, kernels: bool = True) -> RunResult:
-    """Derive and prove attention for `sentence` (default "The cat sat on the mat", d_model = d_k = d_v = 4) or
+    """Derive and prove attention for `sentence` (default "The cat sat on the mat", d_model = d_k = d_v = 4, or
+    narrower where the score's size limits say: limits.run_width) or
     your own numbers, print the inputs, the forward steps of the query token in LaTeX with their numbers, its
     attention weights as a table, the proofs, a two-head layer and (`kernels`) the generated kernels' verification.
     Returns the numbers and the document (result.document.render("text"|"latex"|"markdown"|"tex")).
@@ -309,7 +315,8 @@ def run(sentence: str | None = None, *, inputs=None, query: str | None = None, c
     naming the field, before any derivation.
     The variant: `score` ("dot", "general", "additive" with `hidden` units), `score_mod` (e.g. "alibi",
     "softcap:30", "relative-bias:2") and `mask` (e.g. "causal", "window:2", "prefix:1"; `causal` = "causal")."""
-    ex = _example(sentence, inputs, query, d_model, d_k, d_v)
+    ex = _example(sentence, inputs, query, d_model, d_k, d_v,
+                  dict(score=score, hidden=hidden, score_mod=score_mod))
     n, i = len(ex.tokens), ex.query
     spec = variant_spec(n, ex.Q.cols, ex.V.cols, causal=causal, mask=mask, score=score, hidden=hidden,
                         score_mod=score_mod)
