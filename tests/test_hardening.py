@@ -231,3 +231,20 @@ def test_ctrl_c_during_start_up_is_one_line():
         err = proc.communicate(timeout=120)[1]
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
         assert proc.returncode in (0, 130, -signal.SIGINT), err
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8"])
+def test_big_endian_inputs_give_the_native_results(rng, dtype):
+    """Arrays in non-native byte order (read from a file, say) used to reach Numba and stop with a TypingError
+    traceback; they are now converted and give the native arrays' results, plain, causal, with a score mod and
+    through the vjp."""
+    q, k, v, d_o = (rng.standard_normal((2, 5, 3)) for _ in range(4))
+    native = np.dtype(dtype).newbyteorder("=")
+    big = [x.astype(dtype) for x in (q, k, v, d_o)]
+    small = [x.astype(native) for x in (q, k, v, d_o)]
+    for kw in ({}, dict(is_causal=True), dict(score_mod="alibi")):
+        np.testing.assert_array_equal(symattn.attention(*big[:3], **kw), symattn.attention(*small[:3], **kw))
+    got = symattn.attention_vjp(*big[:3])[1](big[3])
+    want = symattn.attention_vjp(*small[:3])[1](small[3])
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
