@@ -29,22 +29,16 @@ MASKED_ROWS = {"zero": 0, "uniform": 1, "nan": 2}
 #: Below this many score entries (B·n_q·n_k) the serial loop kernels win: no BLAS call, no thread start.
 SMALL = 1 << 15
 #: Forward tiles (query rows x keys): 128 x 256 (64 x 64 measured 35% slower), 256 x 256 where that still gives every
-#: thread two blocks (bigger GEMMs: 0.90 vs 0.98 ms at (8,256,64), one core); a variant's index mask 64 x 128:
-#: less work past the mask's edge (causal (2,1024,64) 2.25 vs 2.32 ms, before the plain causal kernel's strips). Backward 256 x 256 (one core,
-#: f32, AVX-512 OpenBLAS: 2.27 vs 2.79 ms at (8,256,64), 9.3 vs 13.1 ms at (2,1024,64) against 128 x 128: bigger
-#: GEMMs and fewer partial-sum passes; causal (2,1024,64) 6.0 vs 6.2 ms despite more diagonal waste).
+#: thread two blocks (0.90 vs 0.98 ms at (8,256,64), one core); a variant's index mask 64 x 128 (less work past the
+#: mask's edge). Backward 256 x 256 (one core, f32, AVX-512 OpenBLAS: 2.27 vs 2.79 ms at (8,256,64), 9.3 vs 13.1 ms
+#: at (2,1024,64) against 128 x 128: bigger GEMMs, fewer partial-sum passes); a variant's mask 128 x 128.
 BQ, BK, BQ_BWD, BK_BWD = 128, 256, 256, 256
-BQ_MASKED, BK_MASKED = 64, 128
-#: Masked backward tiles: a causal n = 256 is one 256 x 256 diagonal tile, computed whole (1.58 vs 1.25 ms at
-#: (8,256,64) for 128 x 128, two threads).
-BQ_BWD_MASKED, BK_BWD_MASKED = 128, 128
-#: The plain causal forward: query blocks of 256 against full 256-key tiles left of the diagonal, the diagonal in
-#: strips of 64 rows (most work in big GEMMs, a 64-row staircase of masked waste). One core, (8,1024,64): causal
-#: 9.1 ms against 15.0 plain (10.0 with 64 x 128 tiles); (2,4096,64) 31-33 against 59-64 ms (35 before).
+BQ_MASKED, BK_MASKED, BQ_BWD_MASKED, BK_BWD_MASKED = 64, 128, 128, 128
+#: The plain causal kernels: 256 x 256 tiles off the diagonal, the diagonal square in strips of 64 rows against the
+#: keys up to each strip's last row. One core, (8,1024,64): forward 9.1 ms against 15.0 plain (10.0 with whole
+#: 64 x 128 tiles), fwd+bwd 35.5 against 56 ms (1.60x; 1.50x with whole 128 x 128 tiles); (2,4096,64) forward 31-33
+#: against 59-64 ms (35 before), fwd+bwd 109-111 against 207-210 ms (122 before).
 BQ_CAUSAL, BK_CAUSAL, BD_CAUSAL = 256, 256, 64
-#: The plain causal backward: key blocks of 256, full query blocks of 256 below the diagonal, the diagonal in
-#: strips of 64 query rows. One core, fwd+bwd (8,1024,64): 35.5 ms against 56 plain (1.60x; 128 x 128 tiles without
-#: strips 1.50x); (2,4096,64) 109-111 against 207-210 ms (122 before).
 BQ_BWD_CAUSAL, BK_BWD_CAUSAL, BD_BWD_CAUSAL = 256, 256, 64
 
 
