@@ -42,19 +42,22 @@ BQ_CAUSAL, BK_CAUSAL, BD_CAUSAL = 256, 256, 64
 BQ_BWD_CAUSAL, BK_BWD_CAUSAL, BD_BWD_CAUSAL = 256, 256, 64
 
 
-def forward_tile_shape(B: int, n_q: int, masked: bool) -> tuple[int, int]:
-    """(bq, bk) of the forward tile kernels for B batch elements of n_q queries."""
-    if masked:
+def forward_tile_shape(B: int, n_q: int, kind: str) -> tuple[int, int]:
+    """(bq, bk) of the forward tile kernels for B batch elements of n_q queries; `kind` "plain", "causal" (the plain
+    kernel's diagonal strips) or "masked" (a variant's index mask)."""
+    if kind == "causal":
+        return BQ_CAUSAL, BK_CAUSAL
+    if kind == "masked":
         return BQ_MASKED, BK_MASKED
     wide = 2 * BQ
     return (wide, BK) if B * -(-n_q // wide) >= 2 * numba.get_num_threads() else (BQ, BK)
 
 
-def backward_tile_shape(B: int, n_k: int, masked: bool, causal_strips: bool = False) -> tuple[int, int, int]:
-    """(bq, bk, groups) of the backward tile kernels: groups of key blocks per batch element, more than one
-    when there are fewer batch elements than threads. `causal_strips`: the plain causal kernel's shape."""
-    bq, bk = (BQ_BWD_CAUSAL, BK_BWD_CAUSAL) if causal_strips else \
-        (BQ_BWD_MASKED, BK_BWD_MASKED) if masked else (BQ_BWD, BK_BWD)
+def backward_tile_shape(B: int, n_k: int, kind: str) -> tuple[int, int, int]:
+    """(bq, bk, groups) of the backward tile kernels, `kind` as for forward_tile_shape: groups of key blocks per
+    batch element, more than one when there are fewer batch elements than threads."""
+    bq, bk = {"causal": (BQ_BWD_CAUSAL, BK_BWD_CAUSAL), "masked": (BQ_BWD_MASKED, BK_BWD_MASKED)}.get(
+        kind, (BQ_BWD, BK_BWD))
     threads = numba.get_num_threads()
     return bq, bk, 1 if B >= threads else min(-(-n_k // bk), -(-2 * threads // max(B, 1)))
 
@@ -110,7 +113,7 @@ def forward_into(Q, K, V, bias, batch, causal: bool, scale: float, code: int, O,
         loops.attention_forward(Q, K, V, bias, batch, causal, scale, code, O, LSE)
     else:
         with one_blas_thread:
-            bq, bk = (BQ_CAUSAL, BK_CAUSAL) if causal else forward_tile_shape(B, Q.shape[1], False)
+            bq, bk = forward_tile_shape(B, Q.shape[1], "causal" if causal else "plain")
             loops.forward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE, bq, bk, min(BD_CAUSAL, bk))
 
 
@@ -132,7 +135,7 @@ def backward_into(Q, K, V, bias, batch, causal: bool, scale: float, code: int, O
         loops.attention_backward(Q, K, V, bias, batch, causal, scale, code, O, LSE, dO, dQ, dK, dV)
         return
     with one_blas_thread:
-        bq, bk, groups = backward_tile_shape(B, n_k, causal, causal_strips=causal)
+        bq, bk, groups = backward_tile_shape(B, n_k, "causal" if causal else "plain")
         loops.backward_tiles(Q, K, V, bias, batch, causal, scale, code, O, LSE, dO, dQ, dK, dV, bq, bk,
                              min(BD_BWD_CAUSAL, bq), groups)
 
@@ -160,8 +163,8 @@ def variant_forward(Q, K, V, bias, batch, bh, scale: float, code: int, mod, mask
         module.attention_forward(Q, K, V, bias, batch, bh, scale, code, O, LSE, *extras)
     else:
         with one_blas_thread:
-            module.forward_tiles(Q, K, V, bias, batch, bh, scale, code, O, LSE,
-                                 *forward_tile_shape(batch.shape[0], Q.shape[1], mask is not None), *extras)
+            bq, bk = forward_tile_shape(batch.shape[0], Q.shape[1], "plain" if mask is None else "masked")
+            module.forward_tiles(Q, K, V, bias, batch, bh, scale, code, O, LSE, bq, bk, *extras)
 
 
 def variant_backward(Q, K, V, bias, batch, bh, scale: float, code: int, mod, mask, params, O, LSE, dO, dQ, dK,
@@ -175,7 +178,7 @@ def variant_backward(Q, K, V, bias, batch, bh, scale: float, code: int, mod, mas
     module, extras = _variant_call(Q, K, bh, mod, mask, params)
     B, n_q, n_k = batch.shape[0], Q.shape[1], K.shape[1]
     small = B * n_q * n_k < SMALL
-    bq, bk, groups = backward_tile_shape(B, n_k, mask is not None)
+    bq, bk, groups = backward_tile_shape(B, n_k, "plain" if mask is None else "masked")
     tasks = 1 if small else B * groups
     names = _variant_params(mod)
     partials = [np.zeros((tasks,) + extras[n].shape, dtype=Q.dtype) for n in range(len(names))]
