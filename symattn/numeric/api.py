@@ -129,12 +129,12 @@ def _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=()) -> _Problem
     if d_k == 0 or n_k == 0:
         raise InputError(f"attention needs d_k >= 1 and n_k >= 1, got q {q.shape}, k {k.shape}")
     masked_rows, is_causal, scale = check_masked_rows(masked_rows), check_causal(is_causal), check_scale(scale, d_k)
-    if mask is None and not extra and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.dtype in _NOBIAS:
+    if mask is None and not extra and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:  # (native f32/f64: _array)
         # one batch shape, no mask: the identity rows [z, z, z, 0] (cached), no broadcasting to work out
         batch_shape = q.shape[:-2]
         return _Problem(_flat(q), _flat(k), _flat(v), _NOBIAS[q.dtype], _identity_batch(math.prod(batch_shape)),
                         tuple(batch_shape), is_causal, scale, masked_rows)
-    bias = np.zeros((0, 0, 0), dtype=q.dtype) if mask is None else _bias(mask, q.dtype, n_q, n_k)
+    bias = _NOBIAS[q.dtype] if mask is None else _bias(mask, q.dtype, n_q, n_k)
     shapes = {"q": q.shape[:-2], "k": k.shape[:-2], "v": v.shape[:-2], "mask": bias.shape[:-2] if mask is not None else ()}
     shapes.update({name: x.shape[:-2] for name, x in extra})
     try:
