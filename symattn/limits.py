@@ -97,11 +97,9 @@ def check_run_sizes(tokens: int, d_model: int, d_k: int, d_v: int, *, score: str
     "none" counts) are run()'s; an unknown score or a missing hidden gets the dot product's limits here and its
     own error from the spec. `names` and `source` say where the sizes came from (command-line flags and the
     sentence, or an inputs file's fields)."""
-    counted = isinstance(hidden, int) and not isinstance(hidden, bool)
-    known = isinstance(score, str) and score in RUN_LIMITS and (counted or score != "additive")
-    limit = RUN_LIMITS[score] if known else RUN_LIMITS["dot"]
-    modded = score_mod not in (None, "none", "")
-    additive = known and score == "additive"
+    limit, cells = _run_limit(score, hidden, score_mod)
+    modded = _modded(score_mod)
+    additive = limit is RUN_LIMITS["additive"]
     widths = [*zip(names, (d_model, d_k, d_v))] + ([("--hidden", hidden)] if additive else [])
     variant = "" if limit == RUN_LIMITS["dot"] else f" for the {score} score" + (" with a score mod" if modded else "")
     units = ", its hidden units counting as a width" if additive else ""
@@ -113,7 +111,6 @@ def check_run_sizes(tokens: int, d_model: int, d_k: int, d_v: int, *, score: str
                 f"{name} {value} is over the worked example's limit of {limit.width}{variant} (run proves every "
                 f"step exactly{units}); {instead}")
     width = max(value for _, value in widths)
-    cells = limit.max_cells(modded)
     if tokens > limit.tokens or tokens * width > cells:
         fits = (f" (at most {min(limit.tokens, cells // width)} tokens at width {width}, or width "
                 f"{min(limit.width, cells // tokens)} at {tokens} tokens)" if tokens <= limit.tokens else "")
@@ -123,13 +120,26 @@ def check_run_sizes(tokens: int, d_model: int, d_k: int, d_v: int, *, score: str
             f"for exactly these sizes); shorten it or narrow it{fits}, or {instead}")
 
 
+def _modded(score_mod) -> bool:
+    return score_mod not in (None, "none", "")
+
+
+def _run_limit(score, hidden, score_mod) -> tuple[RunLimit, int]:
+    """The variant's RunLimit and its tokens × width limit; an unknown score, or additive without its hidden
+    units, gets the dot product's (the spec gives those their own error)."""
+    counted = isinstance(hidden, int) and not isinstance(hidden, bool)
+    known = isinstance(score, str) and score in RUN_LIMITS and (counted or score != "additive")
+    limit = RUN_LIMITS[score] if known else RUN_LIMITS["dot"]
+    return limit, limit.max_cells(_modded(score_mod))
+
+
 def run_width(tokens: int, *, score: str = "dot", hidden=None, score_mod=None, preferred: int = 4) -> int:
     """The worked example's default width for `tokens` tokens: the widest up to `preferred` that the variant's
     limits (RUN_LIMITS) allow, even where it can be (the two-head layer halves it), so `symattn run --score
     cosine` fits on the default sentence by narrowing; or `preferred` where none fits (check_run_sizes then names
     the limit)."""
-    limit = RUN_LIMITS.get(score, RUN_LIMITS["dot"]) if isinstance(score, str) else RUN_LIMITS["dot"]
-    fit = min(preferred, limit.width, limit.max_cells(score_mod not in (None, "none", "")) // max(tokens, 1))
+    limit, cells = _run_limit(score, hidden, score_mod)
+    fit = min(preferred, limit.width, cells // max(tokens, 1))
     return preferred if fit < 1 else fit if fit == 1 else fit - fit % 2
 
 
