@@ -1,10 +1,12 @@
-"""The multi-head layer's projections as Numba kernels, so a whole layer forward runs in one thread pool.
+"""The multi-head layer's projections as Numba kernels, so a whole layer, forward and backward, runs in one thread
+pool (numeric/one_pool.py).
 
 NumPy's matmul runs on OpenBLAS's threads and the attention kernels on Numba's; each pool keeps spinning for a
 while after its call and takes a core from the other (measured at (4,256,512), 8 heads, 2 cores: the same four
 GEMMs and attention took 8.6 ms alone, 12-17 ms interleaved). Here every GEMM is an np.dot tile in a prange with
 BLAS held to one thread (symattn.numeric.kernels.one_blas_thread), writing straight into the layout the next
-step reads: heads (Z, G, n, d) for the attention kernels, rows (Z, n, d_model) for the output.
+step reads: heads (Z, G, n, d) for the attention kernels, rows (Z, n, d_model) for the output (and for dx), and
+per-head weight-gradient blocks summed over the batch in a fixed order.
 """
 from __future__ import annotations
 
