@@ -146,7 +146,7 @@ def test_a_variant_module_is_rendered_once_and_checked_when_loaded(tmp_path, cap
     assert module.__file__ == str(path) and kernels.load_variant(mod, mask, folder=tmp_path) is module
     assert kernels.variant_tag(mod, M.document(IDS)) == kernels.variant_tag(mod, M.document(IDS[:, ::-1]))
     path.write_text(path.read_text().replace("(tiles outside are", "(tiles outside ARE"))  # a hand edit
-    kernels._VARIANTS.pop(str(path))
+    kernels._VARIANTS.pop((tmp_path, kernels.variant_tag(mod, mask)))
     kernels.load_variant(mod, mask, folder=tmp_path)
     assert "was edited; regenerated" in capsys.readouterr().err
     assert "(tiles outside are" in path.read_text()

@@ -9,6 +9,7 @@ and imported only when its content hash holds. Loading a cached module needs no 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import math
@@ -84,9 +85,10 @@ def check_heads(variant: Variant, batch_shape: tuple[int, ...]) -> None:
                          f"(B, {heads}, n, d) (heads in dim -3), got batch dims {batch_shape}")
 
 
+@functools.lru_cache(maxsize=32)
 def bh_rows(batch_shape: tuple[int, ...]) -> np.ndarray:
     """FlexAttention's (b, h) of every flattened batch element (B, 2): (Bn, H) -> (z // H, z % H),
-    (Bn,) -> (z, 0), () -> (0, 0)."""
+    (Bn,) -> (z, 0), () -> (0, 0). Built once per batch shape (the kernels only read it)."""
     B = math.prod(batch_shape)
     z = np.arange(B, dtype=np.int64)
     if len(batch_shape) >= 2:
