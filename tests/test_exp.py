@@ -1,4 +1,4 @@
-"""The kernels' vectorisable exp and tanh (codegen/jinja/exp.py.j2, attention_loops.py.j2) hold the accuracy their
+"""The kernels' vectorisable exp and tanh (codegen/jinja/exp.py.j2) hold the accuracy their
 docstrings promise, in the precision of their argument, compiled inside a loop as the kernels use them."""
 import numba
 import numpy as np
@@ -11,6 +11,12 @@ from symattn.numeric import attention_loops as L
 def _exp_loop(x, out):
     for c in range(x.size):
         out[c] = L._exp(x[c])
+
+
+@numba.njit(fastmath={'nsz', 'arcp', 'contract', 'reassoc'})
+def _tanh_loop(x, out):
+    for c in range(x.size):
+        out[c] = L._tanh(x[c])
 
 
 @numba.njit
@@ -44,3 +50,36 @@ def test_exp_edges_and_type(dtype):
     kind = numba.from_dtype(dtype)
     (signature,) = [sig for sig in _exp_scalar_type.nopython_signatures if sig.args[0] == kind]
     assert signature.return_type == kind
+
+
+def _tanh_points(dtype):
+    tiny = np.geomspace(1e-30, 12, 100_000)
+    return np.concatenate([np.linspace(-12, 12, 200_001), tiny, -tiny]).astype(dtype)
+
+
+def test_tanh_float32_relative_error_within_its_documented_bound():
+    x = _tanh_points(np.float32)
+    x = x[x != 0]  # 0 itself: test_tanh_edges
+    out = np.empty_like(x)
+    _tanh_loop(x, out)
+    exact = np.tanh(x.astype(np.longdouble))
+    rel = np.abs(out - exact) / np.abs(exact)
+    assert rel.max() <= 4e-7, (x[rel.argmax()], rel.max())  # relative: no cancellation near 0 (the exp form had)
+
+
+def test_tanh_float64_absolute_error_within_its_documented_bound():
+    x = _tanh_points(np.float64)
+    out = np.empty_like(x)
+    _tanh_loop(x, out)
+    err = np.abs(out - np.tanh(x.astype(np.longdouble)))
+    assert err.max() <= 3e-16, (x[err.argmax()], err.max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_edges(dtype):
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30], dtype=dtype)
+    out = np.empty_like(x)
+    _tanh_loop(x, out)
+    assert np.isnan(out[0]) and out[3] == 0 and out[4] == 0
+    np.testing.assert_allclose(out[1:], [1, -1, 0, 0, 1, -1], rtol=0, atol=3e-7)
+    assert out.dtype == dtype
