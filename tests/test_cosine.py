@@ -127,5 +127,5 @@ def test_cosine_document_compiles(tmp_path):
 
 
 def test_the_kernels_clamp_is_the_derivations():
-    from symattn.numeric import variants
-    assert variants.NORM_EPS == float(NORM_EPS)
+    from symattn.numeric import cosine
+    assert cosine.NORM_EPS == float(NORM_EPS)

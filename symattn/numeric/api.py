@@ -233,15 +233,16 @@ def _forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True
 
 
 def _forward(p: _Problem, variant=None, theta=None):
+    """O, LSE and what the backward reads again (variants.forward; None for the plain kernels)."""
     if variant is not None:
         return variants.forward(variant, p, theta)
-    return kernels.forward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows)
+    return (*kernels.forward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows), None)
 
 
-def _backward(p: _Problem, variant, theta, O, LSE, dO):
+def _backward(p: _Problem, variant, theta, O, LSE, dO, saved=None):
     """(dQ, dK, dV, {θ name: gradient}) of flattened inputs."""
     if variant is not None:
-        return variants.backward(variant, p, theta, O, LSE, dO)
+        return variants.backward(variant, p, theta, O, LSE, dO, saved)
     return (*kernels.backward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows, O, LSE, dO), {})
 
 
@@ -255,7 +256,7 @@ def attention(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod=Non
             return _forward_plain(q, k, v, is_causal, sc, keep_lse=False)[0]
     p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
     check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
-    O, _ = _forward(p, variant, theta)
+    O = _forward(p, variant, theta)[0]
     return O.reshape(p.batch_shape + O.shape[1:])
 
 
@@ -327,12 +328,12 @@ def attention_vjp(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod
     p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
     shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
     check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
-    O, LSE = _forward(p, variant, theta)
+    O, LSE, saved = _forward(p, variant, theta)
     out_shape = p.batch_shape + O.shape[1:]
 
     def pullback(dO) -> dict:
         dO = _check_dO(dO, out_shape, p.Q.dtype).reshape(O.shape)
-        *grads, dtheta = _backward(p, variant, theta, O, LSE, dO)
+        *grads, dtheta = _backward(p, variant, theta, O, LSE, dO, saved)
         return {**{name: _unbroadcast(g.reshape(p.batch_shape + g.shape[1:]), shapes[name])
                    for name, g in zip(("q", "k", "v"), grads)},
                 **{name: g.reshape(np.shape(params[name])) for name, g in dtheta.items()}}  # θ's own shape
@@ -373,8 +374,8 @@ def attention_backward(q, k, v, dO, *, score="dot", params=None, score_mod=None,
     p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows,
                                extra=(("dO", dO),))
     dO = _check_dO(dO, p.batch_shape + (q.shape[-2], v.shape[-1]), q.dtype)
-    O, LSE = _forward(p, variant, theta)
-    dQ, dK, dV, _ = _backward(p, variant, theta, O, LSE, dO.reshape(O.shape))
+    O, LSE, saved = _forward(p, variant, theta)
+    dQ, dK, dV, _ = _backward(p, variant, theta, O, LSE, dO.reshape(O.shape), saved)
     full = p.batch_shape
     return (_unbroadcast(dQ.reshape(full + dQ.shape[1:]), q.shape),
             _unbroadcast(dK.reshape(full + dK.shape[1:]), k.shape),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import kernels
+from . import cosine, kernels
 from ..errors import InputError, SpecError, SymattnError
 from ..filestamp import damage
 
@@ -265,75 +265,35 @@ def declared(variant: Variant) -> tuple:
 
 
 def forward(variant: Variant, p, params: dict):
-    """O (B, n_q, d_v) and LSE (B, n_q) of a prepared problem (api._Problem)."""
+    """O (B, n_q, d_v), LSE (B, n_q) and what the backward reads again (the cosine score's normalised rows, else
+    None) of a prepared problem (api._Problem)."""
     B, n_q, d_v = p.batch.shape[0], p.Q.shape[1], p.V.shape[2]
     O, LSE = np.empty((B, n_q, d_v), dtype=p.Q.dtype), np.empty((B, n_q), dtype=p.Q.dtype)
-    Q, K, scale = _cosine(p, params)[:3] if variant.score == "cosine" else (p.Q, p.K, p.scale)
+    saved = cosine.normalized(p.Q, p.K, params["tau"][0]) if variant.score == "cosine" else None
+    Q, K, scale = (saved.Qs, saved.Kh, 1.0) if saved else (p.Q, p.K, p.scale)  # cosine: (tau q̂)·k̂, scale 1
     args = (Q, K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), scale, kernels.MASKED_ROWS[p.masked_rows],
             variant.mod, variant.mask, params, O, LSE)
     if variant.score in ("dot", "cosine"):
         kernels.variant_forward(*args)
     else:
         variant_forward(variant.score, *args)
-    return O, LSE
+    return O, LSE, saved
 
 
-def backward(variant: Variant, p, params: dict, O, LSE, dO):
-    """(dQ, dK, dV, {θ name: gradient}) of a prepared problem from the forward's O and LSE."""
+def backward(variant: Variant, p, params: dict, O, LSE, dO, saved=None):
+    """(dQ, dK, dV, {θ name: gradient}) of a prepared problem from the forward's O, LSE and saved rows."""
     B = p.batch.shape[0]
     dQ = np.empty((B,) + p.Q.shape[1:], dtype=p.Q.dtype)
     dK = np.empty((B,) + p.K.shape[1:], dtype=p.Q.dtype)
     dV = np.empty((B,) + p.V.shape[1:], dtype=p.Q.dtype)
-    cosine = _cosine(p, params) if variant.score == "cosine" else None
-    Q, K, scale = cosine[:3] if cosine else (p.Q, p.K, p.scale)
+    if variant.score == "cosine" and saved is None:
+        saved = cosine.normalized(p.Q, p.K, params["tau"][0])
+    Q, K, scale = (saved.Qs, saved.Kh, 1.0) if saved else (p.Q, p.K, p.scale)
     args = (Q, K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), scale, kernels.MASKED_ROWS[p.masked_rows],
             variant.mod, variant.mask, params, O, LSE, dO, dQ, dK, dV)
     if variant.score not in ("dot", "cosine"):
         return dQ, dK, dV, variant_backward(variant.score, *args)
     grads = kernels.variant_backward(*args)
-    if cosine:  # s = (tau q̂)·k̂: dtau = Σ q̂·dQs, dq̂ = tau dQs; then through the norms, in place
-        _, Kh, _, tau, Qh, NQ, NK = cosine
-        grads["tau"] = np.array([_through_norm(Qh, NQ, p.batch[:, 0], tau, dQ)], dtype=dQ.dtype)
-        _through_norm(Kh, NK, p.batch[:, 1], Kh.dtype.type(1.0), dK)
+    if saved:  # the dot kernels gave dQs and dK̂: through the norms, in place
+        grads["tau"] = cosine.pull_back(saved, p.batch, dQ, dK)
     return dQ, dK, dV, grads
-
-
-# -- the cosine score on the dot kernels ---------------------------------------------------------------------------
-#: torch.nn.functional.normalize's clamp of the norm (symattn.symbolic.score.NORM_EPS, read without SymPy)
-NORM_EPS = 1e-12
-
-
-def _normalized(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x̂ = x / max(‖x‖, ε) of every row of X (B, n, d), and the clamped norms (B, n, 1)."""
-    N = np.maximum(np.sqrt(np.einsum("bnd,bnd->bn", X, X))[..., None], X.dtype.type(NORM_EPS))
-    return X / N, N
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _through_norm(Xh, N, rows, coef, dXh):
-    """In place, dXh[z] (B, n, d) -> dx of x̂ = x / max(‖x‖, ε) given dx̂ = coef·dXh[z], with x̂ = Xh[rows[z]] and
-    the clamped norms N[rows[z]] (n, 1): (dx̂ − x̂ (x̂·dx̂)) / ‖x‖ where the norm exceeds ε, dx̂ / ε where the clamp
-    holds (its derivative is 0, as torch's clamp_min). Returns Σ x̂·dXh over every row (cosine's dtau)."""
-    B, n, d = dXh.shape
-    total = 0.0
-    for z in range(B):
-        r = rows[z]
-        for i in range(n):
-            along = 0.0
-            for a in range(d):
-                along += Xh[r, i, a] * dXh[z, i, a]
-            total += along
-            inv = 1.0 / N[r, i, 0]
-            radial = along if N[r, i, 0] > NORM_EPS else 0.0  # the clamp holds: no gradient along x̂
-            for a in range(d):
-                dXh[z, i, a] = coef * (dXh[z, i, a] - Xh[r, i, a] * radial) * inv
-    return total
-
-
-def _cosine(p, params: dict) -> tuple:
-    """The cosine score s = tau·q̂·k̂ as a dot product with scale 1 of Qs = tau·Q̂ and K̂ (so its score mods and
-    masks run on the dot kernels, masked tiles skipped): (Qs, K̂, 1.0, tau, Q̂, |Q|, |K|), per stored row."""
-    tau = params["tau"][0]
-    Qh, NQ = _normalized(p.Q)
-    Kh, NK = _normalized(p.K)
-    return np.ascontiguousarray(tau * Qh), np.ascontiguousarray(Kh), 1.0, tau, Qh, NQ, NK
