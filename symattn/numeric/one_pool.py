@@ -1,10 +1,12 @@
-"""The plain multi-head layer (no variant, no mask array) forward and backward with every GEMM in Numba's thread pool.
+"""The multi-head layer with a dot-product score (plain, or with score mods and index masks; no mask array) forward
+and backward with every GEMM in Numba's thread pool.
 
 NumPy's matmul runs on OpenBLAS's threads and the attention kernels on Numba's; each pool keeps spinning after its
 call and takes a core from the other (numeric/projections.py has the measurement). Here the projections, the
 attention and the weight gradients are all Numba kernels with BLAS held to one thread, each writing the layout
 the next step reads. Layout: x (Z, n_q, d_model), y (Z, n_k, d_model); heads Q (Z, H, n_q, d_k), K (Z, G, n_k, d_k),
-V (Z, G, n_k, d_v), O (Z, H, n_q, d_v), head h = g·R + r reading key/value group g (R = H/G, layer.py's `_split`).
+V (Z, G, n_k, d_v), O (Z, H, n_q, d_v), head h = g·R + r reading key/value group g (R = H/G, layer.py's `_split`);
+a mod or mask sees FlexAttention's (b, h) = (z, h), as the layer's general path gives it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import kernels, projections
+from . import kernels, projections, variants
 from .api import _NOBIAS, _rows, check_scale
 
 if TYPE_CHECKING:
@@ -35,15 +37,31 @@ class Heads:
     LSE: np.ndarray  # (Z·H, n_q)
     batch: np.ndarray  # (Z·H, 4) rows [q, k, v, bias] of each head
     out: np.ndarray  # (Z, n_q, d_model)
+    variant: tuple | None  # (Variant, θ bound to the kernels, bh (Z·H, 2)) of a mod or mask, else None
 
 
 def applies(c: _Call) -> bool:
-    """The one-pool path takes the plain layer: no variant, no mask array, x (and y) with one shared batch dim or
-    none, and at least one query and batch element (the general path gives the empty output)."""
+    """The one-pool path takes the dot-product score (score mods and index masks included), no mask array, x (and
+    y) with one shared batch dim or none, and at least one query and batch element (the general path gives the
+    empty output)."""
     x, y = c.x, c.y
     src = x if y is None else y
-    return not c.variant and c.options[0] is None and x.ndim in (2, 3) and src.shape[:-2] == x.shape[:-2] \
-        and x.size > 0
+    return "score" not in c.variant and c.options[0] is None and x.ndim in (2, 3) \
+        and src.shape[:-2] == x.shape[:-2] and x.size > 0
+
+
+def _variant(c: _Call, Z: int) -> tuple | None:
+    """(Variant, θ bound, bh) of the call's score mod / mask_mod / params, checked before any work, else None."""
+    if not c.variant:
+        return None
+    _, causal, scale, _ = c.options
+    v = c.variant
+    variant = variants.resolve("dot", v.get("params"), v.get("score_mod"), v.get("mask_mod"), causal, scale)
+    if variant is None:
+        return None
+    variants.check_heads(variant, (Z, c.layer.heads))
+    theta = variants.bind(variant, variants.declared(variant), c.x.dtype, c.layer.d_k)
+    return variant, theta, variants.bh_rows((Z, c.layer.heads))
 
 
 def forward(c: _Call) -> Heads:
@@ -61,15 +79,20 @@ def forward(c: _Call) -> Heads:
     heads, groups = (Z, G, H // G), (Z, G, 1)
     kv = _rows(groups, heads)
     batch = np.ascontiguousarray(np.stack([_rows(heads, heads), kv, kv, np.zeros_like(kv)], axis=1))
+    variant = _variant(c, Z)
     with kernels.one_blas_thread:
         _project(c, X, S, Q, K, V)
-        kernels.forward_into(Q.reshape(Z * H, n_q, L.d_k), K.reshape(Z * G, n_k, L.d_k),
-                             V.reshape(Z * G, n_k, L.d_v), _NOBIAS[dt], batch, causal,
-                             check_scale(scale, L.d_k), kernels.MASKED_ROWS[masked_rows],
-                             O.reshape(Z * H, n_q, L.d_v), LSE)
+        args = (Q.reshape(Z * H, n_q, L.d_k), K.reshape(Z * G, n_k, L.d_k), V.reshape(Z * G, n_k, L.d_v),
+                _NOBIAS[dt], batch)
+        tail = (check_scale(scale, L.d_k), kernels.MASKED_ROWS[masked_rows], O.reshape(Z * H, n_q, L.d_v), LSE)
+        if variant is None:
+            kernels.forward_into(*args, causal, *tail)
+        else:
+            v, theta, bh = variant
+            kernels.variant_forward(*args, bh, *tail[:2], v.mod, v.mask, theta, *tail[2:])
         b_o = np.zeros(0, dt) if c.biases["b_o"] is None else np.ascontiguousarray(c.biases["b_o"], dtype=dt)
         projections.merge_project((O,), np.ascontiguousarray(w_o), b_o, out, BN_OUT, False)
-    return Heads(X, S, Q, K, V, O, LSE, batch, out)
+    return Heads(X, S, Q, K, V, O, LSE, batch, out, variant)
 
 
 def _project(c: _Call, X, S, Q, K, V) -> None:
@@ -103,12 +126,17 @@ def backward(c: _Call, h: Heads, d_out: np.ndarray) -> dict:
     with kernels.one_blas_thread:
         projections.project_heads(dOut, projections.group_blocks((w_o.T,), H), np.zeros((0, L.d_v), dt), (dO,),
                                   BN_HEADS)  # dC = d_out w_oᵀ, into the heads
-        kernels.backward_into(h.Q.reshape(Z * H, n_q, L.d_k), h.K.reshape(Z * G, n_k, L.d_k),
-                              h.V.reshape(Z * G, n_k, L.d_v), _NOBIAS[dt], h.batch, causal,
-                              check_scale(scale, L.d_k), kernels.MASKED_ROWS[masked_rows],
-                              h.O.reshape(Z * H, n_q, L.d_v), h.LSE, dO.reshape(Z * H, n_q, L.d_v),
-                              dQ.reshape(Z * H, n_q, L.d_k), dK.reshape(Z * H, n_k, L.d_k),
-                              dV.reshape(Z * H, n_k, L.d_v))
+        args = (h.Q.reshape(Z * H, n_q, L.d_k), h.K.reshape(Z * G, n_k, L.d_k), h.V.reshape(Z * G, n_k, L.d_v),
+                _NOBIAS[dt], h.batch)
+        tail = (check_scale(scale, L.d_k), kernels.MASKED_ROWS[masked_rows], h.O.reshape(Z * H, n_q, L.d_v),
+                h.LSE, dO.reshape(Z * H, n_q, L.d_v), dQ.reshape(Z * H, n_q, L.d_k), dK.reshape(Z * H, n_k, L.d_k),
+                dV.reshape(Z * H, n_k, L.d_v))
+        if h.variant is None:
+            kernels.backward_into(*args, causal, *tail)
+            d_theta = {}
+        else:
+            v, theta, bh = h.variant
+            d_theta = kernels.variant_backward(*args, bh, *tail[:2], v.mod, v.mask, theta, *tail[2:])
         if G < H:  # grouped-query: a key/value group's gradient sums over its heads
             dK, dV = (A.reshape((Z, G, H // G) + A.shape[2:]).sum(axis=2) for A in (dK, dV))
         dX, no_b = np.empty((Z, n_q, d_model), dt), np.zeros(0, dt)
@@ -129,6 +157,8 @@ def backward(c: _Call, h: Heads, d_out: np.ndarray) -> dict:
             grads[name] = g.sum(axis=(0, 2)).reshape(-1)  # (heads·d,) in the heads' column order
     if c.biases["b_o"] is not None:
         grads["b_o"] = dOut.sum(axis=(0, 1))
+    given = c.variant.get("params") or {}
+    grads.update({name: g.reshape(np.shape(given[name])) for name, g in d_theta.items()})  # θ's own shape
     return grads
 
 
