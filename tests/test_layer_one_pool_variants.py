@@ -1,7 +1,7 @@
 """The layer with a dot-product score and score mods / index masks runs in one thread pool (numeric/one_pool.py):
 its output and every gradient, the mods' parameters included, equal the layer's general path (NumPy projections,
-heads through symattn.attention_vjp in FlexAttention's layout; itself checked against the reference head by head
-and by finite differences in test_layer_variants.py), with tile and loop kernels, float64 and float32."""
+heads through symattn.attention_vjp in FlexAttention's layout; both paths are checked against the reference head
+by head and by finite differences in test_layer_variants.py), with tile and loop kernels, float64 and float32."""
 import numpy as np
 import pytest
 
@@ -9,15 +9,16 @@ import symattn
 from symattn import masks, mods
 from symattn.numeric import kernels, layer, one_pool
 
-CASES = {  # name: (heads, kv_heads, batch dims, n, options); (mod, mask) pairs the other tests compile too
+CASES = {  # name: (heads, kv_heads, batch dims, n_q, options); n_k given: cross-attention from y (batch, n_k, 8)
     "alibi-heads-causal-gqa": (4, 2, (3,), 9, dict(score_mod=mods.alibi(heads=4), is_causal=True)),
-    "softcap-window": (2, 2, (2,), 8, dict(score_mod=mods.softcap(2), mask_mod=masks.sliding_window(3))),
+    "softcap-window-and-causal": (2, 2, (2,), 8, dict(score_mod=mods.softcap(2), mask_mod=masks.sliding_window(3),
+                                                      is_causal=True)),
     "relative-bias-prefix-mqa": (4, 1, (2,), 7, dict(score_mod=mods.relative_bias(3), mask_mod=masks.prefix_lm(4),
                                                       params="B_rel")),
     "alibi-document-2d-x": (2, 2, (), 8, dict(score_mod="alibi",
                                               mask_mod=masks.document(np.array([0, 0, 0, 1, 1, 2, 2, 2])))),
-    "softcap-key-padding": (2, 1, (2,), 6, dict(score_mod=mods.softcap(2),
-                                                 mask_mod=masks.key_padding(np.array([4, 6])))),
+    "softcap-key-padding-cross": (2, 1, (2,), 6, dict(score_mod=mods.softcap(2), n_k=9,
+                                                       mask_mod=masks.key_padding(np.array([4, 9])))),
 }
 
 
@@ -34,6 +35,8 @@ def test_variant_layer_in_one_pool_equals_the_general_path(rng, monkeypatch, til
         w = [(rng.standard_normal(s) / 2).astype(dtype) for s in
              ((d_model, H * d), (d_model, G * d), (d_model, G * d), (H * d, d_model))]
         kw = dict(options, heads=H, kv_heads=G)
+        if "n_k" in kw:
+            kw["y"] = rng.standard_normal(batch + (kw.pop("n_k"), d_model)).astype(dtype)
         if kw.get("params") == "B_rel":
             kw["params"] = {"B_rel": rng.standard_normal(7).astype(dtype)}
         out, pullback = layer.multihead_attention_vjp(x, *w, **kw)
@@ -44,7 +47,7 @@ def test_variant_layer_in_one_pool_equals_the_general_path(rng, monkeypatch, til
             want_out, want_pullback = layer.multihead_attention_vjp(x, *w, **kw)
             want = want_pullback(d_out)
         np.testing.assert_allclose(out, want_out, rtol=tol, atol=tol)
-        plain = layer.multihead_attention(x, *w, heads=H, kv_heads=G)
+        plain = layer.multihead_attention(x, *w, heads=H, kv_heads=G, y=kw.get("y"))
         assert np.abs(out - plain).max() > 1e-3  # the variant changed the layer
         assert set(got) == set(want) and ("B_rel" in got) == ("params" in kw)
         for name in want:
@@ -62,3 +65,8 @@ def test_variant_layer_errors_come_before_any_work(rng, monkeypatch):
         layer.multihead_attention(x, *w, heads=4, score_mod=mods.relative_bias(2))
     with pytest.raises(symattn.InputError, match="heads"):
         layer.multihead_attention(x, *w, heads=4, score_mod=mods.alibi(heads=2))
+    with pytest.raises(symattn.InputError, match="key_padding lengths must lie in 0..n_k=5"):
+        layer.multihead_attention(x, *w, heads=4, mask_mod=masks.key_padding(np.array([3, 6])))
+    with pytest.raises(symattn.InputError, match="document mask: 5 ids for n_q=5 queries and n_k=7 keys"):
+        layer.multihead_attention(x, *w, heads=4, y=rng.standard_normal((2, 7, 8)),
+                                  mask_mod=masks.document(np.arange(5)))

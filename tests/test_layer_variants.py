@@ -1,13 +1,23 @@
 """The multi-head layer takes score_mod / mask_mod / params: head h of the layer is FlexAttention's h (ALiBi's
-slope per head), checked against the NumPy reference head by head and against finite differences."""
+slope per head), checked against the NumPy reference head by head and against finite differences, on both paths
+(one thread pool, numeric/one_pool.py, and the general path through symattn.attention_vjp)."""
 import numpy as np
 import pytest
 
 import symattn
 from symattn.mods import alibi
+from symattn.numeric import one_pool
 from symattn.numeric import reference as ref
 
 H, G, N, DM = 4, 2, 5, 8
+
+
+@pytest.fixture(params=["one-pool", "general"], autouse=True)
+def path(request, monkeypatch):
+    """Each test on both of the layer's paths (the general one forced)."""
+    if request.param == "general":
+        monkeypatch.setattr(one_pool, "applies", lambda c: False)
+    return request.param
 
 
 @pytest.fixture(scope="module")

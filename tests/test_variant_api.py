@@ -75,7 +75,7 @@ def test_variant_matches_reference_float32(score, mod, mask, rng):
 
 
 def test_generic_kernels_serve_the_dot_product(rng):
-    """The element kernels handle dot too (they serve it until the dot family's kernels take over)."""
+    """The element kernels handle the dot product too (the API sends it to the dot family's tile kernels)."""
     q, k, v, dO = _inputs(rng)
     B_rel = rng.standard_normal(5)
     mod, mask = mods.parse("relative-bias:2"), masks.causal

@@ -232,10 +232,10 @@ def _forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True
     return (O, LSE) if q.ndim == 3 else (O[0], LSE)
 
 
-def _forward(p: _Problem, variant=None, theta=None):
+def _forward(p: _Problem, variant=None, theta=None, backward: bool = True):
     """O, LSE and what the backward reads again (variants.forward; None for the plain kernels)."""
     if variant is not None:
-        return variants.forward(variant, p, theta)
+        return variants.forward(variant, p, theta, backward)
     return (*kernels.forward(p.Q, p.K, p.V, p.bias, p.batch, p.causal, p.scale, p.masked_rows), None)
 
 
@@ -256,18 +256,16 @@ def attention(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod=Non
             return _forward_plain(q, k, v, is_causal, sc, keep_lse=False)[0]
     p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
     check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
-    O = _forward(p, variant, theta)[0]
+    O = _forward(p, variant, theta, backward=False)[0]
     return O.reshape(p.batch_shape + O.shape[1:])
 
 
 def _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows, extra=()):
     """The prepared problem, its variant (None: plain dot product) and θ bound to the kernel's parameters."""
     p = _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra)
-    variant = variants.resolve(score, params, score_mod, mask_mod, p.causal, scale)
-    if variant is None:
-        return p, None, {}
-    variants.check_heads(variant, p.batch_shape)
-    return p, variant, variants.bind(variant, variants.declared(variant), p.Q.dtype, p.Q.shape[2])
+    variant, theta = variants.prepare(score, params, score_mod, mask_mod, p.causal, scale, p.batch_shape, p.Q.dtype,
+                                      p.Q.shape[2])
+    return p, variant, theta
 
 
 def attention_weights(q, k, *, score="dot", params=None, score_mod=None, mask_mod=None, mask=None, is_causal=False,

@@ -30,10 +30,10 @@ class Normalized:
 
 @numba.njit(parallel=True, **_JIT)
 def _normalize(X, tau, Xh, Xs, N):
-    """Every row x of X (B, n, d): N = max(‖x‖, ε), Xh = x / N, and Xs = tau·Xh where Xs is not empty."""
+    """Every row x of X (B, n, d): N = max(‖x‖, ε), and Xh = x / N and Xs = tau·x / N where they are not empty."""
     B, n, d = X.shape
     eps = X.dtype.type(NORM_EPS)
-    scaled = Xs.shape[0] > 0
+    unit, scaled = Xh.shape[0] > 0, Xs.shape[0] > 0
     for t in prange(B * n):
         z, i = t // n, t % n
         total = X.dtype.type(0.0)
@@ -42,19 +42,21 @@ def _normalize(X, tau, Xh, Xs, N):
         norm = max(np.sqrt(total), eps)
         N[z, i] = norm
         inv = X.dtype.type(1.0) / norm
-        for a in range(d):
-            Xh[z, i, a] = X[z, i, a] * inv
+        if unit:
+            for a in range(d):
+                Xh[z, i, a] = X[z, i, a] * inv
         if scaled:
             for a in range(d):
-                Xs[z, i, a] = tau * Xh[z, i, a]
+                Xs[z, i, a] = tau * (X[z, i, a] * inv)
 
 
-def normalized(Q: np.ndarray, K: np.ndarray, tau) -> Normalized:
-    """The forward's normalised rows (tau a scalar of Q's dtype)."""
-    Qh, Qs, Kh = np.empty_like(Q), np.empty_like(Q), np.empty_like(K)
+def normalized(Q: np.ndarray, K: np.ndarray, tau, backward: bool = True) -> Normalized:
+    """The forward's normalised rows (tau a scalar of Q's dtype); Q̂ only where a backward will read it."""
+    none = np.empty((0, 0, 0), Q.dtype)
+    Qh, Qs, Kh = np.empty_like(Q) if backward else none, np.empty_like(Q), np.empty_like(K)
     NQ, NK = np.empty(Q.shape[:2], Q.dtype), np.empty(K.shape[:2], K.dtype)
     _normalize(Q, tau, Qh, Qs, NQ)
-    _normalize(K, tau, Kh, np.empty((0, 0, 0), K.dtype), NK)
+    _normalize(K, tau, Kh, none, NK)
     return Normalized(Qs, Qh, NQ, Kh, NK, tau)
 
 
@@ -64,7 +66,7 @@ def _through_norm(Xh, N, rows, coef, dXh, along):
     the clamped norms N[rows[z]] (n,): (dx̂ − x̂ (x̂·dx̂)) / ‖x‖ where the norm exceeds ε, dx̂ / ε where the clamp
     holds (its derivative is 0, as torch's clamp_min). along (B, n) receives x̂·dXh of every row."""
     B, n, d = dXh.shape
-    zero = Xh.dtype.type(0.0)
+    zero, eps = Xh.dtype.type(0.0), Xh.dtype.type(NORM_EPS)  # eps as _normalize clamped
     for t in prange(B * n):
         z, i = t // n, t % n
         r = rows[z]
@@ -73,7 +75,7 @@ def _through_norm(Xh, N, rows, coef, dXh, along):
             dot += Xh[r, i, a] * dXh[z, i, a]
         along[z, i] = dot
         inv = coef / N[r, i]
-        radial = dot if N[r, i] > NORM_EPS else zero  # the clamp holds: no gradient along x̂
+        radial = dot if N[r, i] > eps else zero  # the clamp holds: no gradient along x̂
         for a in range(d):
             dXh[z, i, a] = (dXh[z, i, a] - Xh[r, i, a] * radial) * inv
 

@@ -211,7 +211,7 @@ def _variant_call(Q, K, bh, mod, mask, params) -> tuple:
     extras = [_param(name, mod, params, Q) for name, _ in _variant_params(mod)]
     nb = int(bh[:, 0].max()) + 1 if B else 1
     for name, array in (mask.arrays if mask is not None else ()):
-        extras.append(_mask_array(name, array, nb, n_q, n_k))
+        extras.append(mask_array(name, array, nb, n_q, n_k))
     return load_variant(mod, mask), extras
 
 
@@ -228,7 +228,7 @@ def _param(name: str, mod, params, Q) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=Q.dtype)
 
 
-def _mask_array(name: str, array: np.ndarray, nb: int, n_q: int, n_k: int) -> np.ndarray:
+def mask_array(name: str, array: np.ndarray, nb: int, n_q: int, n_k: int) -> np.ndarray:
     """A mask's run-time array (1 or nb, n) checked against the problem and given one row per b."""
     rows, n = array.shape
     if rows not in (1, nb):

@@ -1,4 +1,4 @@
-"""Numeric multi-head attention: projections with NumPy's matmul (BLAS), all heads in one call of the attention kernels.
+"""Numeric multi-head attention: the projections, all heads in one call of the attention kernels, the output.
 
 x (..., n_q, d_model); y (..., n_k, d_model) for cross-attention (default y = x); w_q (d_model, h·d_k),
 w_k (d_model, h_kv·d_k), w_v (d_model, h_kv·d_v), w_o (h·d_v, d_model); biases b_q (h·d_k,), b_k (h_kv·d_k,),
@@ -9,8 +9,9 @@ the same for every head: the parameters θ in `params` are shared by all heads (
 batch), a mod's h is the layer's head, its b the batch element (0 without batch dims). All heads (batch x heads,
 each key/value group broadcast over its heads) go through one call of the attention kernels (symattn.attention_vjp:
 flash-style tiles, no n x n scores in memory); the backward reuses the forward's output and log-sum-exp instead of
-running the forward again. The plain layer (no variant, no mask array) runs forward and backward in one thread
-pool instead (numeric/one_pool.py).
+running the forward again. With the dot-product score (plain, or with score mods and index masks) and no mask
+array, forward and backward run in one thread pool (numeric/one_pool.py: projections as Numba BLAS tiles);
+otherwise (general path) the projections are NumPy matmuls and the heads go through symattn.attention_vjp.
 """
 from __future__ import annotations
 
@@ -241,8 +242,8 @@ def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_head
 
 
 def _vjp(c: _Call):
-    """The layer's output and the pullback of the whole layer for a checked d_out (the plain layer in one thread
-    pool, numeric/one_pool.py)."""
+    """The layer's output and the pullback of the whole layer for a checked d_out (the dot-product layer in one
+    thread pool, numeric/one_pool.py)."""
     if one_pool.applies(c):
         h = one_pool.forward(c)
         return one_pool.output(c, h), lambda d_out: one_pool.backward(c, h, d_out)

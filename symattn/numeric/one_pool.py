@@ -50,18 +50,15 @@ def applies(c: _Call) -> bool:
         and src.shape[:-2] == x.shape[:-2] and x.size > 0
 
 
-def _variant(c: _Call, Z: int) -> tuple | None:
+def _variant(c: _Call, Z: int, n_q: int, n_k: int) -> tuple | None:
     """(Variant, θ bound, bh) of the call's score mod / mask_mod / params, checked before any work, else None."""
     if not c.variant:
         return None
     _, causal, scale, _ = c.options
-    v = c.variant
-    variant = variants.resolve("dot", v.get("params"), v.get("score_mod"), v.get("mask_mod"), causal, scale)
-    if variant is None:
-        return None
-    variants.check_heads(variant, (Z, c.layer.heads))
-    theta = variants.bind(variant, variants.declared(variant), c.x.dtype, c.layer.d_k)
-    return variant, theta, variants.bh_rows((Z, c.layer.heads))
+    v, H = c.variant, c.layer.heads
+    variant, theta = variants.prepare("dot", v.get("params"), v.get("score_mod"), v.get("mask_mod"), causal, scale,
+                                      (Z, H), c.x.dtype, c.layer.d_k, (Z, n_q, n_k))
+    return None if variant is None else (variant, theta, variants.bh_rows((Z, H)))
 
 
 def forward(c: _Call) -> Heads:
@@ -79,7 +76,7 @@ def forward(c: _Call) -> Heads:
     heads, groups = (Z, G, H // G), (Z, G, 1)
     kv = _rows(groups, heads)
     batch = np.ascontiguousarray(np.stack([_rows(heads, heads), kv, kv, np.zeros_like(kv)], axis=1))
-    variant = _variant(c, Z)
+    variant = _variant(c, Z, n_q, n_k)
     with kernels.one_blas_thread:
         _project(c, X, S, Q, K, V)
         args = (Q.reshape(Z * H, n_q, L.d_k), K.reshape(Z * G, n_k, L.d_k), V.reshape(Z * G, n_k, L.d_v),

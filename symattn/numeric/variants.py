@@ -1,10 +1,11 @@
 """Attention variants in the numeric API: the score, its parameters θ, a score mod and an index mask, validated
 up front, then run on kernels generated from the variant's derivation.
 
-Dot-product variants go to the dot family's BLAS-tile kernels (kernels.variant_forward / variant_backward) where
-they exist; every other variant (and dot until those land) goes to the generic element kernels
-(symattn/codegen/element.py): one module per (score, mod, mask), rendered on first use into kernels.cache_dir()
-and imported only when its content hash holds. Loading a cached module needs no SymPy.
+Dot-product variants run on the dot family's BLAS-tile kernels (kernels.variant_forward / variant_backward), and
+so does the cosine score (numeric/cosine.py: rows normalised, tau folded into the queries); the general and
+additive scores go to the generic element kernels (symattn/codegen/element.py). Either kind is one module per
+variant, rendered on first use into kernels.cache_dir() and imported only when its content hash holds. Loading a
+cached module needs no SymPy.
 """
 from __future__ import annotations
 
@@ -77,6 +78,21 @@ def resolve(score, params, score_mod, mask_mod, causal: bool, scale) -> Variant 
     return Variant(score, mod, mask, dict(params or {}))
 
 
+def prepare(score, params, score_mod, mask_mod, causal: bool, scale, batch_shape: tuple[int, ...], dtype, d_k: int,
+            sizes: tuple[int, int, int] | None = None) -> tuple[Variant | None, dict]:
+    """The variant of the options and θ bound to its kernels ((None, {}) for plain dot-product attention), every
+    check done before any work: names, heads, parameters, and with `sizes` = (batch indices b, n_q, n_k) the
+    mask's run-time arrays."""
+    variant = resolve(score, params, score_mod, mask_mod, causal, scale)
+    if variant is None:
+        return None, {}
+    check_heads(variant, batch_shape)
+    if sizes is not None and variant.mask is not None:
+        for name, array in variant.mask.arrays:
+            kernels.mask_array(name, array, *sizes)
+    return variant, bind(variant, declared(variant), dtype, d_k)
+
+
 def check_heads(variant: Variant, batch_shape: tuple[int, ...]) -> None:
     """A per-head mod (alibi(heads=H)) reads h: q, k, v must be (..., H, n, d), as in FlexAttention."""
     heads = getattr(variant.mod, "heads", 0) if variant.mod is not None else 0
@@ -88,7 +104,7 @@ def check_heads(variant: Variant, batch_shape: tuple[int, ...]) -> None:
 @functools.lru_cache(maxsize=32)
 def bh_rows(batch_shape: tuple[int, ...]) -> np.ndarray:
     """FlexAttention's (b, h) of every flattened batch element (B, 2): (Bn, H) -> (z // H, z % H),
-    (Bn,) -> (z, 0), () -> (0, 0). Built once per batch shape (the kernels only read it)."""
+    (Bn,) -> (z, 0), () -> (0, 0). Built once per batch shape and shared: callers and kernels only read it."""
     B = math.prod(batch_shape)
     z = np.arange(B, dtype=np.int64)
     if len(batch_shape) >= 2:
@@ -264,13 +280,13 @@ def declared(variant: Variant) -> tuple:
     return mod if variant.score == "dot" else load(variant.score, variant.mod, variant.mask).PARAMS
 
 
-def forward(variant: Variant, p, params: dict):
+def forward(variant: Variant, p, params: dict, backward: bool = True):
     """O (B, n_q, d_v), LSE (B, n_q) and what the backward reads again (the cosine score's normalised rows, else
-    None) of a prepared problem (api._Problem)."""
+    None) of a prepared problem (api._Problem); backward=False: no backward will follow."""
     B, n_q, d_v = p.batch.shape[0], p.Q.shape[1], p.V.shape[2]
     O, LSE = np.empty((B, n_q, d_v), dtype=p.Q.dtype), np.empty((B, n_q), dtype=p.Q.dtype)
-    saved = cosine.normalized(p.Q, p.K, params["tau"][0]) if variant.score == "cosine" else None
-    Q, K, scale = (saved.Qs, saved.Kh, 1.0) if saved else (p.Q, p.K, p.scale)  # cosine: (tau q̂)·k̂, scale 1
+    saved = cosine.normalized(p.Q, p.K, params["tau"][0], backward) if variant.score == "cosine" else None
+    Q, K, scale = (saved.Qs, saved.Kh, 1.0) if saved is not None else (p.Q, p.K, p.scale)  # (tau q̂)·k̂
     args = (Q, K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), scale, kernels.MASKED_ROWS[p.masked_rows],
             variant.mod, variant.mask, params, O, LSE)
     if variant.score in ("dot", "cosine"):
@@ -288,12 +304,12 @@ def backward(variant: Variant, p, params: dict, O, LSE, dO, saved=None):
     dV = np.empty((B,) + p.V.shape[1:], dtype=p.Q.dtype)
     if variant.score == "cosine" and saved is None:
         saved = cosine.normalized(p.Q, p.K, params["tau"][0])
-    Q, K, scale = (saved.Qs, saved.Kh, 1.0) if saved else (p.Q, p.K, p.scale)
+    Q, K, scale = (saved.Qs, saved.Kh, 1.0) if saved is not None else (p.Q, p.K, p.scale)
     args = (Q, K, p.V, p.bias, p.batch, bh_rows(p.batch_shape), scale, kernels.MASKED_ROWS[p.masked_rows],
             variant.mod, variant.mask, params, O, LSE, dO, dQ, dK, dV)
     if variant.score not in ("dot", "cosine"):
         return dQ, dK, dV, variant_backward(variant.score, *args)
     grads = kernels.variant_backward(*args)
-    if saved:  # the dot kernels gave dQs and dK̂: through the norms, in place
+    if saved is not None:  # the dot kernels gave dQs and dK̂: through the norms, in place
         grads["tau"] = cosine.pull_back(saved, p.batch, dQ, dK)
     return dQ, dK, dV, grads
