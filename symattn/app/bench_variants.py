@@ -33,18 +33,24 @@ def _pair(q, k, v, dO, **options):
     return (lambda: attention(q, k, v, **options)), vjp
 
 
-def mod_rows(cases, time, Row, progress: Progress = silent) -> list:
-    """Each mod/mask variant timed beside plain dot-product attention at the same size and inputs."""
+def _once(measure):
+    return measure()
+
+
+def mod_rows(cases, time, Row, progress: Progress = silent, rounds=_once) -> list:
+    """Each mod/mask variant timed beside plain dot-product attention at the same size and inputs (in turn, each
+    time the best of `rounds`)."""
     rows = []
     for batch, n, d in cases:
         rng = np.random.default_rng(0)
         q, k, v, dO = (rng.standard_normal((batch, n, d)).astype(np.float32) for _ in range(4))
-        plain = [time(f) for f in _pair(q, k, v, dO)]
-        for name, options in VARIANTS.items():
-            progress(f"bench variant {name} ({batch}, {n}, {d})")
-            mine = [time(f) for f in _pair(q, k, v, dO, **options)]
+        progress(f"bench variants {', '.join(VARIANTS)} ({batch}, {n}, {d})")
+        pairs = {PLAIN: _pair(q, k, v, dO)} | {name: _pair(q, k, v, dO, **o) for name, o in VARIANTS.items()}
+        found = rounds(lambda: {name: [time(f) for f in pair] for name, pair in pairs.items()})
+        for name in VARIANTS:
             for m, mode in enumerate(("forward", "forward+backward")):
-                rows.append(Row(batch, n, d, "float32", f"variant {name} {mode}", {ME: mine[m], PLAIN: plain[m]}))
+                rows.append(Row(batch, n, d, "float32", f"variant {name} {mode}",
+                                {ME: found[name][m], PLAIN: found[PLAIN][m]}))
     return rows
 
 
@@ -66,7 +72,7 @@ def _params(name: str, d: int, rng) -> dict[str, np.ndarray]:
     return {"tau": np.array(10.0)}
 
 
-def score_rows(time, Row, progress: Progress = silent) -> list:
+def score_rows(time, Row, progress: Progress = silent, rounds=_once) -> list:
     """Additive and cosine scores, forward+backward (every parameter's gradient), against PyTorch eager autograd."""
     batch, n, d = SCORE_CASE
     rows = []
@@ -75,7 +81,7 @@ def score_rows(time, Row, progress: Progress = silent) -> list:
         q, k, v, dO = (rng.standard_normal((batch, n, d)).astype(np.float32) for _ in range(4))
         params = {p: x.astype(np.float32) for p, x in _params(name, d, rng).items()}
         progress(f"bench score {name} ({batch}, {n}, {d})")
-        seconds = {ME: time(_pair(q, k, v, dO, score=name, params=params)[1])}
+        closures = {ME: _pair(q, k, v, dO, score=name, params=params)[1]}
         try:
             import torch
         except ImportError:
@@ -89,12 +95,13 @@ def score_rows(time, Row, progress: Progress = silent) -> list:
             def autograd():
                 O = torch.softmax(scores(tq, tk), dim=-1) @ tv
                 return torch.autograd.grad(O, [tq, tk, tv, *leaves.values()], tdO)
-            seconds["PyTorch eager"] = time(autograd)
+            closures["PyTorch eager"] = autograd
+        seconds = rounds(lambda: {who: time(f) for who, f in closures.items()})
         rows.append(Row(batch, n, d, "float32", f"score {name} forward+backward", seconds))
     return rows
 
 
-def flex_rows(time, Row, progress: Progress = silent) -> list:
+def flex_rows(time, Row, progress: Progress = silent, rounds=_once) -> list:
     """ALiBi + causal forward at FLEX_CASE against compiled FlexAttention (steady state; compile time beside)."""
     B, H, n, d = FLEX_CASE
     from ..symbolic.mods import alibi
@@ -102,12 +109,13 @@ def flex_rows(time, Row, progress: Progress = silent) -> list:
     q, k, v = (rng.standard_normal((B, H, n, d)).astype(np.float32) for _ in range(3))
     mod = alibi(heads=H)
     progress(f"bench ALiBi + causal ({B}, {H}, {n}, {d})")
-    seconds, notes = {ME: time(lambda: attention(q, k, v, score_mod=mod, mask_mod="causal"))}, {}
+    mine = lambda: attention(q, k, v, score_mod=mod, mask_mod="causal")  # noqa: E731
+    seconds, notes = None, {}
     try:
         import torch
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
-        return [Row(B * H, n, d, "float32", "variant alibi(heads) + causal forward", seconds)]
+        return [Row(B * H, n, d, "float32", "variant alibi(heads) + causal forward", {ME: time(mine)})]
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
 
     def score_mod(score, b, h, q_idx, kv_idx):
@@ -127,9 +135,10 @@ def flex_rows(time, Row, progress: Progress = silent) -> list:
         def flex():
             with torch.no_grad():
                 return compiled(tq, tk, tv, score_mod=score_mod, block_mask=block_mask)
-        seconds["FlexAttention"] = time(flex)
+        seconds = rounds(lambda: {ME: time(mine), "FlexAttention": time(flex)})
     except Exception as e:  # no C++ compiler for inductor, an unsupported CPU: report, do not fail the bench
         notes["FlexAttention"] = f"not measured: {type(e).__name__}: {str(e)[:120]}"
+    seconds = seconds or {ME: time(mine)}
     return [Row(B * H, n, d, "float32", "variant alibi(heads) + causal forward", seconds, variants=notes)]
 
 
@@ -151,10 +160,11 @@ def targets(rows: list) -> list[tuple[str, bool]]:
     return out
 
 
-def rows(time, Row, *, quick: bool = False, progress: Progress = silent) -> list:
-    """Every variant row; `quick`: the (8, 256, 64) mod rows and the score rows only."""
-    out = mod_rows(MOD_CASES[:1] if quick else MOD_CASES, time, Row, progress)
-    out += score_rows(time, Row, progress)
+def rows(time, Row, *, quick: bool = False, progress: Progress = silent, rounds=_once) -> list:
+    """Every variant row; `quick`: the (8, 256, 64) mod rows and the score rows only. rounds(measure) repeats a
+    row's measurement (a dict of times), symattn and the other side in turn, and keeps the best of each."""
+    out = mod_rows(MOD_CASES[:1] if quick else MOD_CASES, time, Row, progress, rounds)
+    out += score_rows(time, Row, progress, rounds)
     if not quick:
-        out += flex_rows(time, Row, progress)
+        out += flex_rows(time, Row, progress, rounds)
     return out
