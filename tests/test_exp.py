@@ -81,5 +81,9 @@ def test_tanh_edges(dtype):
     out = np.empty_like(x)
     _tanh_loop(x, out)
     assert np.isnan(out[0]) and out[3] == 0 and out[4] == 0
-    np.testing.assert_allclose(out[1:], [1, -1, 0, 0, 1, -1], rtol=0, atol=3e-7)
+    np.testing.assert_array_equal(out[1:], [1, -1, 0, 0, 1, -1])  # saturated exactly: 1 - tanh² = 0 there
     assert out.dtype == dtype
+    saturated = np.array([8.0, 9.5, 20.0, -8.0, -50.0] if dtype == np.float32 else [20.0, 40.0, 700.0, -20.0, -800.0],
+                         dtype=dtype)  # beyond the clamp (float32) or where e^-2|x| < eps/2 (float64)
+    _tanh_loop(saturated, out[:5])
+    np.testing.assert_array_equal(out[:5], np.sign(saturated))

@@ -78,3 +78,16 @@ def test_per_head_alibi_needs_as_many_heads_as_the_layer(layer):
     x, w = layer
     with pytest.raises(symattn.InputError, match="heads"):
         symattn.multihead_attention(x, *w, heads=H, kv_heads=G, score_mod=alibi(heads=8))
+
+
+def test_an_empty_batch_or_no_queries_give_empty_results(layer):
+    """An empty batch, or cross-attention with no queries, gives the empty output and gradients with a variant
+    too (the general path's reshape to FlexAttention's layout used to fail on zero elements)."""
+    x, w = layer
+    kw = dict(heads=H, kv_heads=G, score_mod=alibi())
+    out, pullback = symattn.multihead_attention_vjp(x[:0], *w, **kw)
+    grads = pullback(np.zeros(out.shape))
+    assert out.shape == (0, N, DM) and grads["x"].shape == (0, N, DM) and not grads["w_q"].any()
+    y = np.ones((2, 7, DM))
+    out = symattn.multihead_attention(x[:, :0], *w, y=y, mask_mod="window:2", **kw)
+    assert out.shape == (2, 0, DM)

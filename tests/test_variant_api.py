@@ -289,3 +289,20 @@ def test_a_scalar_temperature_is_taken_and_its_gradient_has_its_shape():
     assert g["tau"].shape == ()
     assert abs(float(g["tau"]) - (loss(3 + 1e-6) - loss(3 - 1e-6)) / 2e-6) < 1e-6
     np.testing.assert_allclose(O, symattn.attention(q, k, v, score="cosine", params={"tau": np.array([3.0])}))
+
+
+def test_saturated_softcap_passes_no_gradient_in_float32():
+    """c·tanh(s/c) is flat where tanh saturates. The float32 tanh gave 1 - 2.4e-7 there once inlined under the
+    kernels' fastmath, so 1 - tanh² leaked: with scores of 1e15, dk came out at 1e8 where the reference has 0."""
+    r = np.random.default_rng(0)
+    q, k, v = r.standard_normal((2, 6, 4)) * 1e15, r.standard_normal((2, 8, 4)), r.standard_normal((2, 8, 3))
+    dO = r.standard_normal((2, 6, 3))
+    want = reference.gradients(q, k, v, dO, score_mod=mods.softcap(30))
+    assert np.abs(want["q"]).max() == 0 and np.abs(want["k"]).max() == 0
+    for small in (True, False):  # loop kernels, then tiles
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(kernels, "SMALL", 1 << 62 if small else 0)
+            O, pullback = symattn.attention_vjp(*(x.astype(np.float32) for x in (q, k, v)), score_mod=mods.softcap(30))
+            got = pullback(dO.astype(np.float32))
+        assert np.abs(got["q"]).max() == 0 and np.abs(got["k"]).max() == 0
+        np.testing.assert_allclose(got["v"], want["v"], rtol=1e-4, atol=1e-5)

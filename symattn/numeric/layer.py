@@ -138,7 +138,7 @@ def _flex(A: np.ndarray, R: int) -> np.ndarray:
     """(..., h_kv, R or 1, n, d) -> FlexAttention's (..., h, n, d), a key/value group repeated over its R heads,
     with a batch dim of 1 where there is none (so h is read from dim -3)."""
     A = np.broadcast_to(A, A.shape[:-3] + (R,) + A.shape[-2:])
-    A = A.reshape(A.shape[:-4] + (-1,) + A.shape[-2:])
+    A = A.reshape(A.shape[:-4] + (A.shape[-4] * R,) + A.shape[-2:])  # not -1: it fails on an empty batch
     return A if A.ndim >= 4 else A[None]
 
 
