@@ -22,8 +22,8 @@ SHARED = {"errors", "progress", "limits", "outputs", "filestamp"}
 #: Imports made inside a function on purpose, each a convenience at the edge of the flow.
 LAZY_EXCEPTIONS = {
     ("symbolic.derive", "render.latex"),  # Derivation.to_latex() and friends print through render
-    ("numeric.kernels", "codegen"),  # a missing cached kernel is generated on first use (needs SymPy then)
-    ("numeric.kernels", "codegen.unrolled"),
+    ("numeric.kernel_cache", "codegen"),  # a missing cached kernel is generated on first use (needs SymPy then)
+    ("numeric.kernel_cache", "codegen.unrolled"),
     # the numeric API's variant options (names, mods, masks: no SymPy) and element kernels generated on first use
     ("numeric.variants", "symbolic.spec"),
     ("numeric.variants", "symbolic.masks"),

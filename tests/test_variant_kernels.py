@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from symattn.errors import InputError, SpecError
-from symattn.numeric import kernels, reference
+from symattn.numeric import kernel_cache, kernels, reference
 from symattn.symbolic import masks as M
 from symattn.symbolic import mods
 
@@ -146,7 +146,7 @@ def test_a_variant_module_is_rendered_once_and_checked_when_loaded(tmp_path, cap
     assert module.__file__ == str(path) and kernels.load_variant(mod, mask, folder=tmp_path) is module
     assert kernels.variant_tag(mod, M.document(IDS)) == kernels.variant_tag(mod, M.document(IDS[:, ::-1]))
     path.write_text(path.read_text().replace("(tiles outside are", "(tiles outside ARE"))  # a hand edit
-    kernels._VARIANTS.pop((tmp_path, kernels.variant_tag(mod, mask)))
+    kernel_cache._VARIANTS.pop((tmp_path, kernels.variant_tag(mod, mask)))
     kernels.load_variant(mod, mask, folder=tmp_path)
     assert "was edited; regenerated" in capsys.readouterr().err
     assert "(tiles outside are" in path.read_text()
@@ -199,7 +199,7 @@ def test_a_cached_variant_runs_without_sympy(tmp_path):
     import subprocess
     import sys
     mod, mask = mods.alibi(), M.and_masks(M.causal, M.key_padding([3]))
-    kernels._fingerprint.cache_clear()  # the cache folder of the source as it is now, as the child sees it
+    kernel_cache._fingerprint.cache_clear()  # the cache folder of the source as it is now, as the child sees it
     kernels.load_variant(mod, mask, folder=kernels.cache_dir())  # rendered here (SymPy is loaded anyway)
     script = ("import sys, numpy as np\n"
               "from symattn.numeric import kernels\n"

@@ -7,23 +7,17 @@ bias (Bm, n_q, n_k) or (0, 0, 0), batch (B, 4) int64 rows [q, k, v, bias] of eac
 Variants of the dot score (variant_forward / variant_backward: a score mod, an index mask, run-time masks) run the
 same loop and tile kernels rendered per (mod, mask) from the derivation (codegen.loop.render_variant), cached in
 cache_dir() as variant_<tag>.py and imported only when their content hash holds; bh (B, 2) gives each batch
-element's FlexAttention (b, h). Masked tiles are skipped; no n_q x n_k mask array is built.
+element's FlexAttention (b, h). Masked tiles are skipped; no n_q x n_k mask array is built. The caches of generated
+modules (cache_dir, load_variant, load_unrolled) live in kernel_cache.py and are re-exported here.
 """
 from __future__ import annotations
-
-import functools
-import importlib.util
-import os
-import sys
-from pathlib import Path
 
 import numba
 import numpy as np
 
 from . import attention_loops as loops
-from ..errors import InputError, SymattnError
-from ..filestamp import damage
-from ..progress import silent
+from .kernel_cache import cache_dir, generator_files, load_unrolled, load_variant, variant_tag  # noqa: F401
+from ..errors import InputError
 
 MASKED_ROWS = {"zero": 0, "uniform": 1, "nan": 2}
 #: Below this many score entries (B·n_q·n_k) the serial loop kernels win: no BLAS call, no thread start.
@@ -239,171 +233,3 @@ def mask_array(name: str, array: np.ndarray, nb: int, n_q: int, n_k: int) -> np.
     if name == "kv_len" and (array.min() < 0 or array.max() > n_k):
         raise InputError(f"key_padding lengths must lie in 0..n_k={n_k}, got {array.ravel().tolist()}")
     return np.ascontiguousarray(np.broadcast_to(array, (nb, n)), dtype=np.int64)
-
-
-def variant_tag(mod, mask) -> str:
-    """File-name part of a (mod, mask) variant of the dot kernels; run-time mask data is not part of it, so one
-    module serves any ids or lengths."""
-    import hashlib
-    tag = f"dot_{mod.tag if mod else 'nomod'}_{mask.kernel_tag if mask else 'nomask'}"
-    if len(tag) > 80 or not tag.isidentifier():
-        tag = "dot_" + hashlib.sha256(tag.encode()).hexdigest()[:16]
-    return tag
-
-
-_VARIANTS: dict[tuple[Path, str], object] = {}
-
-
-def load_variant(mod, mask, folder=None, progress=None):
-    """The kernel module of the (mod, mask) variant: imported from `folder` (default: cache_dir()) when its
-    content hash holds, else rendered from the derivation (needs SymPy), written through codegen's writer and
-    imported (a damaged file is regenerated with one line saying so). Loaded once per process."""
-    tag = variant_tag(mod, mask)
-    folder = cache_dir() if folder is None else Path(folder)
-    key = (folder, tag)  # not the joined path: building it took ~8 µs of every variant call
-    if key in _VARIANTS:
-        return _VARIANTS[key]
-    path = folder / f"variant_{tag}.py"
-    name = f"symattn_generated_variant_{tag}"
-    fault = _fault(path)
-    if fault is not None:
-        if fault != "missing":
-            _notice(progress, f"{path} was {fault}; regenerated")
-        _write_variant(mod, mask, path)
-    try:
-        module = _import(name, path, ("forward_tiles", "backward_tiles", "attention_forward", "attention_backward"))
-    except Exception as e:
-        _notice(progress, f"{path} failed to load ({_why(e)}); regenerated")
-        _write_variant(mod, mask, path)
-        module = _import(name, path, ("forward_tiles", "backward_tiles", "attention_forward", "attention_backward"))
-    _VARIANTS[key] = module
-    return module
-
-
-def _write_variant(mod, mask, path: Path) -> None:
-    from ..codegen import loop, write_files  # codegen needs SymPy: loaded only when kernels must be written
-    write_files({path.name: loop.render_variant(mod, mask)}, path.parent, force=True)
-
-
-#: What generates cached kernels (relative to the package): their sources and templates make the fingerprint.
-GENERATOR = ("symbolic", "codegen", "filestamp.py", "numeric/kernels.py", "numeric/variants.py")
-
-
-def generator_files() -> list[Path]:
-    """The files of GENERATOR (Python sources and Jinja2 templates), in a fixed order."""
-    package = Path(__file__).parent.parent
-    roots = [package / part for part in GENERATOR]
-    files = [f for root in roots for f in (root.rglob("*") if root.is_dir() else [root]) if f.suffix in (".py", ".j2")]
-    return sorted(files, key=lambda f: f.relative_to(package).as_posix())
-
-
-@functools.cache
-def _fingerprint() -> str:
-    """Hash of the generator's source and templates (generator_files()): generated kernels are cached per generator
-    version, and editing the CLI, the renderers or the checks keeps the cache (read once a process: the source
-    does not change under a running program)."""
-    import hashlib
-    package = Path(__file__).parent.parent
-    digest = hashlib.sha256()
-    for path in generator_files():
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    """Where verify/bench keep generated unrolled kernels: $SYMATTN_CACHE or ~/.cache/symattn/kernels/<fingerprint>
-    (a changed generator never reuses kernels written by an older one). Read from the environment on every call,
-    built once per value: every variant call asks (building the path cost ~50 µs of a 0.6 ms call)."""
-    return _cache_dir(os.environ.get("SYMATTN_CACHE"), os.environ.get("HOME"))
-
-
-@functools.lru_cache(maxsize=8)
-def _cache_dir(override: str | None, home: str | None) -> Path:
-    root = Path(override) if override else Path.home() / ".cache" / "symattn"
-    return root / "kernels" / _fingerprint()
-
-
-def load_unrolled(spec, folder=None, progress=None):
-    """The module of `spec`'s unrolled kernels, generated into `folder` (default: cache_dir()) if needed.
-
-    A cached file is imported only when its content hash holds; a missing one is generated, an empty, truncated
-    or edited one regenerated with one line saying so (through `progress`, else on stderr). A file that fails to
-    import is regenerated once, then reported (SymattnError naming its path). Returns None where unrolled kernels
-    do not pay (see codegen.unrolled.UNROLL_LIMIT)."""
-    folder = cache_dir() if folder is None else Path(folder)
-    path = folder / f"{spec.name}.py"
-    name = f"symattn_generated_{spec.name}"
-    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
-        return sys.modules[name]
-    fault = _fault(path)
-    if fault is not None:
-        if fault != "missing":
-            _notice(progress, f"{path} was {fault}; regenerated")
-        if not _regenerate(spec, folder, progress):
-            return None
-    try:
-        return _import(name, path, spec)
-    except Exception as e:  # SyntaxError, a missing kernel, ...: whatever stops the file from loading
-        _notice(progress, f"{path} failed to load ({_why(e)}); regenerated")
-    if not _regenerate(spec, folder, progress):
-        return None
-    try:
-        return _import(name, path, spec)
-    except Exception as e:
-        raise SymattnError(f"generated kernels {path} fail to load even after regenerating them: {_why(e)}") from e
-
-
-def _fault(path: Path) -> str | None:
-    """'missing', a damage kind ('empty', 'truncated', 'edited') or None for a file as symattn wrote it."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return "missing"
-    except OSError:
-        return "unreadable"
-    fault = damage(data)
-    return None if fault is None else fault.kind
-
-
-def _regenerate(spec, folder: Path, progress) -> bool:
-    """Write `spec`'s kernels into `folder` over whatever is there; False where unrolled kernels do not pay."""
-    from ..codegen import generate  # codegen needs SymPy: loaded only when kernels must be written
-    from ..codegen.unrolled import pays_for
-    if not pays_for(spec):
-        return False
-    generate(spec, folder, progress=progress or silent, force=True)
-    return True
-
-
-def _import(name: str, path: Path, spec):
-    """Import the generated module at `path` from the very bytes whose content hash was checked; `spec` names the
-    kernels it must hold (a spec's unrolled pair, or a tuple of names)."""
-    data = path.read_bytes()
-    fault = damage(data)
-    if fault is not None:
-        raise SymattnError(fault.reason)
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module  # Numba's cache pickles the module name: it must resolve on reload
-    try:
-        exec(module_spec.loader.source_to_code(data, str(path)), module.__dict__)  # what exec_module does
-        for kernel in (spec if isinstance(spec, tuple) else (f"{spec.name}_forward", f"{spec.name}_backward")):
-            getattr(module, kernel)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
-
-
-def _why(error: BaseException) -> str:
-    """One line: the error's type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return type(error).__name__ + (f": {lines[0]}" if lines else "")
-
-
-def _notice(progress, message: str) -> None:
-    """One line through `progress`, or on stderr."""
-    if progress is not None:
-        progress(message)
-    else:
-        print(f"symattn: {message}", file=sys.stderr, flush=True)

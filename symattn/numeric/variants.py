@@ -21,7 +21,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import cosine, kernels
+from . import cosine, kernel_cache, kernels
 from ..errors import InputError, SpecError, SymattnError
 from ..filestamp import damage
 
@@ -171,21 +171,21 @@ def load(score: str, mod, mask, progress=None):
         return _MODULES[name]
     folder = kernels.cache_dir()
     path = folder / f"{name}.py"
-    fault = kernels._fault(path)
+    fault = kernel_cache._fault(path)
     if fault is not None:
         if fault != "missing":
-            kernels._notice(progress, f"{path} was {fault}; regenerated")
+            kernel_cache._notice(progress, f"{path} was {fault}; regenerated")
         _generate(score, mod, mask, folder, name)
     try:
         module = _import(name, path)
     except Exception as e:
-        kernels._notice(progress, f"{path} failed to load ({kernels._why(e)}); regenerated")
+        kernel_cache._notice(progress, f"{path} failed to load ({kernel_cache._why(e)}); regenerated")
         _generate(score, mod, mask, folder, name)
         try:
             module = _import(name, path)
         except Exception as e2:
             raise SymattnError(f"generated kernels {path} fail to load even after regenerating them: "
-                               f"{kernels._why(e2)}") from e2
+                               f"{kernel_cache._why(e2)}") from e2
     _MODULES[name] = module
     return module
 
