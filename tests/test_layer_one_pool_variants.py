@@ -1,7 +1,8 @@
 """The layer with a dot-product score and score mods / index masks runs in one thread pool (numeric/one_pool.py):
 its output and every gradient, the mods' parameters included, equal the layer's general path (NumPy projections,
 heads through symattn.attention_vjp in FlexAttention's layout; both paths are checked against the reference head
-by head and by finite differences in test_layer_variants.py), with tile and loop kernels, float64 and float32."""
+by head and by finite differences in test_layer_variants.py), with tile kernels in float64 and loop kernels in
+float32."""
 import numpy as np
 import pytest
 
@@ -30,7 +31,9 @@ def test_variant_layer_in_one_pool_equals_the_general_path(rng, monkeypatch, til
     ran = []
     monkeypatch.setattr(one_pool, "backward", lambda *a, f=one_pool.backward: (ran.append(1), f(*a))[1])
     d_model, d = 8, 8 // H
-    for dtype, tol in ((np.float64, 1e-10), (np.float32, 3e-4)):
+    # tiles in float64 (tight: a logic slip shows), loops in float32: each case compiles half the kernels (the four
+    # combinations took ~3 minutes of a fresh test run); the kernels' own tests cover the other two per dtype
+    for dtype, tol in ((np.float64, 1e-10),) if tiles else ((np.float32, 3e-4),):
         x = rng.standard_normal(batch + (n, d_model)).astype(dtype)
         w = [(rng.standard_normal(s) / 2).astype(dtype) for s in
              ((d_model, H * d), (d_model, G * d), (d_model, G * d), (H * d, d_model))]
@@ -54,7 +57,7 @@ def test_variant_layer_in_one_pool_equals_the_general_path(rng, monkeypatch, til
             assert got[name].shape == want[name].shape and got[name].dtype == dtype, name
             np.testing.assert_allclose(got[name], want[name], rtol=tol, atol=tol, err_msg=name)
             np.testing.assert_array_equal(got[name], again[name], err_msg=name)
-    assert len(ran) == 4  # two pullbacks per dtype through the one-pool path
+    assert len(ran) == 2  # two pullbacks through the one-pool path
 
 
 def test_variant_layer_errors_come_before_any_work(rng, monkeypatch):
