@@ -10,9 +10,9 @@ import symattn
 from symattn import masks, mods
 from symattn.numeric import kernels, layer, one_pool
 
-#: name: (heads, kv_heads, batch dims, n_q, options); n_k given: cross-attention from y (batch, n_k, 8). Each (mod, mask)
-#: pair is one other tests compile too (test_layer_variants, test_variant_kernels' PAIRS): a new pair costs a fresh
-#: test run its kernels' compile time.
+#: name: (heads, kv_heads, batch dims, n_q, options); n_k given: cross-attention from y (batch, n_k, 8). The (mod, mask)
+#: pairs but softcap with window-and-causal are ones other tests compile too (test_layer_variants, test_variant_kernels'
+#: PAIRS): a new pair costs a fresh test run its kernels' compile time.
 CASES = {
     "alibi-heads-causal-gqa": (4, 2, (3,), 9, dict(score_mod=mods.alibi(heads=4), is_causal=True)),
     "softcap-window-and-causal": (2, 2, (2,), 8, dict(score_mod=mods.softcap(2), mask_mod=masks.sliding_window(3),
