@@ -39,18 +39,8 @@ def load_variant(mod, mask, folder=None, progress=None):
     if key in _VARIANTS:
         return _VARIANTS[key]
     path = folder / f"variant_{tag}.py"
-    name = f"symattn_generated_variant_{tag}"
-    fault = _fault(path)
-    if fault is not None:
-        if fault != "missing":
-            _notice(progress, f"{path} was {fault}; regenerated")
-        _write_variant(mod, mask, path)
-    try:
-        module = _import(name, path, ("forward_tiles", "backward_tiles", "attention_forward", "attention_backward"))
-    except Exception as e:
-        _notice(progress, f"{path} failed to load ({_why(e)}); regenerated")
-        _write_variant(mod, mask, path)
-        module = _import(name, path, ("forward_tiles", "backward_tiles", "attention_forward", "attention_backward"))
+    module = load_generated(path, f"symattn_generated_variant_{tag}", lambda: _write_variant(mod, mask, path),
+                            ("forward_tiles", "backward_tiles", "attention_forward", "attention_backward"), progress)
     _VARIANTS[key] = module
     return module
 
@@ -111,20 +101,28 @@ def load_unrolled(spec, folder=None, progress=None):
     name = f"symattn_generated_{spec.name}"
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
         return sys.modules[name]
+    return load_generated(path, name, lambda: _regenerate(spec, folder, progress),
+                          (f"{spec.name}_forward", f"{spec.name}_backward"), progress)
+
+
+def load_generated(path: Path, name: str, write, kernels: tuple, progress=None):
+    """The generated module at `path`, imported as `name` when its content hash holds and it holds `kernels`.
+    write() (re)writes the file: when it is missing, or damaged (one line saying so), or fails to load (once,
+    then SymattnError naming it); write() returning False means nothing pays to be written: None."""
     fault = _fault(path)
     if fault is not None:
         if fault != "missing":
             _notice(progress, f"{path} was {fault}; regenerated")
-        if not _regenerate(spec, folder, progress):
+        if write() is False:
             return None
     try:
-        return _import(name, path, spec)
+        return _import(name, path, kernels)
     except Exception as e:  # SyntaxError, a missing kernel, ...: whatever stops the file from loading
         _notice(progress, f"{path} failed to load ({_why(e)}); regenerated")
-    if not _regenerate(spec, folder, progress):
+    if write() is False:
         return None
     try:
-        return _import(name, path, spec)
+        return _import(name, path, kernels)
     except Exception as e:
         raise SymattnError(f"generated kernels {path} fail to load even after regenerating them: {_why(e)}") from e
 
@@ -151,9 +149,9 @@ def _regenerate(spec, folder: Path, progress) -> bool:
     return True
 
 
-def _import(name: str, path: Path, spec):
-    """Import the generated module at `path` from the very bytes whose content hash was checked; `spec` names the
-    kernels it must hold (a spec's unrolled pair, or a tuple of names)."""
+def _import(name: str, path: Path, kernels: tuple):
+    """Import the generated module at `path` from the very bytes whose content hash was checked; it must hold
+    `kernels` (names)."""
     data = path.read_bytes()
     fault = damage(data)
     if fault is not None:
@@ -163,7 +161,7 @@ def _import(name: str, path: Path, spec):
     sys.modules[name] = module  # Numba's cache pickles the module name: it must resolve on reload
     try:
         exec(module_spec.loader.source_to_code(data, str(path)), module.__dict__)  # what exec_module does
-        for kernel in (spec if isinstance(spec, tuple) else (f"{spec.name}_forward", f"{spec.name}_backward")):
+        for kernel in kernels:
             getattr(module, kernel)
     except BaseException:
         sys.modules.pop(name, None)

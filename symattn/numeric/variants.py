@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +20,7 @@ import numba
 import numpy as np
 
 from . import cosine, kernel_cache, kernels
-from ..errors import InputError, SpecError, SymattnError
-from ..filestamp import damage
+from ..errors import InputError, SpecError
 
 #: Batch elements x scores below which the serial kernels run (no thread start).
 PARALLEL_WORK = 1 << 15
@@ -170,22 +167,9 @@ def load(score: str, mod, mask, progress=None):
     if name in _MODULES:
         return _MODULES[name]
     folder = kernels.cache_dir()
-    path = folder / f"{name}.py"
-    fault = kernel_cache._fault(path)
-    if fault is not None:
-        if fault != "missing":
-            kernel_cache._notice(progress, f"{path} was {fault}; regenerated")
-        _generate(score, mod, mask, folder, name)
-    try:
-        module = _import(name, path)
-    except Exception as e:
-        kernel_cache._notice(progress, f"{path} failed to load ({kernel_cache._why(e)}); regenerated")
-        _generate(score, mod, mask, folder, name)
-        try:
-            module = _import(name, path)
-        except Exception as e2:
-            raise SymattnError(f"generated kernels {path} fail to load even after regenerating them: "
-                               f"{kernel_cache._why(e2)}") from e2
+    module = kernel_cache.load_generated(
+        folder / f"{name}.py", f"symattn_generated_{name}", lambda: _generate(score, mod, mask, folder, name),
+        ("forward", "forward_parallel", "backward", "backward_parallel", "PARAMS", "MASK_ARRAYS"), progress)
     _MODULES[name] = module
     return module
 
@@ -193,26 +177,6 @@ def load(score: str, mod, mask, progress=None):
 def _generate(score, mod, mask, folder: Path, name: str) -> None:
     from ..codegen.element import write  # SymPy: only when a kernel must be written
     write(score, mod, mask, folder, name)
-
-
-def _import(name: str, path: Path):
-    """Import the module at `path` from the very bytes whose content hash was checked."""
-    data = path.read_bytes()
-    fault = damage(data)
-    if fault is not None:
-        raise SymattnError(fault.reason)
-    full = f"symattn_generated_{name}"
-    module_spec = importlib.util.spec_from_file_location(full, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[full] = module  # Numba's cache pickles the module name: it must resolve on reload
-    try:
-        exec(module_spec.loader.source_to_code(data, str(path)), module.__dict__)
-        for kernel in ("forward", "forward_parallel", "backward", "backward_parallel", "PARAMS", "MASK_ARRAYS"):
-            getattr(module, kernel)
-    except BaseException:
-        sys.modules.pop(full, None)
-        raise
-    return module
 
 
 def _mask_arrays(module, mask, B: int) -> list[np.ndarray]:
