@@ -116,3 +116,20 @@ def test_pullback_checks_dO(rng):
             pullback(np.zeros(O.shape, np.float16))
         strided = np.zeros((2, 3, 8))[..., ::2]
         np.testing.assert_array_equal(pullback(strided)["q"], 0.0)  # non-contiguous dO is fine
+
+
+def test_serial_plain_kernels_share_their_scratch_safely(rng):
+    """The serial plain kernels write their score rows and backward tiles into scratch buffers shared by every call
+    of a shape: closures kept alive and interleaved with other calls of the same and other shapes still give the
+    reference's gradients."""
+    cases = [tuple(rng.standard_normal(s) for s in ((2, n_q, 3), (2, n_k, 3), (2, n_k, 2), (2, n_q, 2)))
+             for n_q, n_k in ((4, 5), (6, 5), (4, 17))]
+    pullbacks = [symattn.attention_vjp(q, k, v, is_causal=c)[1] for c in (False, True) for q, k, v, _ in cases]
+    for _ in range(2):
+        for i, pullback in enumerate(pullbacks):
+            q, k, v, dO = cases[i % len(cases)]
+            symattn.attention(*cases[(i + 1) % len(cases)][:3])  # another call between, writing the scratch
+            grads = pullback(dO)
+            want = reference.attention_backward(q, k, v, dO, is_causal=i >= len(cases))
+            for name, w in zip("qkv", want):
+                np.testing.assert_allclose(grads[name], w, rtol=1e-10, atol=1e-12)

@@ -96,7 +96,7 @@ def render() -> str:
 def _render(header: str, f: dict, v: dict | None) -> str:
     text = _ENV.get_template(f"{LOOP_MODULE}.py.j2").render(
         header=header, f=f, v=v, jit=decorator(), jit_parallel=decorator(parallel=True),
-        jit_inline=decorator(inline=True), jit_exact=decorator(inline=True, exact=True))
+        jit_inline=decorator(inline=True), jit_bare=decorator(bare=True), jit_exact=decorator(inline=True, exact=True))
     return stamp(text)
 
 

@@ -206,7 +206,18 @@ def _record(kernel, dt, args: tuple) -> None:
         _ENTRIES[kernel, dt] = entry
 
 
-_SCRATCH: dict = {}  # (B, n_q, dtype) -> an LSE buffer for attention(), which discards it (small shapes only)
+_SCRATCH: dict = {}  # (shape, dtype) -> a small buffer the serial plain kernels write and nobody reads after
+
+
+def _scratch(shape: tuple, dt) -> np.ndarray:
+    """A shared buffer of this shape for the serial plain kernels: they hold the GIL, so no two calls share it at
+    once, and a call reads nothing it did not write first (small shapes are kept, at most 64 of them)."""
+    buf = _SCRATCH.get((shape, dt))
+    if buf is None:
+        buf = np.empty(shape, dt)
+        if buf.size <= 1 << 16 and len(_SCRATCH) < 64:
+            _SCRATCH[shape, dt] = buf
+    return buf
 
 
 def _forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True):
@@ -215,18 +226,15 @@ def _forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True
     Q, K, V = (q, k, v) if q.ndim == 3 else (q[None], k[None], v[None])
     (B, n_q, _), dt = Q.shape, q.dtype
     O = np.empty((B, n_q, V.shape[2]), dt)
-    LSE = None if keep_lse else _SCRATCH.get((B, n_q, dt))
-    if LSE is None:
-        LSE = np.empty((B, n_q), dt)
-        if not keep_lse and B * n_q <= 4096 and len(_SCRATCH) < 64:
-            _SCRATCH[B, n_q, dt] = LSE
+    LSE = np.empty((B, n_q), dt) if keep_lse else _scratch((B, n_q), dt)
     if B * n_q * K.shape[1] < kernels.SMALL:  # small: the serial kernel with the fewest arguments, called directly
         kernel = kernels.loops.plain_forward
         entry = _ENTRIES.get((kernel, dt))
+        row = _scratch((K.shape[1],), dt)  # (n_k,) one row of scores
         if entry is not None:
-            entry(Q, K, V, is_causal, scale, O, LSE)
+            entry(Q, K, V, is_causal, scale, O, LSE, row)
         else:
-            _record(kernel, dt, (Q, K, V, is_causal, scale, O, LSE))
+            _record(kernel, dt, (Q, K, V, is_causal, scale, O, LSE, row))
     else:
         kernels.forward_into(Q, K, V, _NOBIAS[dt], _identity_batch(B), is_causal, scale, 0, O, LSE)
     return (O, LSE) if q.ndim == 3 else (O[0], LSE)
@@ -352,10 +360,11 @@ def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
         if args[0].shape[0] * args[0].shape[1] * args[1].shape[1] < kernels.SMALL:
             kernel = kernels.loops.plain_backward
             entry = _ENTRIES.get((kernel, dt))
+            buf = _scratch((kernels.loops.BACKWARD_SCRATCH * k.shape[-2],), dt)  # (34·n_k,)
             if entry is not None:
-                entry(*args)
+                entry(*args, buf)
             else:
-                _record(kernel, dt, args)
+                _record(kernel, dt, args + (buf,))
         else:
             kernels.backward_into(*args[:3], _NOBIAS[dt], _identity_batch(args[0].shape[0]), is_causal, scale, 0,
                                   *args[5:])
