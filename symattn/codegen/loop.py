@@ -193,8 +193,7 @@ def render_variant(mod, mask) -> str:
     f["dSr"] = code(dsr_rhs) if mod else "ds"
     i = INDEX_OF_DIM["n_q"]
     lo, hi = mask.span(b, i) if mask is not None and mask.span is not None else (None, None)
-    softmax = d.step("softmax").rhs
-    condition = softmax.args[0].cond if isinstance(softmax, sympy.Piecewise) else sympy.true
+    condition = _visible(d.step("softmax").rhs, mask, i, INDEX_OF_DIM["n_k"])
     v = {"title": _title(mod, mask), "lo": "0" if lo is None else code(lo), "hi": "n_k" if hi is None else code(hi),
          "exact": mask is None or mask.exact, "cond": code(condition),
          "args": "".join(f", {name}" for name in params + arrays), "margs": "".join(f", {name}" for name in arrays),
@@ -203,6 +202,18 @@ def render_variant(mod, mask) -> str:
     header = HEADER.substitute(source=f"the indexed derivation of dot-product attention with {v['title']}",
                                command="symattn.numeric.kernels (rendered on first use into the kernel cache)")
     return _render(header, f, v)
+
+
+def _visible(softmax, mask, i, j):
+    """The condition under which key j is visible to query i: the softmax step's Piecewise condition, or, where
+    SymPy decided the mask at every size (no Piecewise left: kv_idx < 0 is False for an index j >= 0), the
+    mask's own condition, True or False (False: every row is fully masked, and masked_rows decides)."""
+    if isinstance(softmax, sympy.Piecewise):
+        return softmax.args[0].cond
+    condition = sympy.true if mask is None else sympy.sympify(mask.condition(i, j))
+    if not isinstance(condition, sympy.logic.boolalg.BooleanAtom):
+        raise NotImplementedError(f"the softmax step has no mask condition, but the mask is {condition}")
+    return condition
 
 
 def _title(mod, mask) -> str:
