@@ -12,8 +12,9 @@ import sympy
 
 import symattn
 from conftest import reference_gradcheck, tampered
-from symattn import AttentionSpec, SpecError, reference
+from symattn import AttentionSpec, InputError, SpecError, reference
 from symattn.app.cli import main
+from symattn.numeric import kernels
 from symattn.symbolic import masks
 from symattn.symbolic.mods import alibi, mod_of, ops, parse, relative_bias, score_mod, softcap, table
 
@@ -184,6 +185,44 @@ def test_a_table_read_out_of_range_is_refused(rng):
         symattn.derive(AttentionSpec(2, 3, 1, score_mod=mod), prove=False)
     with pytest.raises(IndexError, match="outside its shape"):
         reference.gradients(*(rng.normal(size=(3, 1)),) * 4, score_mod=mod, params={"small": np.zeros(2)})
+
+
+def test_the_numeric_api_refuses_a_table_read_out_of_range_before_any_kernel(rng, monkeypatch):
+    """kv_idx - q_idx + 2 fits a 5-entry table for n <= 3 only: at n = 4 the kernels would read and scatter outside
+    the table (found: wrong, changing outputs, then a heap corruption). Refused with the first read outside, in the
+    API (head dims included) and the layer, before any kernel; in range it runs and agrees with the reference."""
+    bias5 = table("bias5", 5)
+    mod = score_mod(lambda score, b, h, q_idx, kv_idx: score + bias5[kv_idx - q_idx + 2 + h])
+    theta = {"bias5": rng.normal(size=5)}
+    q, k, v = rng.normal(size=(2, 1, 3, 2)), rng.normal(size=(2, 1, 3, 2)), rng.normal(size=(2, 1, 3, 2))
+    np.testing.assert_allclose(symattn.attention(q, k, v, score_mod=mod, params=theta),
+                               reference.attention(q, k, v, score_mod=mod, params=theta), rtol=1e-10)
+    monkeypatch.setattr(kernels, "load_variant", lambda *a: pytest.fail("a kernel was loaded"))
+    for shapes, where in [(((4, 2),) * 3, "bias5[5] at b=0, h=0, q_idx=0, kv_idx=3"),
+                          (((1, 2, 3, 2),) * 3, "bias5[5] at b=0, h=1, q_idx=0, kv_idx=2")]:
+        with pytest.raises(InputError, match=re.escape(where) + ".*outside its shape"):
+            symattn.attention_vjp(*(rng.normal(size=s) for s in shapes), score_mod=mod, params=theta)
+    x = rng.normal(size=(1, 4, 4))
+    w = [rng.normal(size=(4, 4)) for _ in range(4)]
+    with pytest.raises(InputError, match="outside its shape"):
+        symattn.multihead_attention(x, *w, heads=1, score_mod=mod, params=theta)
+
+
+@pytest.mark.parametrize("fn, words", [
+    (lambda s, b, h, q, kv: s + _BY[s], "bybias[score]"),
+    (lambda s, b, h, q, kv: s + _BY[q / 2], "no division"),
+    (lambda s, b, h, q, kv: s + _BY[_BY[q]], "no other table"),
+    (lambda s, b, h, q, kv: s + 10 ** 400, "401 digits, beyond float64"),
+    (lambda s, b, h, q, kv: s * 10 ** 400, "401 digits, beyond float64"),
+])
+def test_table_indices_and_constants_the_kernels_cannot_compute_are_refused_at_trace(fn, words):
+    """Once traced, T[score] failed inside the printer (a raw ValueError) and 10**400 inside Numba (a TypingError,
+    with a broken file left in the kernel cache)."""
+    with pytest.raises(SpecError, match=re.escape(words)):
+        score_mod(fn)
+
+
+_BY = table("bybias", 4)
 
 
 def test_reference_mask_mod_over_index_grids(rng):

@@ -87,6 +87,9 @@ def prepare(score, params, score_mod, mask_mod, causal: bool, scale, batch_shape
     if sizes is not None and variant.mask is not None:
         for name, array in variant.mask.arrays:
             kernels.mask_array(name, array, *sizes)
+    if sizes is not None and getattr(variant.mod, "kind", "") == "user" and variant.mod.trace.tables:
+        heads = batch_shape[-1] if len(batch_shape) >= 2 else 1
+        _table_reads(variant.mod.trace, sizes[0], heads, *sizes[1:])
     return variant, bind(variant, declared(variant), dtype, d_k)
 
 
@@ -96,6 +99,35 @@ def check_heads(variant: Variant, batch_shape: tuple[int, ...]) -> None:
     if heads and (len(batch_shape) < 2 or batch_shape[-1] != heads):
         raise InputError(f"score_mod {variant.mod.text!r} has one slope per head: q, k, v must have shape "
                          f"(B, {heads}, n, d) (heads in dim -3), got batch dims {batch_shape}")
+
+
+@functools.lru_cache(maxsize=64)
+def _table_reads(trace, nb: int, heads: int, n_q: int, n_k: int) -> None:
+    """A user's mod reads every table entry it indexes inside the table, at every (b, h, q_idx, kv_idx) of the
+    call, masked or not (the reference's check): the kernels read and scatter entries unchecked, so an index
+    outside would read and write memory that is not the table. Checked once per mod and sizes, q_idx in chunks
+    (at most 2^20 indices at a time); the trace already made every index a whole number of b, h, q_idx, kv_idx."""
+    if not nb * heads * n_q * n_k:
+        return  # no score, no read
+    _, _, leaves = trace.numpy()
+    shapes = {t.name: t.shape for t in trace.tables}
+    b, h = np.arange(nb).reshape(-1, 1, 1, 1), np.arange(heads).reshape(1, -1, 1, 1)  # (nb, 1, 1, 1), (1, H, 1, 1)
+    kv = np.arange(n_k).reshape(1, 1, 1, -1)  # (1, 1, 1, n_k)
+    step = max(1, (1 << 20) // (nb * heads * n_k))
+    for q0 in range(0, n_q, step):
+        q = np.arange(q0, min(q0 + step, n_q)).reshape(1, 1, -1, 1)  # (1, 1, rows, 1)
+        grid = (nb, heads, q.shape[2], n_k)
+        for name, index_fns, _ in leaves:
+            index = [np.broadcast_to(np.asarray(f(b, h, q, kv)), grid) for f in index_fns]
+            outside = np.zeros(grid, dtype=bool)
+            for ix, n in zip(index, shapes[name]):
+                outside |= (ix < 0) | (ix >= n)
+            if outside.any():
+                at = tuple(int(x) for x in np.argwhere(outside)[0])
+                read = ", ".join(str(int(ix[at])) for ix in index)
+                raise InputError(f"score_mod reads {name}[{read}] at b={at[0]}, h={at[1]}, q_idx={q0 + at[2]}, "
+                                 f"kv_idx={at[3]}, outside its shape {shapes[name]}; clip the index "
+                                 f"(ops.minimum/ops.maximum, as relative_bias does) or declare a larger table")
 
 
 @functools.lru_cache(maxsize=32)

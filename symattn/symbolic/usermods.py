@@ -7,6 +7,7 @@ The result is checked node by node: an unsupported operation is an error naming 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 
@@ -199,6 +200,17 @@ def trace(fn, params: dict | None = None) -> tuple[Trace, str]:
     return Trace(_checked(expr, label, symbols, tables), symbols, tables), label
 
 
+def _check_index(entry, label: str, symbols) -> None:
+    """A table entry's indices: whole-number expressions of b, h, q_idx and kv_idx (the kernels compute them as
+    integers, and the numeric API checks their range at the call's sizes), never of the score or another entry."""
+    name = entry.base.label.name[len("table_"):]
+    for ix in entry.indices:
+        if ix.atoms(type(entry)) or not ix.free_symbols <= set(symbols[1:]) or ix.is_integer is not True:
+            raise SpecError(f"score_mod {label!r} reads {name}[{', '.join(map(str, entry.indices))}]: a table index "
+                            f"is a whole-number expression of b, h, q_idx, kv_idx (+, -, *, abs, minimum, maximum, "
+                            f"where; no division, no score, no other table)")
+
+
 def _dims(t: Table) -> tuple[str, ...]:
     from .tensors import declare_dim
     dims = (f"n_{t.name}",) if len(t.shape) == 1 else (f"n_{t.name}_0", f"n_{t.name}_1")
@@ -237,6 +249,12 @@ def _checked(expr, label: str, symbols, tables):
         if not isinstance(node, allowed):
             raise SpecError(f"score_mod {label!r} uses {type(node).__name__}, which is not supported. "
                             f"Supported: {SUPPORTED}")
+        if isinstance(node, sympy.Number) and not math.isfinite(float(node)):
+            digits = len(str(abs(sympy.floor(abs(node))))) if abs(node) >= 1 else 0
+            raise SpecError(f"score_mod {label!r} uses a constant of {digits} digits, beyond float64's range "
+                            f"(about 1.8e308)")
+        if isinstance(node, sympy.Indexed):
+            _check_index(node, label, symbols)
     unknown = {x for x in expr.free_symbols if not isinstance(x, sympy.Indexed)} - set(symbols) \
         - {sympy.Symbol(f"table_{t.name}") for t in tables}
     if unknown:
