@@ -23,6 +23,7 @@ from symattn.app.cli import main
 from symattn.codegen import generate, render, write_files
 from symattn.codegen.templates import HEADER
 from symattn.filestamp import PLACEHOLDER, damage, stamp
+from symattn.numeric.kernel_cache import load_generated
 from symattn.numeric.kernels import cache_dir, load_unrolled
 from symattn.progress import silent
 
@@ -152,6 +153,34 @@ def test_file_that_never_loads_is_regenerated_once_then_reported(cache, monkeypa
     assert len(calls) == 2  # written, regenerated once, then reported: no loop
     assert capsys.readouterr().err.count("failed to load") == 1
     assert f"symattn_generated_{SPEC.name}" not in sys.modules
+
+
+@pytest.mark.parametrize("how", ["copy", "symlink"])
+def test_a_valid_file_of_other_kernels_under_this_name_is_regenerated(tmp_path, capsys, how):
+    """Variant modules share their kernels' names, and a copied or linked file of another variant carries a valid
+    content hash: once, softcap's name ran ALiBi's kernels (error 5e-3, no message). Each generated module names
+    its own file (CACHE_KEY); another name is regenerated with one line."""
+    def module(key: str, value: int) -> str:
+        return stamp(HEADER.substitute(source="a test", command="none") +
+                     f'CACHE_KEY = "{key}"\n\ndef forward():\n    return {value}\n')
+
+    def write(path: Path, key: str, value: int):
+        return lambda: write_files({path.name: module(key, value)}, path.parent, force=True)
+    alibi, softcap = tmp_path / "variant_alibi.py", tmp_path / "variant_softcap.py"
+    write(alibi, "variant_alibi", 1)()
+    if how == "copy":
+        shutil.copyfile(alibi, softcap)
+    else:
+        softcap.symlink_to(alibi.name)
+    loaded = load_generated(softcap, "symattn_test_variant_softcap", write(softcap, "variant_softcap", 2),
+                            ("forward",))
+    assert loaded.forward() == 2 and loaded.CACHE_KEY == "variant_softcap"
+    assert capsys.readouterr().err.splitlines() == [
+        f"symattn: {softcap} failed to load (SymattnError: it holds the kernels of 'variant_alibi', not "
+        f"'variant_softcap'); regenerated"]
+    assert not softcap.is_symlink()  # the link itself was replaced, not its target
+    assert load_generated(alibi, "symattn_test_variant_alibi", None, ("forward",)).forward() == 1
+    sys.modules.pop("symattn_test_variant_softcap"), sys.modules.pop("symattn_test_variant_alibi")
 
 
 @contextlib.contextmanager

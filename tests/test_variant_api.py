@@ -271,8 +271,8 @@ def test_element_kernels_render_deterministically_with_hoisted_sums():
     """Same text twice; the additive score's one-sided sums Σ_a Q[i,a] W_a[a,r], Σ_a K[j,a] U_a[a,r] are arrays
     computed once per row / key, so the per-pair score reads them (no d_k loop per pair)."""
     from symattn.codegen.element import render
-    first = render("additive", mods.parse("relative-bias:2"), masks.parse("window:3"))
-    assert first == render("additive", mods.parse("relative-bias:2"), masks.parse("window:3"))
+    first = render("additive", mods.parse("relative-bias:2"), masks.parse("window:3"), "element_test")
+    assert first == render("additive", mods.parse("relative-bias:2"), masks.parse("window:3"), "element_test")
     forward = first.split("def _forward_one")[1].split("def forward")[0]
     pair = forward.split("for j in range(lo, hi):")[1].split("P[ti, j] = s")[0]
     assert "p_Wa" not in pair and "p_Ua" not in pair and "_tanh(" in pair, pair

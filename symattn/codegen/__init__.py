@@ -51,8 +51,8 @@ def render_unrolled(spec, progress: Progress = silent) -> str:
     variant = dict(variant=_variant(spec, fields["mask"]),
                    params=[(p.tensor, TENSORS[p.tensor].shape(spec)) for p in parameters(spec)])
     return stamp(template.render(header=HEADER.substitute(source=repr(spec), command=command(spec)),
-                                 title=spec.title, spec=repr(fields), jit=decorator(), **code, **variant,
-                                 **spec.sizes))
+                                 title=spec.title, spec=repr(fields), key=spec.name, jit=decorator(), **code,
+                                 **variant, **spec.sizes))
 
 
 def _variant(spec: AttentionSpec | MultiHeadSpec, mask: str) -> dict | None:

@@ -269,8 +269,9 @@ SOFTMAX_READS = {"P": "p", "dP": "dp", "D": "D_i", "dS": "ds", "O": "O[z, i, b]"
                  "V": "V[vz, j, b]"}
 
 
-def render(score: str, mod=None, mask=None) -> str:
-    """The element-kernel module of (score, mod, mask) (deterministic, stamped)."""
+def render(score: str, mod, mask, key: str) -> str:
+    """The element-kernel module of (score, mod, mask) (deterministic, stamped); `key`: the name of the file it
+    goes to (its stem), which the module declares as CACHE_KEY."""
     spec = _spec(score, mod)
     d = derive(spec, explicit=False)  # indexed forms hold at any size
     s_bar = d.step("similarity").rhs * SCALE if SCORES[score].scaled else d.step("score").rhs
@@ -286,6 +287,7 @@ def render(score: str, mod=None, mask=None) -> str:
               f"{'' if mod is None else ' with score mod ' + mod.text}{'' if mask is None else ', mask ' + mask.text}")
     text = _ENV.get_template("element.py.j2").render(
         header=HEADER.substitute(source=source, command="generated on first use by symattn.numeric.variants"),
+        key=key,
         score=score, mod="none" if mod is None else mod.text, mask="none" if mask is None else mask.text,
         params=params, params_data=repr(tuple((n, t, tuple(dims)) for n, t, dims in params)),
         mask_arrays=list(mask_arrays), mask_arrays_data=repr(mask_arrays), sizes=_sizes(params),
@@ -316,4 +318,4 @@ def _product(m: Bilinear, hoisted: list[Hoisted]) -> dict[str, str]:
 
 def write(score: str, mod, mask, folder, name: str) -> None:
     """Render (score, mod, mask) and write it as `name`.py into `folder` through the one writer."""
-    write_files({f"{name}.py": render(score, mod, mask)}, folder, force=True)
+    write_files({f"{name}.py": render(score, mod, mask, name)}, folder, force=True)

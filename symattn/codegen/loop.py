@@ -5,7 +5,7 @@ the summands of O, D, dQ, dK, dV and the coefficients that multiply the rows BLA
 derivation's indexed right-hand sides printed with Indexed -> local or array reads. One source serves float32 and
 float64: Numba compiles each kernel per dtype and the helpers dispatch on the scalar type.
 
-`render_variant(mod, mask)` renders the same templates for the dot score with a score mod and a mask: the score
+`render_variant(mod, mask, key)` renders the same templates for the dot score with a score mod and a mask: the score
 line prints the derivation's "mod" step, dS its "dSr" factor, a parameter table's gradient is scattered from its
 KroneckerDelta form; the mask gives each query row its span [lo, hi) of keys (tiles outside it are skipped) and,
 unless the span is the mask, the condition tested per entry. `render()` (no variant) prints today's module.
@@ -90,12 +90,12 @@ def render() -> str:
     _check_tileable(d)
     header = HEADER.substitute(source="the indexed derivation of scaled dot-product attention",
                                command="symattn generate --all  (from a source checkout)")
-    return _render(header, pieces(d), None)
+    return _render(header, pieces(d), None, LOOP_MODULE)
 
 
-def _render(header: str, f: dict, v: dict | None) -> str:
+def _render(header: str, f: dict, v: dict | None, key: str) -> str:
     text = _ENV.get_template(f"{LOOP_MODULE}.py.j2").render(
-        header=header, f=f, v=v, jit=decorator(), jit_parallel=decorator(parallel=True),
+        header=header, f=f, v=v, key=key, jit=decorator(), jit_parallel=decorator(parallel=True),
         jit_inline=decorator(inline=True), jit_bare=decorator(bare=True), jit_exact=decorator(inline=True, exact=True))
     return stamp(text)
 
@@ -171,9 +171,10 @@ def _hoisted(*exprs):
     return (*out, names)
 
 
-def render_variant(mod, mask) -> str:
+def render_variant(mod, mask, key: str) -> str:
     """The loop and tile kernels of the dot score with score mod `mod` and mask `mask` (either may be None),
-    printed from derive(AttentionSpec(1, 1, 1, score_mod=mod, mask=mask), explicit=False)."""
+    printed from derive(AttentionSpec(1, 1, 1, score_mod=mod, mask=mask), explicit=False); `key`: the name of the
+    file it goes to (its stem), which the module declares as CACHE_KEY."""
     d = derive(AttentionSpec(1, 1, 1, score_mod=mod.text if mod else None, mask=mask), explicit=False)
     _check_tileable(d)
     arrays = [check_identifier(name) for name, _ in (mask.arrays if mask else ())]
@@ -201,7 +202,7 @@ def render_variant(mod, mask) -> str:
          "hoist": [f"{name} = _cast(Q, {code(expr)})" for name, expr in hoisted.items()]}
     header = HEADER.substitute(source=f"the indexed derivation of dot-product attention with {v['title']}",
                                command="symattn.numeric.kernels (rendered on first use into the kernel cache)")
-    return _render(header, f, v)
+    return _render(header, f, v, key)
 
 
 def _visible(softmax, mask, i, j):

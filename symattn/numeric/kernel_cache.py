@@ -26,6 +26,18 @@ def variant_tag(mod, mask) -> str:
     return tag
 
 
+def element_name(score: str, mod, mask) -> str:
+    """Module name of the element kernels of (score, mod, mask): readable parts and a short hash of the exact
+    variant (mask texts of users' mask_mods carry the hash of their traced condition)."""
+    import hashlib
+    arrays = tuple(name for name, _ in getattr(mask, "arrays", ()) or ())
+    text = "" if mask is None else (getattr(mask, "kernel_text", "") or mask.text)  # without run-time data
+    key = "|".join((score, "" if mod is None else mod.text, text, *arrays))
+    tag = "_".join(x for x in (score, "" if mod is None else mod.tag, text) if x)
+    tag = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in tag)[:40]
+    return f"element_{tag}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
 _VARIANTS: dict[tuple[Path, str], object] = {}
 
 
@@ -47,7 +59,7 @@ def load_variant(mod, mask, folder=None, progress=None):
 
 def _write_variant(mod, mask, path: Path) -> None:
     from ..codegen import loop, write_files  # codegen needs SymPy: loaded only when kernels must be written
-    write_files({path.name: loop.render_variant(mod, mask)}, path.parent, force=True)
+    write_files({path.name: loop.render_variant(mod, mask, path.stem)}, path.parent, force=True)
 
 
 #: What generates cached kernels (relative to the package): their sources and templates make the fingerprint.
@@ -151,7 +163,7 @@ def _regenerate(spec, folder: Path, progress) -> bool:
 
 def _import(name: str, path: Path, kernels: tuple):
     """Import the generated module at `path` from the very bytes whose content hash was checked; it must hold
-    `kernels` (names)."""
+    `kernels` (names) and name itself: CACHE_KEY, written by the generator, is the file's stem."""
     data = path.read_bytes()
     fault = damage(data)
     if fault is not None:
@@ -163,6 +175,9 @@ def _import(name: str, path: Path, kernels: tuple):
         exec(module_spec.loader.source_to_code(data, str(path)), module.__dict__)  # what exec_module does
         for kernel in kernels:
             getattr(module, kernel)
+        key = getattr(module, "CACHE_KEY", None)
+        if key != path.stem:  # a valid file of other kernels (copied or linked here): its content hash holds
+            raise SymattnError(f"it holds the kernels of {key!r}, not {path.stem!r}")
     except BaseException:
         sys.modules.pop(name, None)
         raise

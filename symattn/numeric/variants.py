@@ -181,21 +181,10 @@ def _shape_text(dims) -> str:
 _MODULES: dict[str, object] = {}
 
 
-def module_name(score: str, mod, mask) -> str:
-    """A deterministic module name: readable parts and a short hash of the exact variant (mask texts of users'
-    mask_mods carry the hash of their traced condition)."""
-    arrays = tuple(name for name, _ in getattr(mask, "arrays", ()) or ())
-    text = "" if mask is None else (getattr(mask, "kernel_text", "") or mask.text)  # without run-time data
-    key = "|".join((score, "" if mod is None else mod.text, text, *arrays))
-    tag = "_".join(x for x in (score, "" if mod is None else mod.tag, text) if x)
-    tag = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in tag)[:40]
-    return f"element_{tag}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-
-
 def load(score: str, mod, mask, progress=None):
     """The element-kernel module of (score, mod, mask), generated into kernels.cache_dir() if missing or
     damaged (regenerated once if it fails to load, then SymattnError naming it)."""
-    name = module_name(score, mod, mask)
+    name = kernel_cache.element_name(score, mod, mask)
     if name in _MODULES:
         return _MODULES[name]
     folder = kernels.cache_dir()
