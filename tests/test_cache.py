@@ -183,6 +183,25 @@ def test_a_valid_file_of_other_kernels_under_this_name_is_regenerated(tmp_path, 
     sys.modules.pop("symattn_test_variant_softcap"), sys.modules.pop("symattn_test_variant_alibi")
 
 
+@pytest.mark.parametrize("spoil", [lambda data: data[:len(data) // 2], lambda data: b"junk"], ids=["cut", "junk"])
+def test_damaged_numba_cache_files_are_removed_and_the_kernels_compile_again(cache, capsys, spoil):
+    """Numba keeps the compiled kernels beside the generated file (__pycache__/*.nbi, *.nbc). A damaged one made
+    every later call raise a raw pickle error (found by the adversarial tester); now it is removed on load, with
+    one line, and the kernels compile again."""
+    assert_matches_reference(load_unrolled(SPEC))  # compiles, and Numba writes its cache
+    files = sorted((cache / "__pycache__").glob(f"{SPEC.name}.*.nb[ic]"))
+    assert {f.suffix for f in files} == {".nbi", ".nbc"}
+    for f in files:
+        f.write_bytes(spoil(f.read_bytes()))
+    capsys.readouterr()
+    assert_matches_reference(later_run())
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"Numba's cache of {cache / NAME} was damaged ({len(files)} files" in err[0], err
+    assert "compile again" in err[0]
+    assert_matches_reference(later_run())  # and the cache Numba wrote again loads without a word
+    assert capsys.readouterr().err == ""
+
+
 @contextlib.contextmanager
 def full_disk(room: int = 4096):
     """os.write on files (not stdin/out/err) takes `room` bytes per file, then fails: the disk is full."""

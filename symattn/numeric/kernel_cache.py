@@ -128,15 +128,44 @@ def load_generated(path: Path, name: str, write, kernels: tuple, progress=None):
         if write() is False:
             return None
     try:
-        return _import(name, path, kernels)
+        return _heal_numba_cache(_import(name, path, kernels), path, progress)
     except Exception as e:  # SyntaxError, a missing kernel, ...: whatever stops the file from loading
         _notice(progress, f"{path} failed to load ({_why(e)}); regenerated")
     if write() is False:
         return None
     try:
-        return _import(name, path, kernels)
+        return _heal_numba_cache(_import(name, path, kernels), path, progress)
     except Exception as e:
         raise SymattnError(f"generated kernels {path} fail to load even after regenerating them: {_why(e)}") from e
+
+
+def _heal_numba_cache(module, path: Path, progress):
+    """`module`, its kernels' files in Numba's on-disk cache checked first: an index (.nbi) or data file (.nbc)
+    that does not unpickle is removed (one line saying so), so its kernel compiles again. Numba would raise the raw
+    pickle error at the kernel's first call, and at every call after."""
+    folders = {getattr(getattr(x, "_cache", None), "_cache_path", None) for x in vars(module).values()} - {None}
+    bad = [f for folder in folders for f in sorted(Path(folder).glob(f"{path.stem}.*.nb[ic]")) if not _unpickles(f)]
+    for f in bad:
+        f.unlink(missing_ok=True)
+    if bad:
+        _notice(progress, f"Numba's cache of {path} was damaged ({len(bad)} file{'s' * (len(bad) > 1)}, e.g. "
+                          f"{bad[0].name}); removed, its kernels compile again")
+    return module
+
+
+def _unpickles(f: Path) -> bool:
+    """Whether Numba can read its cache file: an index is a pickled version, then pickled data; data is one pickle."""
+    import pickle
+    try:
+        with open(f, "rb") as stream:
+            if f.suffix == ".nbi":
+                pickle.load(stream)
+            pickle.loads(stream.read())
+        return True
+    except FileNotFoundError:
+        return True  # another process replaced it meanwhile: Numba copes with a missing file
+    except Exception:  # noqa: BLE001 - whatever stops the unpickling: truncated, junk, another format
+        return False
 
 
 def _fault(path: Path) -> str | None:
