@@ -38,7 +38,10 @@ def output_file(path: str | os.PathLike, kinds: tuple[str, ...] | None = None, d
 
 
 def output_folder(path: str | os.PathLike) -> Path:
-    """A folder we may create: it, or its nearest existing ancestor, is a writable folder."""
+    """A folder we may create: it, or its nearest existing ancestor, is a writable folder (an empty name is no
+    folder, not the current one)."""
+    if not os.fspath(path).strip():
+        raise SymattnError(f"cannot write into {os.fspath(path)!r}: give a folder name")
     probe = os.path.abspath(path)
     while not os.path.lexists(probe):
         probe = os.path.dirname(probe)

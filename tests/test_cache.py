@@ -292,6 +292,7 @@ def test_generate_never_writes_through_a_symlink(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"symattn: error: refusing to overwrite {link}: it is a symbolic link")
     assert outside.read_bytes() == b"# my own work\n" and link.is_symlink()
+    assert [p.name for p in out.iterdir()] == [NAME]  # refused before any file was written (once: a partial set)
     assert main([*GENERATE, "-o", str(out), "--force"]) == 0  # the link itself is replaced
     assert not link.is_symlink() and damage(link.read_bytes()) is None
     assert outside.read_bytes() == b"# my own work\n"
@@ -392,3 +393,15 @@ def test_the_cache_fingerprint_covers_the_generator_and_its_templates():
     assert templates and templates <= hashed
     assert {"symbolic/derive.py", "symbolic/mods.py", "codegen/loop.py", "numeric/variants.py"} <= hashed
     assert not {"app/cli.py", "render/latex.py", "check/verification.py"} & hashed
+
+
+def test_a_cache_folder_that_is_a_file_gives_one_clear_error(tmp_path, monkeypatch, capsys):
+    """$SYMATTN_CACHE naming a file once printed "... was unreadable; regenerated" before the real error."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SYMATTN_CACHE", str(blocker))
+    monkeypatch.delitem(sys.modules, f"symattn_generated_{SPEC.name}", raising=False)
+    with pytest.raises(SymattnError, match=f"cannot write generated code into '{re.escape(str(blocker))}.*"
+                                           f"Not a directory"):
+        load_unrolled(SPEC)
+    assert capsys.readouterr().err == ""

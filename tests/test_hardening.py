@@ -248,3 +248,13 @@ def test_big_endian_inputs_give_the_native_results(rng, dtype):
     want = symattn.attention_vjp(*small[:3])[1](small[3])
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("command", [["generate", "--n-q", "2", "--n-k", "3", "--d-k", "2", "-q"], ["docs", "-q"],
+                                     ["bench", "--quick", "-q"]])
+def test_an_empty_output_folder_name_is_refused_not_taken_for_the_current_folder(command, tmp_path, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("symattn.app.bench.run_case", lambda *a, **k: pytest.fail("the timing started"))
+    assert "cannot write into '': give a folder name" in _error([*command, "-o", ""], capsys)
+    assert list(tmp_path.iterdir()) == []

@@ -116,6 +116,13 @@ def test_document_and_key_padding_have_flexattention_semantics():
         masks.document(IDS[:, ::-1]), causal, pad).tag  # kernels ignore the data, names of specs do not
 
 
+@pytest.mark.parametrize("make, value", [(masks.key_padding, []), (masks.document, []), (masks.document, [[]])])
+def test_an_empty_run_time_array_is_called_empty(make, value):
+    """np.asarray([]) is float64: the message once said "must hold integers", which misleads."""
+    with pytest.raises(SpecError, match=r"is empty \(shape"):
+        make(value)
+
+
 def test_run_time_conditions_read_their_arrays_symbolically():
     i, j = sympy.symbols("i j", integer=True)
     b = sympy.Symbol("b", integer=True)

@@ -66,7 +66,7 @@ def write_files(files: dict[str, str], out_dir: str | Path, *, force: bool = Fal
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SymattnError(f"cannot write generated code into {str(out)!r}: {e.strerror}") from None
-    written = []
+    changed = []  # every file checked before the first is written: a refusal leaves the folder as it was
     for name, text in sorted(files.items()):
         path, data = out / _name(name), text.encode()
         if damage(data):
@@ -76,12 +76,13 @@ def write_files(files: dict[str, str], out_dir: str | Path, *, force: bool = Fal
             reason = None if force else _refusal(link, old, data)
             if reason:
                 raise SymattnError(f"refusing to overwrite {path}: {reason}; --force replaces it")
-            try:
-                write_atomic(path, data)  # a temporary file beside it, fsync, rename: never a partial file
-            except OSError as e:  # creating the temporary file
-                raise SymattnError(f"cannot write {path}: {e.strerror or e}") from None
-        written.append(path)
-    return written
+            changed.append((path, data))
+    for path, data in changed:
+        try:
+            write_atomic(path, data)  # a temporary file beside it, fsync, rename: never a partial file
+        except OSError as e:  # creating the temporary file
+            raise SymattnError(f"cannot write {path}: {e.strerror or e}") from None
+    return [out / _name(name) for name in sorted(files)]
 
 
 def diff_files(files: dict[Path, str]) -> list[str]:

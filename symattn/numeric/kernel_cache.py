@@ -172,7 +172,7 @@ def _fault(path: Path) -> str | None:
     """'missing', a damage kind ('empty', 'truncated', 'edited') or None for a file as symattn wrote it."""
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: $SYMATTN_CACHE names a file
         return "missing"
     except OSError:
         return "unreadable"

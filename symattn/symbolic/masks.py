@@ -156,6 +156,8 @@ def key_padding(lengths, n: int | None = None) -> Mask:
 def _int_array(name: str, value, ndim: tuple) -> np.ndarray:
     """`value` as a C-contiguous int64 array, refused with SpecError unless integer typed with ndim in `ndim`."""
     array = np.asarray(value)
+    if array.size == 0:  # checked first: np.asarray([]) is float64, and "must hold integers" would mislead
+        raise SpecError(f"{name} is empty (shape {array.shape})")
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
         raise SpecError(f"{name} must hold integers, got dtype {array.dtype}")
     if array.ndim not in ndim:
