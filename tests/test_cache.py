@@ -383,6 +383,22 @@ def test_check_suggests_force_only_where_all_needs_it(tmp_path, monkeypatch, cap
     assert main(["generate", "--all", "--force", "-q"]) == 0 and main(["generate", "--check", "-q"]) == 0
 
 
+def test_generate_all_checks_every_folder_before_writing_any(tmp_path, monkeypatch, capsys):
+    """A hand edit in the last folder (the package's loop kernels) once left the earlier folders rewritten."""
+    (tmp_path / "pyproject.toml").write_text("")
+    for name, value in (("PACKAGE_DIR", tmp_path / "symattn"), ("REPO_GENERATED", tmp_path / "generated"),
+                        ("REPO_DOCS", tmp_path / "docs"), ("STANDARD_SPECS", (SPEC,)), ("DOC_SPECS", {})):
+        monkeypatch.setattr(codegen, name, value)
+    assert main(["generate", "--all", "-q"]) == 0
+    kernel, loops = tmp_path / "generated" / NAME, tmp_path / "symattn" / "numeric" / "attention_loops.py"
+    kernel.write_text(restamped(kernel.read_text().replace("# Outputs", "# Outputs (older symattn)", 1)))
+    loops.write_text(loops.read_text().replace('"""', '"""(my note) ', 1))  # a hand edit
+    capsys.readouterr()
+    assert main(["generate", "--all", "-q"]) == 2
+    assert f"refusing to overwrite {loops}" in capsys.readouterr().err
+    assert "(older symattn)" in kernel.read_text() and "(my note)" in loops.read_text()  # neither was written
+
+
 def test_the_cache_fingerprint_covers_the_generator_and_its_templates():
     """A kernel cached by an older generator is never reused: every source of symbolic/ and codegen/ and every
     Jinja2 template is hashed (an edited template once kept stale kernels); the CLI and the renderers are not."""

@@ -214,6 +214,8 @@ def test_the_numeric_api_refuses_a_table_read_out_of_range_before_any_kernel(rng
     (lambda s, b, h, q, kv: s + _BY[_BY[q]], "no other table"),
     (lambda s, b, h, q, kv: s + 10 ** 400, "401 digits, beyond float64"),
     (lambda s, b, h, q, kv: s * 10 ** 400, "401 digits, beyond float64"),
+    (lambda s, b, h, q, kv: s * 1e300 * 1e300, "beyond float64's range (about 1.8e308): 1.000e+600"),
+    (lambda s, b, h, q, kv: s + _BY[kv + 2 ** 64], "constants below 2^31"),
 ])
 def test_table_indices_and_constants_the_kernels_cannot_compute_are_refused_at_trace(fn, words):
     """Once traced, T[score] failed inside the printer (a raw ValueError) and 10**400 inside Numba (a TypingError,

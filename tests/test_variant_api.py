@@ -327,3 +327,16 @@ def test_a_mask_mod_that_hides_every_key_at_every_size_masks_every_row(policy, r
                                            "nan": np.nan}[policy])
             for name in "qk":
                 assert np.all(grads[name] == 0) or policy == "nan"
+
+
+@pytest.mark.parametrize("score, params", [("general", {"W_a": np.eye(2)}), ("dot", None)])
+def test_run_time_mask_arrays_have_one_row_per_b_with_heads(score, params, rng):
+    """q (B, H, n, d): key_padding's lengths are one per FlexAttention b, shared by the heads, for the element
+    kernels (the general score) as for the dot kernels; B·H rows are refused by name (the element kernels once
+    asked for B·H rows and read only the first B)."""
+    q, k, v = (rng.standard_normal((2, 3, 4, 2)) for _ in range(3))
+    options = dict(score=score, params=params, mask_mod=masks.key_padding([2, 3]))
+    np.testing.assert_allclose(symattn.attention(q, k, v, **options), reference.attention(q, k, v, **options),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(InputError, match=r"'kv_len' has 6 rows; give 1 or one per batch index b \(2\)"):
+        symattn.attention(q, k, v, score=score, params=params, mask_mod=masks.key_padding([2, 3, 1, 2, 3, 4]))

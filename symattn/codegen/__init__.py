@@ -15,7 +15,7 @@ from ..symbolic.layer import derive_multihead
 from ..progress import Progress, silent
 from ..symbolic.spec import AttentionSpec, MultiHeadSpec
 from ..symbolic.tensors import TENSORS
-from .files import diff_files, refused, write_files
+from .files import diff_files, refused, write_files, write_folders
 from .loop import LOOP_MODULE, render as render_loops
 from .templates import DOC_HEADER, ENV, HEADER, decorator
 from .unrolled import kernel_code, pays_for
@@ -116,7 +116,5 @@ def check(progress: Progress = silent) -> list[str]:
 def regenerate_all(progress: Progress = silent, *, force: bool = False) -> list[Path]:
     """Rewrite every committed generated file (from a source checkout). `force`: see `write_files`."""
     files = committed_files(progress)
-    written = []
-    for folder in sorted({p.parent for p in files}):
-        written += write_files({p.name: t for p, t in files.items() if p.parent == folder}, folder, force=force)
-    return written
+    return write_folders({folder: {p.name: t for p, t in files.items() if p.parent == folder}
+                          for folder in sorted({p.parent for p in files})}, force=force)

@@ -61,12 +61,29 @@ def write_files(files: dict[str, str], out_dir: str | Path, *, force: bool = Fal
     Unchanged files are left untouched (Numba's cache stays valid). A name that is a symbolic link, or holds a
     file edited by hand or not written by symattn, is refused with SymattnError unless `force`; then the link or
     file itself is replaced. Nothing outside `out_dir` is ever written."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SymattnError(f"cannot write generated code into {str(out)!r}: {e.strerror}") from None
-    changed = []  # every file checked before the first is written: a refusal leaves the folder as it was
+    return write_folders({Path(out_dir): files}, force=force)
+
+
+def write_folders(folders: dict[Path, dict[str, str]], *, force: bool = False) -> list[Path]:
+    """`write_files` for several folders at once: every file of every folder is checked before the first is
+    written, so a refusal leaves them all as they were."""
+    for out in folders:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SymattnError(f"cannot write generated code into {str(out)!r}: {e.strerror}") from None
+    changed = [change for out, files in folders.items() for change in _changes(files, out, force)]
+    for path, data in changed:
+        try:
+            write_atomic(path, data)  # a temporary file beside it, fsync, rename: never a partial file
+        except OSError as e:  # creating the temporary file
+            raise SymattnError(f"cannot write {path}: {e.strerror or e}") from None
+    return [out / _name(name) for out, files in folders.items() for name in sorted(files)]
+
+
+def _changes(files: dict[str, str], out: Path, force: bool) -> list[tuple[Path, bytes]]:
+    """(path, bytes) of each file of `files` that differs from what `out` holds; a refusal raises SymattnError."""
+    changed = []
     for name, text in sorted(files.items()):
         path, data = out / _name(name), text.encode()
         if damage(data):
@@ -77,12 +94,7 @@ def write_files(files: dict[str, str], out_dir: str | Path, *, force: bool = Fal
             if reason:
                 raise SymattnError(f"refusing to overwrite {path}: {reason}; --force replaces it")
             changed.append((path, data))
-    for path, data in changed:
-        try:
-            write_atomic(path, data)  # a temporary file beside it, fsync, rename: never a partial file
-        except OSError as e:  # creating the temporary file
-            raise SymattnError(f"cannot write {path}: {e.strerror or e}") from None
-    return [out / _name(name) for name in sorted(files)]
+    return changed
 
 
 def diff_files(files: dict[Path, str]) -> list[str]:

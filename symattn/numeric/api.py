@@ -215,7 +215,7 @@ def _scratch(shape: tuple, dt) -> np.ndarray:
     buf = _SCRATCH.get((shape, dt))
     if buf is None:
         buf = np.empty(shape, dt)
-        if buf.size <= 1 << 16 and len(_SCRATCH) < 64:
+        if buf.size <= 1 << 14 and len(_SCRATCH) < 64:  # at most 64 x 128 KiB kept
             _SCRATCH[shape, dt] = buf
     return buf
 

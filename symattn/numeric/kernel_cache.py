@@ -5,6 +5,7 @@ line saying so. Loading a cached module needs no SymPy.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -146,7 +147,8 @@ def _heal_numba_cache(module, path: Path, progress):
     folders = {getattr(getattr(x, "_cache", None), "_cache_path", None) for x in vars(module).values()} - {None}
     bad = [f for folder in folders for f in sorted(Path(folder).glob(f"{path.stem}.*.nb[ic]")) if not _unpickles(f)]
     for f in bad:
-        f.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not ours to remove (permissions): Numba's own error will name it
+            f.unlink(missing_ok=True)
     if bad:
         _notice(progress, f"Numba's cache of {path} was damaged ({len(bad)} file{'s' * (len(bad) > 1)}, e.g. "
                           f"{bad[0].name}); removed, its kernels compile again")

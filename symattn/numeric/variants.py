@@ -105,8 +105,9 @@ def check_heads(variant: Variant, batch_shape: tuple[int, ...]) -> None:
 def _table_reads(trace, nb: int, heads: int, n_q: int, n_k: int) -> None:
     """A user's mod reads every table entry it indexes inside the table, at every (b, h, q_idx, kv_idx) of the
     call, masked or not (the reference's check): the kernels read and scatter entries unchecked, so an index
-    outside would read and write memory that is not the table. Checked once per mod and sizes, q_idx in chunks
-    (at most 2^20 indices at a time); the trace already made every index a whole number of b, h, q_idx, kv_idx."""
+    outside would read and write memory that is not the table. Checked once per mod and sizes, each index on the
+    coordinates it uses (kv_idx - q_idx: an n_q x n_k grid), q_idx in chunks of about 2^20 entries of the full
+    grid; the trace already made every index a whole number of b, h, q_idx, kv_idx."""
     if not nb * heads * n_q * n_k:
         return  # no score, no read
     _, _, leaves = trace.numpy()
@@ -116,15 +117,15 @@ def _table_reads(trace, nb: int, heads: int, n_q: int, n_k: int) -> None:
     step = max(1, (1 << 20) // (nb * heads * n_k))
     for q0 in range(0, n_q, step):
         q = np.arange(q0, min(q0 + step, n_q)).reshape(1, 1, -1, 1)  # (1, 1, rows, 1)
-        grid = (nb, heads, q.shape[2], n_k)
         for name, index_fns, _ in leaves:
-            index = [np.broadcast_to(np.asarray(f(b, h, q, kv)), grid) for f in index_fns]
-            outside = np.zeros(grid, dtype=bool)
+            index = [np.asarray(f(b, h, q, kv)) for f in index_fns]  # each broadcast over what it reads
+            outside = np.zeros((), dtype=bool)
             for ix, n in zip(index, shapes[name]):
-                outside |= (ix < 0) | (ix >= n)
+                outside = outside | (ix < 0) | (ix >= n)
             if outside.any():
-                at = tuple(int(x) for x in np.argwhere(outside)[0])
-                read = ", ".join(str(int(ix[at])) for ix in index)
+                grid = (nb, heads, q.shape[2], n_k)
+                at = np.unravel_index(int(np.argmax(np.broadcast_to(outside, grid))), grid)
+                read = ", ".join(str(int(np.broadcast_to(ix, grid)[at])) for ix in index)
                 raise InputError(f"score_mod reads {name}[{read}] at b={at[0]}, h={at[1]}, q_idx={q0 + at[2]}, "
                                  f"kv_idx={at[3]}, outside its shape {shapes[name]}; clip the index "
                                  f"(ops.minimum/ops.maximum, as relative_bias does) or declare a larger table")
@@ -200,16 +201,12 @@ def _generate(score, mod, mask, folder: Path, name: str) -> None:
     write(score, mod, mask, folder, name)
 
 
-def _mask_arrays(module, mask, B: int) -> list[np.ndarray]:
-    """The run-time mask arrays the kernel takes, in its order, each (1 or B, n) int64."""
+def _mask_arrays(module, mask, bh: np.ndarray, n_q: int, n_k: int) -> list[np.ndarray]:
+    """The run-time mask arrays the kernel takes, in its order, each (nb, n) int64: one row per FlexAttention
+    batch index b (heads share it), as the kernels read row bh[z, 0] (kernels.mask_array checks and broadcasts)."""
     arrays = dict(getattr(mask, "arrays", ()) or ())
-    out = []
-    for name in module.MASK_ARRAYS:
-        x = np.ascontiguousarray(arrays[name], dtype=np.int64)
-        if x.ndim != 2 or x.shape[0] not in (1, B):
-            raise InputError(f"mask array {name!r} must have shape (1 or {B}, n), got {x.shape}")
-        out.append(x)
-    return out
+    nb = int(bh[:, 0].max()) + 1 if bh.shape[0] else 1
+    return [kernels.mask_array(name, arrays[name], nb, n_q, n_k) for name in module.MASK_ARRAYS]
 
 
 def _parallel(B: int, n_q: int, n_k: int) -> bool:
@@ -230,7 +227,7 @@ def variant_forward(score, Q, K, V, bias, batch, bh, scale, code, mod, mask, par
     with _blas(parallel):
         (module.forward_parallel if parallel else module.forward)(
             Q, K, V, bias, batch, bh, scale, code, O, LSE, ROWS, *(params[n] for n, _, _ in module.PARAMS),
-            *_mask_arrays(module, mask, B))
+            *_mask_arrays(module, mask, bh, Q.shape[1], K.shape[1]))
 
 
 def variant_backward(score, Q, K, V, bias, batch, bh, scale, code, mod, mask, params, O, LSE, dO, dQ, dK,
@@ -244,7 +241,7 @@ def variant_backward(score, Q, K, V, bias, batch, bh, scale, code, mod, mask, pa
     with _blas(parallel):
         (module.backward_parallel if parallel else module.backward)(
             Q, K, V, bias, batch, bh, scale, code, O, LSE, dO, dQ, dK, dV, ROWS, *theta, *partials,
-            *_mask_arrays(module, mask, B))
+            *_mask_arrays(module, mask, bh, Q.shape[1], K.shape[1]))
     return {n: _ordered_sum(g) for (n, _, _), g in zip(module.PARAMS, partials)}
 
 

@@ -203,12 +203,14 @@ def trace(fn, params: dict | None = None) -> tuple[Trace, str]:
 def _check_index(entry, label: str, symbols) -> None:
     """A table entry's indices: whole-number expressions of b, h, q_idx and kv_idx (the kernels compute them as
     integers, and the numeric API checks their range at the call's sizes), never of the score or another entry."""
+    import sympy
     name = entry.base.label.name[len("table_"):]
     for ix in entry.indices:
-        if ix.atoms(type(entry)) or not ix.free_symbols <= set(symbols[1:]) or ix.is_integer is not True:
+        huge = any(abs(n) >= 2 ** 31 for n in ix.atoms(sympy.Integer))  # tables hold at most 4096 entries a dim
+        if huge or ix.atoms(type(entry)) or not ix.free_symbols <= set(symbols[1:]) or ix.is_integer is not True:
             raise SpecError(f"score_mod {label!r} reads {name}[{', '.join(map(str, entry.indices))}]: a table index "
                             f"is a whole-number expression of b, h, q_idx, kv_idx (+, -, *, abs, minimum, maximum, "
-                            f"where; no division, no score, no other table)")
+                            f"where; no division, no score, no other table, constants below 2^31)")
 
 
 def _dims(t: Table) -> tuple[str, ...]:
@@ -238,6 +240,9 @@ def _checked(expr, label: str, symbols, tables):
         raise SpecError(f"score_mod {label!r} returned {type(expr).__name__}, not a score: a score mod returns the "
                         f"new score (use ops.where(condition, a, b) for a choice)")
     expr = sympy.sympify(expr)
+    for f in expr.atoms(sympy.Float):  # 1e300 * 1e300 is one Float of 1e600 by now
+        if not math.isfinite(float(f)):
+            raise SpecError(f"score_mod {label!r} uses a constant beyond float64's range (about 1.8e308): {f:.3e}")
     expr = expr.xreplace({f: sympy.Rational(repr(float(f))) for f in expr.atoms(sympy.Float)})
     allowed = (sympy.Symbol, sympy.Number, sympy.NumberSymbol, sympy.Add, sympy.Mul, sympy.Pow, sympy.exp,
                sympy.log, sympy.tanh, sympy.Abs, sympy.Min, sympy.Max, sympy.Piecewise, sympy.Indexed,
