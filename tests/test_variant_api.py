@@ -311,22 +311,21 @@ def test_saturated_softcap_passes_no_gradient_in_float32():
 @pytest.mark.parametrize("policy", ["zero", "uniform", "nan"])
 def test_a_mask_mod_that_hides_every_key_at_every_size_masks_every_row(policy, rng):
     """kv_idx < 0 is False for every index, so SymPy drops the mask from the derivation (no Piecewise left): the
-    kernels once read that as no mask and returned plain attention. Every row is fully masked: masked_rows holds,
-    with or without is_causal, in the loop and the tile kernels."""
+    kernels once read that as no mask and returned plain attention (with is_causal too: causal & False is False,
+    the same path). Every row is fully masked: masked_rows holds, in the loop and the tile kernels."""
     q, k, v, dO = (rng.standard_normal((2, 5, 3)) for _ in range(4))
     never = lambda b, h, q_idx, kv_idx: kv_idx < 0  # noqa: E731
-    for causal in (False, True):
-        want = reference.attention(q, k, v, mask_mod=never, is_causal=causal, masked_rows=policy)
-        for small in (True, False):
-            with pytest.MonkeyPatch.context() as m:
-                m.setattr(kernels, "SMALL", 1 << 62 if small else 0)
-                O, pullback = symattn.attention_vjp(q, k, v, mask_mod=never, is_causal=causal, masked_rows=policy)
-                grads = pullback(dO)
-            np.testing.assert_allclose(O, want, rtol=1e-12, atol=1e-12)
-            np.testing.assert_allclose(O, {"zero": 0.0, "uniform": np.broadcast_to(v.mean(-2, keepdims=True), O.shape),
-                                           "nan": np.nan}[policy])
-            for name in "qk":
-                assert np.all(grads[name] == 0) or policy == "nan"
+    want = reference.attention(q, k, v, mask_mod=never, masked_rows=policy)
+    for small in (True, False):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(kernels, "SMALL", 1 << 62 if small else 0)
+            O, pullback = symattn.attention_vjp(q, k, v, mask_mod=never, masked_rows=policy)
+            grads = pullback(dO)
+        np.testing.assert_allclose(O, want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(O, {"zero": 0.0, "uniform": np.broadcast_to(v.mean(-2, keepdims=True), O.shape),
+                                       "nan": np.nan}[policy])
+        for name in "qk":
+            assert np.all(grads[name] == 0) or policy == "nan"
 
 
 @pytest.mark.parametrize("score, params", [("general", {"W_a": np.eye(2)}), ("dot", None)])
