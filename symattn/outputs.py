@@ -95,11 +95,16 @@ def _discard(fd: int, tmp: str) -> None:
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically, in the format its suffix names (no timestamps in the file)."""
+    """Save a matplotlib figure atomically, in the format its suffix names (no timestamps, versions or random ids
+    in the file: the same figure gives the same bytes)."""
+    import matplotlib
     out = Path(path)
     kind = out.suffix.lower().lstrip(".")
     kind = "jpeg" if kind == "jpg" else kind
-    metadata = {"Software": None} if kind in ("png", "svg") else ({"CreationDate": None} if kind == "pdf" else {})
-    if kind == "svg":
-        metadata["Date"] = None
-    return write_atomic(out, lambda tmp: fig.savefig(tmp, format=kind, dpi=dpi, metadata=metadata or None))
+    metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None},  # keys as each matplotlib backend names
+                "svg": {"Creator": None, "Date": None}}.get(kind, {})        # them (SVG refuses "Software")
+
+    def save(tmp: str) -> None:
+        with matplotlib.rc_context({"svg.hashsalt": "symattn"}):  # SVG element ids from a fixed salt, not random
+            fig.savefig(tmp, format=kind, dpi=dpi, metadata=metadata or None)
+    return write_atomic(out, save)

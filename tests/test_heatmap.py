@@ -52,3 +52,24 @@ def test_one_panel_per_head_and_the_sentence_in_the_title(tmp_path, monkeypatch)
         masked, seen = _cell_colour(fig, ax, image, 0, 2), _cell_colour(fig, ax, image, 1, 0)
         assert P[0, 2] == 0 and np.ptp(masked) < 0.08 and masked.min() > 0.55  # causal: grey, hatched
         assert np.ptp(seen) > 0.15  # a visible weight is coloured
+
+
+def test_every_picture_format_is_written_and_deterministic(tmp_path):
+    """--plot takes .png, .pdf, .svg, .jpg/.jpeg; the SVG writer once refused the PNG metadata key "Software"
+    (a traceback on every .svg). Same figure, same bytes (no dates or versions in PNG, PDF and SVG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from symattn.outputs import PICTURES, save_figure
+    magic = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml", ".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff"}
+    assert set(PICTURES) == set(magic)
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.imshow(np.arange(6.0).reshape(2, 3))
+    for suffix in PICTURES:
+        first, second = tmp_path / f"a{suffix}", tmp_path / f"b{suffix}"
+        save_figure(fig, first), save_figure(fig, second)
+        assert first.read_bytes().startswith(magic[suffix]), suffix
+        if suffix in (".png", ".pdf", ".svg"):
+            assert first.read_bytes() == second.read_bytes(), suffix
+    plt.close(fig)

@@ -241,3 +241,27 @@ def test_one_pool_layer_backward_matches_the_reference(rng, monkeypatch, tiles, 
             np.testing.assert_array_equal(got[name], again[name], err_msg=name)
     assert len(ran) == 4  # two pullbacks per dtype, each through the one-pool path
     assert [lib.get_num_threads() for lib in kernels.one_blas_thread.libs()] == before
+
+
+@pytest.mark.parametrize("one_pool", [True, False], ids=["one-pool", "general"])
+def test_the_layer_pullback_reads_what_the_forward_saw(rng, monkeypatch, one_pool):
+    """x *= 2; w_q *= 2 after multihead_attention_vjp once moved dx by 20: the pullback keeps its own copies of
+    every array it reads (inputs, weights, biases, mask: a mask array takes the general path)."""
+    from symattn.numeric import one_pool as pool
+    took = []
+    monkeypatch.setattr(pool, "forward", lambda c, real=pool.forward: took.append(c) or real(c))
+    x, d_out = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
+    w = [rng.standard_normal((8, 8)) for _ in range(4)]
+    b_q, mask = rng.standard_normal(8), None if one_pool else rng.random((5, 5)) < 0.8
+    want = symattn.multihead_attention_vjp(x.copy(), *(a.copy() for a in w), heads=2, b_q=b_q.copy(),
+                                           mask=None if mask is None else mask.copy())[1](d_out)
+    out, pullback = symattn.multihead_attention_vjp(x, *w, heads=2, b_q=b_q, mask=mask)
+    assert bool(took) == one_pool
+    for a in (x, *w, b_q):
+        a *= 2.0
+    if mask is not None:
+        np.logical_not(mask, out=mask)
+    got = pullback(d_out)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -134,3 +134,32 @@ def test_serial_plain_kernels_share_their_scratch_safely(rng):
             want = reference.attention_backward(q, k, v, dO, is_causal=i >= len(cases))
             for name, w in zip("qkv", want):
                 np.testing.assert_allclose(grads[name], w, rtol=1e-10, atol=1e-12)
+
+
+def _spoil(x: np.ndarray) -> None:
+    """Change x in place: negate a boolean mask, scale anything else."""
+    if x.dtype == bool:
+        np.logical_not(x, out=x)
+    else:
+        x *= -3.0
+
+
+@pytest.mark.parametrize("case", ["plain", "mask", "variant"])
+def test_the_pullback_reads_what_the_forward_saw(rng, case):
+    """Changing q, k, v (or θ, or the mask) in place after attention_vjp once changed the gradients silently
+    (dq off by 1e6 at (2,64,128,8)): the pullback keeps its own copies, as PyTorch keeps saved tensors, and the
+    O it returns is read-only, as PyTorch raises on an in-place change of a saved output."""
+    q, k, v, dO = (rng.standard_normal((2, 5, 4)) for _ in range(4))
+    mask, W_a = rng.random((5, 5)) < 0.7, rng.standard_normal((4, 4))
+
+    def options(mask, W_a):
+        return {"plain": {}, "mask": {"mask": mask}, "variant": {"score": "general", "params": {"W_a": W_a}}}[case]
+    want = symattn.attention_vjp(q.copy(), k.copy(), v.copy(), **options(mask.copy(), W_a.copy()))[1](dO)
+    O, pullback = symattn.attention_vjp(q, k, v, **options(mask, W_a))
+    for x in (q, k, v, mask, W_a):
+        _spoil(x)
+    with pytest.raises(ValueError, match="read-only"):
+        O += 1.0
+    got = pullback(dO)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

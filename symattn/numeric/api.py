@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -331,9 +331,12 @@ def attention_vjp(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod
     if score_mod is None and mask_mod is None and params is None and score == "dot":
         sc = _plain(q, k, v, mask, is_causal, scale, masked_rows)
         if sc is not None:
+            q, k, v = q.copy(), k.copy(), v.copy()  # what the pullback reads: the caller may change theirs
             O, LSE = _forward_plain(q, k, v, is_causal, sc)
-            return O, _plain_pullback(q, k, v, is_causal, sc, O, LSE)
+            return read_only(O), _plain_pullback(q, k, v, is_causal, sc, O, LSE)
     p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
+    p = replace(p, Q=own(p.Q, q), K=own(p.K, k), V=own(p.V, v), bias=own(p.bias, mask))  # what the pullback reads
+    theta = {name: own(x, (params or {}).get(name)) for name, x in theta.items()}
     shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
     check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
     O, LSE, saved = _forward(p, variant, theta)
@@ -345,7 +348,21 @@ def attention_vjp(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod
         return {**{name: _unbroadcast(g.reshape(p.batch_shape + g.shape[1:]), shapes[name])
                    for name, g in zip(("q", "k", "v"), grads)},
                 **{name: g.reshape(np.shape(params[name])) for name, g in dtheta.items()}}  # θ's own shape
-    return O.reshape(out_shape), pullback
+    return read_only(O.reshape(out_shape)), pullback
+
+
+def own(x: np.ndarray, given) -> np.ndarray:
+    """`x`, copied where it may share memory with `given`, an array the caller passed: a pullback reads what the
+    forward saw, whatever the caller changes in place afterwards (PyTorch saves its tensors too)."""
+    return x.copy() if isinstance(given, np.ndarray) and np.may_share_memory(x, given) else x
+
+
+def read_only(O: np.ndarray) -> np.ndarray:
+    """A read-only view of an output the pullback reads: changing it in place raises, as PyTorch does for a saved
+    output (copy it to change it)."""
+    view = O.view()
+    view.flags.writeable = False
+    return view
 
 
 def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):

@@ -16,13 +16,13 @@ otherwise (general path) the projections are NumPy matmuls and the heads go thro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import one_pool
 from .api import (_array, _bias, _unbroadcast, attention, attention_vjp, check_causal, check_masked_rows,
-                  check_scale)
+                  check_scale, own)
 from ..errors import InputError
 
 
@@ -224,8 +224,22 @@ def multihead_attention_vjp(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=No
     c = _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, masked_rows,
               dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o),
               dict(score=score, score_mod=score_mod, mask_mod=mask_mod, params=params))
+    c = _owned(c, (x, y, w_q, w_k, w_v, w_o), dict(b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o), mask, params)
     out, pullback = _vjp(c)
     return out, lambda d_out: pullback(_check_d_out(c, d_out))
+
+
+def _owned(c: _Call, given: tuple, biases: dict, mask, params) -> _Call:
+    """`c` with every array the pullback reads copied where it may share memory with one the caller passed, so
+    that the caller's later in-place changes do not reach the gradients (api.own)."""
+    mask_given = c.options[0]
+    return replace(
+        c, x=own(c.x, given[0]), y=None if c.y is None else own(c.y, given[1]),
+        w=tuple(own(a, g) for a, g in zip(c.w, given[2:])),
+        biases={n: None if b is None else own(b, biases[n]) for n, b in c.biases.items()},
+        options=(own(mask_given, mask) if isinstance(mask_given, np.ndarray) else mask_given, *c.options[1:]),
+        variant={**c.variant, **({"params": {n: own(np.asarray(a), a) for n, a in params.items()}}
+                                 if isinstance(params, dict) else {})})
 
 
 def multihead_attention_backward(x, w_q, w_k, w_v, w_o, d_out, *, heads, kv_heads=None, y=None, mask=None,

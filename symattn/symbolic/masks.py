@@ -164,7 +164,7 @@ def _int_array(name: str, value, ndim: tuple) -> np.ndarray:
         raise SpecError(f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape {array.shape}")
     if array.ndim and array.shape[-1] == 0:
         raise SpecError(f"{name} is empty (shape {array.shape})")
-    return np.ascontiguousarray(array, dtype=np.int64)
+    return np.array(array, dtype=np.int64, order="C", copy=True)  # the mask's own: the caller may change theirs
 
 
 def _first_last(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
