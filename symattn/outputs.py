@@ -34,7 +34,20 @@ def output_file(path: str | os.PathLike, kinds: tuple[str, ...] | None = None, d
     folder = out.resolve().parent if not out.is_symlink() else Path(os.path.abspath(out)).parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise SymattnError(f"cannot write {text!r}: the folder {str(folder)!r} does not exist or is not writable")
+    _probe(folder, text)
     return out
+
+
+def _probe(folder: Path, text: str) -> None:
+    """A file can be made in `folder` now (a temporary one, removed): os.access says yes to root everywhere, and
+    /proc or a read-only mount refuse only when written, which would come after the heavy work."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".symattn-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise SymattnError(f"cannot write {text!r}: the folder {str(folder)!r} refuses new files "
+                           f"({e.strerror or e})") from None
 
 
 def output_folder(path: str | os.PathLike) -> Path:
@@ -47,6 +60,7 @@ def output_folder(path: str | os.PathLike) -> Path:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
         raise SymattnError(f"cannot write into {os.fspath(path)!r}: {probe!r} is not a writable folder")
+    _probe(Path(probe), os.fspath(path))
     return Path(path)
 
 

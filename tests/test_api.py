@@ -98,6 +98,26 @@ def test_nan_propagates_like_numpy(rng, where):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
 
 
+def test_a_positive_infinite_mask_entry_makes_its_row_nan(rng):
+    """An additive mask entry of +inf gives the score +inf and the row NaN (inf - inf), as in PyTorch's SDPA; only
+    -inf masks. The reference once took +inf for masked (weight 0) and disagreed with the kernels."""
+    q, k, v = _data(rng, [(2, 2), (3, 2), (3, 2)])
+    mask = np.zeros((2, 3))
+    mask[0, 1] = np.inf
+    out, want = symattn.attention(q, k, v, mask=mask), reference.attention(q, k, v, mask=mask)
+    assert np.isnan(out[0]).all() and np.isnan(want[0]).all()
+    np.testing.assert_allclose(out[1], want[1], rtol=1e-12)
+
+
+def test_a_masked_array_with_masked_entries_is_refused(rng):
+    """np.asarray drops a masked array's mask: its masked entries would count as data, silently."""
+    q = np.ma.masked_array(rng.standard_normal((3, 2)), mask=[[0, 0], [1, 0], [0, 0]])
+    with pytest.raises(symattn.InputError, match="q is a masked array with masked entries"):
+        symattn.attention(q, q.data, q.data)
+    np.testing.assert_allclose(symattn.attention(np.ma.masked_array(q.data), q.data, q.data),
+                               reference.attention(q.data, q.data, q.data), rtol=1e-12)  # nothing masked: fine
+
+
 def test_empty_query_batch():
     q, k, v = np.zeros((0, 3)), np.ones((2, 3)), np.ones((2, 4))
     assert symattn.attention(q, k, v).shape == (0, 4)

@@ -213,7 +213,8 @@ def test_every_real_scalar_is_a_scale(scale, rng):
                                reference.multihead_attention(X, W, W, W, W, heads=2, scale=float(scale)), rtol=1e-10)
 
 
-@pytest.mark.parametrize("scale", [True, "0.5", 0, -1.0, np.nan, np.inf, np.array([0.5]), 1 + 2j])
+@pytest.mark.parametrize("scale", [True, "0.5", 0, -1.0, np.nan, np.inf, np.array([0.5]), 1 + 2j, 10 ** 400,
+                                   Fraction(10 ** 400, 3)], ids=lambda s: repr(s)[:20])
 def test_non_scales_are_refused(scale, rng):
     q = rng.normal(size=(2, 3, 4))
     with pytest.raises(InputError, match="scale must be a positive finite"):
@@ -257,4 +258,27 @@ def test_an_empty_output_folder_name_is_refused_not_taken_for_the_current_folder
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("symattn.app.bench.run_case", lambda *a, **k: pytest.fail("the timing started"))
     assert "cannot write into '': give a folder name" in _error([*command, "-o", ""], capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder that refuses new files")
+@pytest.mark.parametrize("argv", [["run", "-q", "-o", "/proc/x.tex"], ["run", "-q", "--plot", "/proc/x.png"],
+                                  ["docs", "-q", "-o", "/proc/x"]])
+def test_a_folder_that_refuses_files_is_found_before_any_work(argv, capsys, monkeypatch):
+    """os.access says yes to root everywhere: /proc refused only when written, after the proofs (run), or with a
+    traceback from mkdir (docs). A temporary file made and removed up front finds it."""
+    monkeypatch.setattr("symattn.app.run.run", lambda *a, **k: pytest.fail("the work started"))
+    assert "the folder '/proc' refuses new files" in _error(argv, capsys)
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["run", "-q", "--sentence", "a\x1b[31m b c"], "the sentence: token 0 holds the control character U+001B"),
+    (["run", "-q", "--sentence", "a b c", "--query", "b\x07"], "the query: token 0 holds the control character U+0007"),
+    (["docs", "-q", "--sentence", "a b\x00 c"], "the sentence: token 1 holds the control character U+0000"),
+])
+def test_control_characters_in_words_are_refused(argv, word, capsys, tmp_path, monkeypatch):
+    """ESC reached the terminal raw (ANSI sequences took effect) and stopped pdflatex, after docs had written half
+    its folder. Tokens from an inputs file were already refused so; a sentence's now are, before any work."""
+    monkeypatch.chdir(tmp_path)
+    assert word in _error(argv, capsys)
     assert list(tmp_path.iterdir()) == []

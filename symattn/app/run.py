@@ -201,13 +201,20 @@ def two_heads(ex: Example, head: AttentionSpec, params: dict[str, np.ndarray], d
     return d, head_P, theta, agreement
 
 
-def check_sentence(sentence: str | None) -> None:
-    """Text from the command line that was not valid UTF-8 arrives with lone surrogates: refuse it by name."""
+def check_sentence(sentence: str | None, what: str = "the sentence") -> None:
+    """Text from the command line that was not valid UTF-8 arrives with lone surrogates, and a control character
+    (ESC, BEL) would reach the terminal raw and stop pdflatex: refuse either by name, as an inputs file's
+    tokens are."""
     if sentence is not None:
         try:
             sentence.encode("utf-8")
         except UnicodeEncodeError:
-            raise SymattnError("the sentence is not valid UTF-8 text: give words in UTF-8") from None
+            raise SymattnError(f"{what} is not valid UTF-8 text: give words in UTF-8") from None
+        for k, token in enumerate(sentence.split()):
+            bad = next((c for c in token if not c.isprintable()), None)
+            if bad is not None:
+                raise SymattnError(f"{what}: token {k} holds the control character U+{ord(bad):04X}; give "
+                                   f"printable words")
 
 
 def variant_spec(n: int, d_k: int, d_v: int, *, causal: bool = False, mask: str | None = None,
@@ -273,7 +280,7 @@ def _example(sentence, inputs, query, d_model, d_k, d_v, variant: dict) -> Examp
     """The worked example from the sentence options or an inputs file/mapping, every size checked against the
     limits of the `variant` (score, hidden, score_mod: limits.check_run_sizes) before any SymPy work."""
     check_sentence(sentence)
-    check_sentence(query)
+    check_sentence(query, "the query")
     if inputs is not None:
         if sentence is not None or any(x is not None for x in (d_model, d_k, d_v)):
             raise SymattnError("the inputs file gives the tokens and sizes: leave out the sentence, d_model, d_k "

@@ -42,6 +42,9 @@ class _Problem:
 
 
 def _array(name: str, x) -> np.ndarray:
+    if isinstance(x, np.ma.MaskedArray) and np.ma.is_masked(x):
+        raise InputError(f"{name} is a masked array with masked entries, whose mask would be dropped: give the data "
+                         f"and pass the mask as mask= (True where a key is visible)")
     x = np.asarray(x)
     if x.dtype == np.float16:
         raise InputError(f"{name} has dtype float16, which is not supported: cast to float32 ({name}.astype(np.float32))")
@@ -56,8 +59,8 @@ def _array(name: str, x) -> np.ndarray:
 
 def _rows(shape: tuple[int, ...], batch_shape: tuple[int, ...]) -> np.ndarray:
     """For every flattened batch element, the row of an array whose batch dims are `shape` (broadcast)."""
-    own = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
-    return np.broadcast_to(own.reshape((1,) * (len(batch_shape) - len(shape)) + shape), batch_shape).ravel()
+    index = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
+    return np.broadcast_to(index.reshape((1,) * (len(batch_shape) - len(shape)) + shape), batch_shape).ravel()
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -96,11 +99,15 @@ def check_scale(scale, d_k: int) -> float:
     value = scale
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
+    shown = repr(scale) if len(repr(scale)) <= 40 else repr(scale)[:37] + "..."
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer, np.floating)):
-        raise InputError(f"scale must be a positive finite real number, got {scale!r}")
-    value = float(value)
+        raise InputError(f"scale must be a positive finite real number, got {shown}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int or Fraction beyond float64
+        value = math.inf
     if not (math.isfinite(value) and value > 0):
-        raise InputError(f"scale must be a positive finite number, got {scale!r}")
+        raise InputError(f"scale must be a positive finite number, got {shown}")
     return value
 
 

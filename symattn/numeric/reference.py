@@ -27,7 +27,7 @@ def _bias(mask, is_causal: bool, n_q: int, n_k: int, dtype, mask_mod=None, shape
         bias = np.where(causal_mask(n_q, n_k), bias, -np.inf)
     if mask_mod is not None:
         bias = np.where(mask_visible(mask_mod, shape), bias, -np.inf)
-    return bias, np.isfinite(bias) | np.isnan(bias)
+    return bias, bias != -np.inf  # only -inf masks: +inf and NaN entries stay visible (and make the row NaN)
 
 
 def scores(q, k, *, score="dot", params=None, scale=None) -> np.ndarray:
