@@ -4,6 +4,7 @@ import pytest
 
 import symattn
 from symattn import reference
+from symattn.numeric import kernels
 
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=2e-4, atol=2e-5)}
 
@@ -116,6 +117,23 @@ def test_a_masked_array_with_masked_entries_is_refused(rng):
         symattn.attention(q, q.data, q.data)
     np.testing.assert_allclose(symattn.attention(np.ma.masked_array(q.data), q.data, q.data),
                                reference.attention(q.data, q.data, q.data), rtol=1e-12)  # nothing masked: fine
+
+
+@pytest.mark.parametrize("policy", ["zero", "uniform", "nan"])
+def test_scores_that_are_all_minus_infinity_make_a_nan_row_whatever_the_policy(rng, monkeypatch, policy):
+    """Scores of -inf from the data (q_i . k_j overflowing) on every visible key: softmax is 0/0, NaN as in NumPy.
+    masked_rows is for rows the mask leaves without a key; the plain kernels once took such rows for masked (0 or
+    the mean of V), while an all-True mask gave NaN. Serial and tile kernels, plain and masked."""
+    q, k, v = rng.standard_normal((2, 3, 2)), rng.standard_normal((2, 4, 2)), rng.standard_normal((2, 4, 2))
+    q[0, 1] = [-1e200, -1e200]
+    k[0] = np.abs(k[0]) * 1e200 + 1.0  # row (0, 1): every score -inf
+    for small in (1 << 62, 0):
+        monkeypatch.setattr(kernels, "SMALL", small)
+        for options in ({}, {"mask": np.ones((3, 4), bool)}, {"is_causal": True}):
+            out = symattn.attention(q, k, v, masked_rows=policy, **options)
+            want = reference.attention(q, k, v, masked_rows=policy, **options)
+            assert np.isnan(out[0, 1]).all() and not np.isnan(np.delete(out.reshape(-1, 2), 1, 0)).any()
+            np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
 
 
 def test_empty_query_batch():
