@@ -282,3 +282,11 @@ def test_control_characters_in_words_are_refused(argv, word, capsys, tmp_path, m
     monkeypatch.chdir(tmp_path)
     assert word in _error(argv, capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, word", [(["run", "-q", "--query", ""], "the query is empty"),
+                                        (["run", "-q", "--query", "  "], "the query is empty"),
+                                        (["run", "-q", "--inputs", "."], ".: a folder, not a file")])
+def test_an_empty_query_and_a_folder_of_inputs_are_named(argv, word, capsys):
+    """--query "" once fell back to the first token silently; --inputs . said "no such inputs file"."""
+    assert word in _error(argv, capsys)

@@ -70,7 +70,8 @@ def read_inputs(path: str | os.PathLike, *, query: str | None = None, variant: M
         source = shipped(source)
     try:
         if not os.path.isfile(source):
-            raise InputError(f"{source}: no such inputs file (give a .json or .npz file)")
+            what = "a folder, not a file" if os.path.isdir(source) else "no such inputs file"
+            raise InputError(f"{source}: {what} (give a .json or .npz file)")
         size = os.path.getsize(source)
         if size > MAX_BYTES:
             raise InputError(f"{source}: the file has {size} bytes, over the limit of {MAX_BYTES}")

@@ -281,6 +281,8 @@ def _example(sentence, inputs, query, d_model, d_k, d_v, variant: dict) -> Examp
     limits of the `variant` (score, hidden, score_mod: limits.check_run_sizes) before any SymPy work."""
     check_sentence(sentence)
     check_sentence(query, "the query")
+    if query is not None and not query.strip():
+        raise SymattnError("the query is empty: give one token of the sentence (or leave --query out for the first)")
     if inputs is not None:
         if sentence is not None or any(x is not None for x in (d_model, d_k, d_v)):
             raise SymattnError("the inputs file gives the tokens and sizes: leave out the sentence, d_model, d_k "
