@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import kernels, variants
+from .saved import own, read_only
 from ..errors import InputError
 from ..limits import check_memory
 
@@ -356,20 +357,6 @@ def attention_vjp(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod
                    for name, g in zip(("q", "k", "v"), grads)},
                 **{name: g.reshape(np.shape(params[name])) for name, g in dtheta.items()}}  # θ's own shape
     return read_only(O.reshape(out_shape)), pullback
-
-
-def own(x: np.ndarray, given) -> np.ndarray:
-    """`x`, copied where it may share memory with `given`, an array the caller passed: a pullback reads what the
-    forward saw, whatever the caller changes in place afterwards (PyTorch saves its tensors too)."""
-    return x.copy() if isinstance(given, np.ndarray) and np.may_share_memory(x, given) else x
-
-
-def read_only(O: np.ndarray) -> np.ndarray:
-    """A read-only view of an output the pullback reads: changing it in place raises, as PyTorch does for a saved
-    output (copy it to change it)."""
-    view = O.view()
-    view.flags.writeable = False
-    return view
 
 
 def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):

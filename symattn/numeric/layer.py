@@ -21,8 +21,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import one_pool
+from .saved import own
 from .api import (_array, _bias, _unbroadcast, attention, attention_vjp, check_causal, check_masked_rows,
-                  check_scale, own)
+                  check_scale)
 from ..errors import InputError
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
