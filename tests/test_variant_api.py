@@ -339,3 +339,23 @@ def test_run_time_mask_arrays_have_one_row_per_b_with_heads(score, params, rng):
                                rtol=1e-12, atol=1e-12)
     with pytest.raises(InputError, match=r"'kv_len' has 6 rows; give 1 or one per batch index b \(2\)"):
         symattn.attention(q, k, v, score=score, params=params, mask_mod=masks.key_padding([2, 3, 1, 2, 3, 4]))
+
+
+@pytest.mark.parametrize("policy", ["zero", "uniform", "nan"])
+def test_variant_rows_whose_visible_scores_are_all_minus_infinity_are_nan(policy, rng):
+    """As for the plain kernels (test_api): scores of -inf from the data on every key the mask lets a row see give
+    0/0, a NaN row as in NumPy, not the masked_rows policy, which is for rows the mask empties. Dot-variant kernels
+    (loops and tiles) and element kernels, on variants other tests compile."""
+    q, k, v = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 3))
+    q[0, 2] = -1e200
+    k[0] = np.abs(k[0]) * 1e200 + 1.0  # row (0, 2): every score -inf
+    for options in (dict(score_mod="alibi", mask_mod="causal"), dict(score="general", mask_mod="causal",
+                                                                     params={"W_a": np.eye(3)})):
+        ref = dict(options, score_mod=mods.mod_of(options.get("score_mod")), mask_mod=masks.causal)
+        want = reference.attention(q, k, v, masked_rows=policy, **ref)
+        for small in (True, False):
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(kernels, "SMALL", 1 << 62 if small else 0)
+                out = symattn.attention(q, k, v, masked_rows=policy, **options)
+            assert np.isnan(out[0, 2]).all() and not np.isnan(np.delete(out.reshape(-1, 3), 2, 0)).any()
+            np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
