@@ -232,13 +232,13 @@ def multihead_attention_vjp(x, w_q, w_k, w_v, w_o, *, heads, kv_heads=None, y=No
 
 def _owned(c: _Call, given: tuple, biases: dict, mask, params) -> _Call:
     """`c` with every array the pullback reads copied where it may share memory with one the caller passed, so
-    that the caller's later in-place changes do not reach the gradients (api.own)."""
-    mask_given = c.options[0]
+    that the caller's later in-place changes do not reach the gradients (saved.own)."""
+    head_mask = c.options[0]  # a view of the caller's mask, shaped for the heads
     return replace(
         c, x=own(c.x, given[0]), y=None if c.y is None else own(c.y, given[1]),
         w=tuple(own(a, g) for a, g in zip(c.w, given[2:])),
         biases={n: None if b is None else own(b, biases[n]) for n, b in c.biases.items()},
-        options=(own(mask_given, mask) if isinstance(mask_given, np.ndarray) else mask_given, *c.options[1:]),
+        options=(own(head_mask, mask) if isinstance(head_mask, np.ndarray) else head_mask, *c.options[1:]),
         variant={**c.variant, **({"params": {n: own(np.asarray(a), a) for n, a in params.items()}}
                                  if isinstance(params, dict) else {})})
 
