@@ -142,7 +142,7 @@ def test_cache_notice_goes_through_progress(cache, capsys):
 def test_file_that_never_loads_is_regenerated_once_then_reported(cache, monkeypatch, capsys, body):
     calls = []
 
-    def bad_generator(spec, progress=silent):
+    def bad_generator(spec, progress=silent, out_dir=None):
         calls.append(spec)
         return stamp(HEADER.substitute(source="a broken generator", command="none") + body)
 
@@ -239,7 +239,7 @@ def test_full_disk_keeps_the_previous_file_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [NAME]
     assert (tmp_path / NAME).read_bytes() == older
     generate(SPEC, tmp_path)  # an older generator's unedited output is simply replaced
-    assert (tmp_path / NAME).read_text() == render(SPEC)[NAME]
+    assert (tmp_path / NAME).read_text() == render(SPEC, out_dir=codegen.shown_folder(tmp_path))[NAME]
 
 
 def test_full_disk_on_a_tiny_tmpfs(tmp_path):
@@ -270,7 +270,7 @@ def test_generate_refuses_a_hand_edited_file_unless_forced(tmp_path, capsys, how
     assert err.startswith(f"symattn: error: refusing to overwrite {path}: ") and "--force" in err
     assert path.read_bytes() == spoilt
     assert main([*GENERATE, "-o", str(tmp_path), "--force"]) == 0
-    assert path.read_text() == render(SPEC)[NAME]
+    assert path.read_text() == render(SPEC, out_dir=codegen.shown_folder(tmp_path))[NAME]
 
 
 @pytest.mark.parametrize("how", ["empty", "cut at 5,000 bytes"])

@@ -84,3 +84,15 @@ def test_printer_fails_loudly_and_validates_names():
     with pytest.raises(ValueError):
         NumbaPrinter().doprint(sympy.Symbol("x; import os"))
     assert NumbaPrinter().doprint(sympy.sqrt(2) / 2 * sympy.Symbol("x")) == "0.7071067811865476*x"
+
+
+def test_generated_headers_name_the_folder_they_were_written_to(tmp_path):
+    """The header's command said -o generated/ whatever -o was; now the folder given, shell-quoted, and never a
+    second line (a folder name with a newline would have put code into the file's first lines)."""
+    spec = AttentionSpec(2, 3, 2)
+    for folder, shown in ((tmp_path / "my kernels", f"-o '{tmp_path / 'my kernels'}/'"),
+                          (tmp_path / "odd\nname", "-o DIR")):
+        generate(spec, folder)
+        lines = (folder / f"{spec.name}.py").read_text().splitlines()
+        assert lines[1] == f"# Regenerate with: symattn generate {spec.cli_args()} {shown}", lines[:3]
+        assert lines[2].startswith("# symattn-sha256: ")

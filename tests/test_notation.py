@@ -194,3 +194,26 @@ def test_mod_and_mask_descriptions_compile(tmp_path):
     body = "\n\n".join(explanation_latex(x) for x in shown)
     _compile(tmp_path, "descriptions", "\\documentclass{article}\\usepackage{amsmath}\\begin{document}\n"
              + body + "\n\\end{document}\n")
+
+
+@pytest.mark.parametrize("tex", [r"^^5cinput{secret}", r"X^^41", "}", "{", "X__", r"\hat", r"\alphabet", "X_a_b",
+                                 "X^1^2", "$x$", "X%", "X" * 41, "X^", "α"])
+def test_names_pdflatex_would_run_or_choke_on_are_refused(tex):
+    """^^5c is TeX's own escape for a backslash: it let \\input{secret} (and \\openout/\\write) through the old
+    pattern; '}', 'X__', \\hat without its argument and \\alphabet passed it and stopped pdflatex."""
+    with pytest.raises(symattn.SpecError, match="name of Q must be a short LaTeX symbol"):
+        Notation(names={"Q": tex})
+
+
+@pdflatex
+def test_every_kind_of_name_the_check_takes_compiles(tmp_path):
+    names = {"Q": r"\hat{X}_{i}", "K": r"\mathbf{k}'", "V": r"\operatorname{val}^{2}", "S": r"\Sigma_{q k}",
+             "P": r"\boldsymbol{\theta}", "O": r"\mathrm{Out}"}
+    d = derive(AttentionSpec(2, 2, 2), prove=False)
+    _compile(tmp_path, "names", d.to_tex_document(notation=Notation(names=names)))
+
+
+def test_a_name_given_twice_is_refused(capsys):
+    assert main(["derive", "--n-q", "2", "--n-k", "2", "--d-k", "2", "--no-prove", "--name", "Q=X", "--name",
+                 "Q=Y"]) == 2
+    assert "--name gives Q twice" in capsys.readouterr().err

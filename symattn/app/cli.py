@@ -98,6 +98,9 @@ def _notation(args):
         tensor, sep, tex = item.partition("=")
         if not sep:
             raise SymattnError(f"--name takes TENSOR=LATEX (e.g. Q=X), got {item!r}")
+        if tensor.strip() in names:
+            raise SymattnError(f"--name gives {tensor.strip()} twice ({names[tensor.strip()]!r} and {tex.strip()!r}); "
+                               f"give one")
         names[tensor.strip()] = tex.strip()
     return Notation(index_base=args.index_base, names=names, numbered=args.numbered, label=args.label,
                     level=args.section_level, standalone=not args.fragment, entries=entries)

@@ -6,6 +6,8 @@ content hash (filestamp.py) that the writer and the kernel cache check.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 from pathlib import Path
 
 from ..symbolic.derive import derive, parameters
@@ -36,8 +38,9 @@ def command(spec, out_dir: str = "generated/") -> str:
     return f"symattn generate {spec.cli_args()} -o {out_dir}"
 
 
-def render_unrolled(spec, progress: Progress = silent) -> str:
-    """Source of the unrolled forward and backward kernels of a single head or a multi-head layer."""
+def render_unrolled(spec, progress: Progress = silent, out_dir: str = "generated/") -> str:
+    """Source of the unrolled forward and backward kernels of a single head or a multi-head layer; its header's
+    command writes into `out_dir`."""
     layer = isinstance(spec, MultiHeadSpec)
     d = (derive_multihead if layer else derive)(spec, prove=False)
     code = {}
@@ -50,7 +53,7 @@ def render_unrolled(spec, progress: Progress = silent) -> str:
     template = ENV.get_template("layer.py.j2" if layer else "unrolled.py.j2")
     variant = dict(variant=_variant(spec, fields["mask"]),
                    params=[(p.tensor, TENSORS[p.tensor].shape(spec)) for p in parameters(spec)])
-    return stamp(template.render(header=HEADER.substitute(source=repr(spec), command=command(spec)),
+    return stamp(template.render(header=HEADER.substitute(source=repr(spec), command=command(spec, out_dir)),
                                  title=spec.title, spec=repr(fields), key=spec.name, jit=decorator(), **code,
                                  **variant, **spec.sizes))
 
@@ -66,18 +69,26 @@ def _variant(spec: AttentionSpec | MultiHeadSpec, mask: str) -> dict | None:
             "mask": None if mask == "none" else mask}
 
 
-def render(spec, progress: Progress = silent) -> dict[str, str]:
-    """File name -> source for `spec`: its unrolled kernels where they pay, and the loop kernels."""
+def render(spec, progress: Progress = silent, out_dir: str = "generated/") -> dict[str, str]:
+    """File name -> source for `spec`: its unrolled kernels where they pay (their header's command writes into
+    `out_dir`), and the loop kernels."""
     files = {f"{LOOP_MODULE}.py": render_loops()}
     if pays_for(spec):
-        files[f"{spec.name}.py"] = render_unrolled(spec, progress)
+        files[f"{spec.name}.py"] = render_unrolled(spec, progress, out_dir)
     return files
 
 
 def generate(spec: AttentionSpec, out_dir: str | Path = "generated", *, progress: Progress = silent,
              force: bool = False) -> list[Path]:
     """Write the kernels of `spec` into `out_dir`; returns the paths. `force`: see `write_files`."""
-    return write_files(render(spec, progress), out_dir, force=force)
+    return write_files(render(spec, progress, shown_folder(out_dir)), out_dir, force=force)
+
+
+def shown_folder(out_dir: str | Path) -> str:
+    """`out_dir` as a generated file's header writes it after -o: shell-quoted, and "DIR" where it holds a
+    character that would end the header's comment line (a newline) or not print."""
+    shown = os.fspath(out_dir).rstrip("/") + "/"
+    return shlex.quote(shown) if shown.isprintable() else "DIR"
 
 
 def render_doc(spec, progress: Progress = silent, *, derivation=None, command: str = "symattn generate --all",

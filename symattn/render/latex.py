@@ -253,5 +253,7 @@ def to_text(d: Derivation, *, query: int | None = None, max_entries=_UNSET, nota
 
 
 def proof_lines(d: Derivation) -> list[str]:
-    return [f"  [{'pass' if p.passed else 'FAIL'}] {p.kind:<9}{p.step:<16} {p.method:<24} {p.seconds:6.2f} s  {explanation_text(p.claim)}"
+    """One line per proof, without its time: a document is the same bytes every time it is made (the times go
+    to the progress lines)."""
+    return [f"  [{'pass' if p.passed else 'FAIL'}] {p.kind:<9}{p.step:<16} {p.method:<24} {explanation_text(p.claim)}"
             + (f"\n         {p.failure}" if p.failure else "") for p in d.proofs]
