@@ -1,5 +1,6 @@
 """Scores as data (issue 8): dot, general (Luong) and additive (Bahdanau) scores, their parameters, gradients
 derived by SymPy and proven against plain differentiation, unrolled kernels, the NumPy reference and verify."""
+import re
 import shutil
 import subprocess
 
@@ -11,6 +12,7 @@ import symattn
 from conftest import reference_gradcheck, tampered
 from symattn import AttentionSpec, SpecError, reference
 from symattn.app.cli import main
+from symattn.symbolic import masks, mods
 from symattn.symbolic.score import SCORES, contract
 from symattn.symbolic.spec import SCORES as SPEC_SCORES
 from symattn.symbolic.tensors import TENSORS, a, i, j
@@ -178,3 +180,22 @@ def test_adding_a_score_needs_only_its_formula_and_its_name(monkeypatch, tmp_pat
     np.testing.assert_allclose(f(*arrays), exact["O"], rtol=1e-12)
     for got, name in zip(g(*arrays, x["dO"]), ("dQ", "dK", "dV", "dWg", "dwb")):
         np.testing.assert_allclose(got, exact[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_the_oracle_names_each_scores_parameters_as_the_derivation_declares_them():
+    """symattn.reference checks a score's parameters by name without SymPy: its table must be the declared one."""
+    from symattn.numeric.reference import _PARAMS
+    assert _PARAMS == {name: tuple(p.name for p in s.params) for name, s in SCORES.items()}
+
+
+@pytest.mark.parametrize("options, words", [(dict(score="general"), "score 'general' needs params 'W_a'"),
+                                            (dict(score="bogus"), "score must be one of"),
+                                            (dict(score="additive", params={"W_a": 1}), "'U_a', 'v_a', 'b_a'")])
+def test_the_oracle_names_a_missing_score_or_parameter(options, words):
+    """It once failed inside NumPy (KeyError 'W_a' for an unknown score too); library mod and mask texts are
+    taken, as symattn.attention takes them."""
+    q = np.ones((2, 3))
+    with pytest.raises(symattn.SpecError, match=re.escape(words)):
+        reference.attention(q, q, q, **options)
+    np.testing.assert_allclose(reference.attention(q, q, q, score_mod="softcap:5", mask_mod="causal"),
+                               reference.attention(q, q, q, score_mod=mods.softcap(5), mask_mod=masks.causal))

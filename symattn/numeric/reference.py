@@ -199,10 +199,34 @@ def mask_visible(mask_mod, shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(visible, np.broadcast_shapes(visible.shape, shape))
 
 
+#: Parameters each score reads (symattn.symbolic.score declares them; named here so the oracle needs no SymPy).
+_PARAMS = {"dot": (), "general": ("W_a",), "additive": ("W_a", "U_a", "v_a", "b_a"), "cosine": ("tau",)}
+
+
+def _variant(score, params, score_mod, mask_mod) -> tuple:
+    """(score_mod, mask_mod) as objects, a library text accepted for either (as symattn.attention takes them),
+    after checking the score's name and that its parameters are given: the oracle names what is wrong instead of
+    failing inside NumPy. Shapes are not checked: it computes what it is given."""
+    from ..errors import SpecError
+    if score not in _PARAMS:
+        raise SpecError(f"reference: score must be one of {', '.join(map(repr, _PARAMS))}, got {score!r}")
+    missing = [n for n in _PARAMS[score] if n not in (params or {})]
+    if missing:
+        raise SpecError(f"reference: score {score!r} needs params {', '.join(map(repr, missing))}")
+    if isinstance(score_mod, str):
+        from ..symbolic.mods import mod_of  # library texts parse without SymPy
+        score_mod = mod_of(score_mod)
+    if isinstance(mask_mod, str):
+        from ..symbolic.masks import mask_of
+        mask_mod = mask_of(mask_mod)
+    return score_mod, mask_mod
+
+
 def weights(q, k, *, mask=None, is_causal=False, scale=None, masked_rows="zero", score="dot",
             params=None, score_mod=None, mask_mod=None) -> np.ndarray:
-    """P = row-softmax(S + bias), shape (..., n_q, n_k), S from `scores` (and `modded`); `mask_mod` (a Mask or
-    a mask_mod function) hides keys besides `mask` and `is_causal`."""
+    """P = row-softmax(S + bias), shape (..., n_q, n_k), S from `scores` (and `modded`); `mask_mod` (a Mask, its
+    text or a mask_mod function) hides keys besides `mask` and `is_causal`."""
+    score_mod, mask_mod = _variant(score, params, score_mod, mask_mod)
     q, k = np.asarray(q), np.asarray(k)
     S = modded(scores(q, k, score=score, params=params, scale=scale), score_mod, params)  # (..., n_q, n_k)
     bias, visible = _bias(mask, is_causal, q.shape[-2], k.shape[-2], S.dtype, mask_mod, S.shape)
@@ -237,6 +261,7 @@ def gradients(q, k, v, dO, *, mask=None, is_causal=False, scale=None, masked_row
               params=None, score_mod=None, mask_mod=None) -> dict:
     """Every gradient of L = Σ dO∘O keyed "q", "k", "v" and by parameter name; inputs' gradients have their
     input's shape (summed over broadcast dims)."""
+    score_mod, mask_mod = _variant(score, params, score_mod, mask_mod)
     q, k, v, dO = map(np.asarray, (q, k, v, dO))
     P = weights(q, k, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows, score=score,
                 params=params, score_mod=score_mod, mask_mod=mask_mod)  # (..., n_q, n_k)
