@@ -7,6 +7,7 @@ so nothing outside the chosen folder is touched.
 from __future__ import annotations
 
 import os
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -48,6 +49,13 @@ def _probe(folder: Path, text: str) -> None:
     except OSError as e:
         raise SymattnError(f"cannot write {text!r}: the folder {str(folder)!r} refuses new files "
                            f"({e.strerror or e})") from None
+
+
+def comment_command(words: list[str]) -> str | None:
+    """`words` as one shell command line for a generated file's header comment (shell-quoted), or None where a
+    character would end the comment's line (a newline in a path) or not print."""
+    line = shlex.join(words)
+    return line if line.isprintable() else None
 
 
 def output_folder(path: str | os.PathLike) -> Path:

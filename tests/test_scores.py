@@ -183,9 +183,10 @@ def test_adding_a_score_needs_only_its_formula_and_its_name(monkeypatch, tmp_pat
 
 
 def test_the_oracle_names_each_scores_parameters_as_the_derivation_declares_them():
-    """symattn.reference checks a score's parameters by name without SymPy: its table must be the declared one."""
-    from symattn.numeric.reference import _PARAMS
-    assert _PARAMS == {name: tuple(p.name for p in s.params) for name, s in SCORES.items()}
+    """symattn.reference checks a score's parameters by name without SymPy (symbolic.spec.PARAMS): the table must
+    be the declared one."""
+    from symattn.symbolic.spec import PARAMS
+    assert PARAMS == {name: tuple(p.name for p in s.params) for name, s in SCORES.items()}
 
 
 @pytest.mark.parametrize("options, words", [(dict(score="general"), "score 'general' needs params 'W_a'"),

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
 from pathlib import Path
 
 from ..symbolic.derive import derive, parameters
 from ..errors import SymattnError
 from ..filestamp import stamp
+from ..outputs import comment_command
 from ..symbolic.layer import derive_multihead
 from ..progress import Progress, silent
 from ..symbolic.spec import AttentionSpec, MultiHeadSpec
@@ -87,8 +87,7 @@ def generate(spec: AttentionSpec, out_dir: str | Path = "generated", *, progress
 def shown_folder(out_dir: str | Path) -> str:
     """`out_dir` as a generated file's header writes it after -o: shell-quoted, and "DIR" where it holds a
     character that would end the header's comment line (a newline) or not print."""
-    shown = os.fspath(out_dir).rstrip("/") + "/"
-    return shlex.quote(shown) if shown.isprintable() else "DIR"
+    return comment_command([os.fspath(out_dir).rstrip("/") + "/"]) or "DIR"
 
 
 def render_doc(spec, progress: Progress = silent, *, derivation=None, command: str = "symattn generate --all",

@@ -279,10 +279,8 @@ def attention(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod=Non
 def _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows, extra=()):
     """The prepared problem, its variant (None: plain dot product) and θ bound to the kernel's parameters."""
     p = _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra)
-    bs = p.batch_shape
-    nb = math.prod(bs[:-1]) if len(bs) >= 2 else math.prod(bs)  # FlexAttention's b: every batch dim but heads
-    variant, theta = variants.prepare(score, params, score_mod, mask_mod, p.causal, scale, bs, p.Q.dtype,
-                                      p.Q.shape[2], (nb, p.Q.shape[1], p.K.shape[1]))
+    variant, theta = variants.prepare(score, params, score_mod, mask_mod, p.causal, scale, p.batch_shape, p.Q.dtype,
+                                      p.Q.shape[2], (p.Q.shape[1], p.K.shape[1]))
     return p, variant, theta
 
 

@@ -57,7 +57,7 @@ def _variant(c: _Call, Z: int, n_q: int, n_k: int) -> tuple | None:
     _, causal, scale, _ = c.options
     v, H = c.variant, c.layer.heads
     variant, theta = variants.prepare("dot", v.get("params"), v.get("score_mod"), v.get("mask_mod"), causal, scale,
-                                      (Z, H), c.x.dtype, c.layer.d_k, (Z, n_q, n_k))
+                                      (Z, H), c.x.dtype, c.layer.d_k, (n_q, n_k))
     return None if variant is None else (variant, theta, variants.bh_rows((Z, H)))
 
 

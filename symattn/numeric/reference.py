@@ -199,18 +199,15 @@ def mask_visible(mask_mod, shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(visible, np.broadcast_shapes(visible.shape, shape))
 
 
-#: Parameters each score reads (symattn.symbolic.score declares them; named here so the oracle needs no SymPy).
-_PARAMS = {"dot": (), "general": ("W_a",), "additive": ("W_a", "U_a", "v_a", "b_a"), "cosine": ("tau",)}
-
-
 def _variant(score, params, score_mod, mask_mod) -> tuple:
     """(score_mod, mask_mod) as objects, a library text accepted for either (as symattn.attention takes them),
     after checking the score's name and that its parameters are given: the oracle names what is wrong instead of
     failing inside NumPy. Shapes are not checked: it computes what it is given."""
     from ..errors import SpecError
-    if score not in _PARAMS:
-        raise SpecError(f"reference: score must be one of {', '.join(map(repr, _PARAMS))}, got {score!r}")
-    missing = [n for n in _PARAMS[score] if n not in (params or {})]
+    from ..symbolic.spec import PARAMS  # names only: no SymPy
+    if score not in PARAMS:
+        raise SpecError(f"reference: score must be one of {', '.join(map(repr, PARAMS))}, got {score!r}")
+    missing = [n for n in PARAMS[score] if n not in (params or {})]
     if missing:
         raise SpecError(f"reference: score {score!r} needs params {', '.join(map(repr, missing))}")
     if isinstance(score_mod, str):

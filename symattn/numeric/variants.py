@@ -75,21 +75,28 @@ def resolve(score, params, score_mod, mask_mod, causal: bool, scale) -> Variant 
 
 
 def prepare(score, params, score_mod, mask_mod, causal: bool, scale, batch_shape: tuple[int, ...], dtype, d_k: int,
-            sizes: tuple[int, int, int] | None = None) -> tuple[Variant | None, dict]:
+            sizes: tuple[int, int] | None = None) -> tuple[Variant | None, dict]:
     """The variant of the options and θ bound to its kernels ((None, {}) for plain dot-product attention), every
-    check done before any work: names, heads, parameters, and with `sizes` = (batch indices b, n_q, n_k) the
-    mask's run-time arrays."""
+    check done before any work: names, heads, parameters, and with `sizes` = (n_q, n_k) the mask's run-time
+    arrays and a user mod's table reads."""
     variant = resolve(score, params, score_mod, mask_mod, causal, scale)
     if variant is None:
         return None, {}
     check_heads(variant, batch_shape)
-    if sizes is not None and variant.mask is not None:
-        for name, array in variant.mask.arrays:
-            kernels.mask_array(name, array, *sizes)
-    if sizes is not None and getattr(variant.mod, "kind", "") == "user" and variant.mod.trace.tables:
-        heads = batch_shape[-1] if len(batch_shape) >= 2 else 1
-        _table_reads(variant.mod.trace, sizes[0], heads, *sizes[1:])
+    if sizes is not None:
+        nb, heads = b_h_counts(batch_shape)
+        for name, array in (variant.mask.arrays if variant.mask is not None else ()):
+            kernels.mask_array(name, array, nb, *sizes)
+        if getattr(variant.mod, "kind", "") == "user" and variant.mod.trace.tables:
+            _table_reads(variant.mod.trace, nb, heads, *sizes)
     return variant, bind(variant, declared(variant), dtype, d_k)
+
+
+def b_h_counts(batch_shape: tuple[int, ...]) -> tuple[int, int]:
+    """How many FlexAttention batch indices b and heads h the batch shape holds (see bh_rows)."""
+    if len(batch_shape) >= 2:
+        return math.prod(batch_shape[:-1]), batch_shape[-1]
+    return math.prod(batch_shape), 1
 
 
 def check_heads(variant: Variant, batch_shape: tuple[int, ...]) -> None:

@@ -23,8 +23,10 @@ from .mods import ScoreMod, mod_of
 if TYPE_CHECKING:
     import sympy
 
-#: The scores of symattn.symbolic.score (SCORES there holds each one's formula); additive is not scaled.
-SCORES = ("dot", "general", "additive", "cosine")
+#: The scores of symattn.symbolic.score (SCORES there holds each one's formula, PARAMS the names of the
+#: parameters it declares: tests/test_scores.py keeps the two equal); additive is not scaled.
+PARAMS = {"dot": (), "general": ("W_a",), "additive": ("W_a", "U_a", "v_a", "b_a"), "cosine": ("tau",)}
+SCORES = tuple(PARAMS)
 UNSCALED = ("additive", "cosine")
 MASKED_ROWS = ("zero", "uniform", "nan")
 DTYPES = ("float32", "float64")
