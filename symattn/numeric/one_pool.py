@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 
 from . import kernels, projections, variants
@@ -20,10 +21,6 @@ from .api import _NOBIAS, _rows, check_scale
 
 if TYPE_CHECKING:
     from .layer import _Call
-
-#: Rows per task of the projection kernels: a head's n x d block, in blocks of 256 rows; the output in 128.
-BN_HEADS, BN_OUT = 256, 128
-
 
 @dataclass
 class Heads:
@@ -88,7 +85,7 @@ def forward(c: _Call) -> Heads:
             v, theta, bh = variant
             kernels.variant_forward(*args, bh, *tail[:2], v.mod, v.mask, theta, *tail[2:])
         b_o = np.zeros(0, dt) if c.biases["b_o"] is None else np.ascontiguousarray(c.biases["b_o"], dtype=dt)
-        projections.merge_project((O,), np.ascontiguousarray(w_o), b_o, out, BN_OUT, False)
+        projections.merge_project((O,), np.ascontiguousarray(w_o), b_o, out, _rows_per_task(X), False)
     return Heads(X, S, Q, K, V, O, LSE, batch, out, variant)
 
 
@@ -100,7 +97,13 @@ def _project(c: _Call, X, S, Q, K, V) -> None:
         [((w_q,), ("b_q",), X, (Q,)), ((w_k, w_v), ("b_k", "b_v"), S, (K, V))]
     for weights, names, source, outs in parts:
         bias = projections.group_biases([b[n] for n in names], [w.shape[1] for w in weights], G, X.dtype)
-        projections.project_heads(source, projections.group_blocks(weights, G), bias, outs, BN_HEADS)
+        W = projections.group_blocks(weights, G)  # (d_model, G·width)
+        projections.project_heads(source, W, bias, outs, G, _rows_per_task(source))
+
+
+def _rows_per_task(X: np.ndarray) -> int:
+    """Row block of the projection kernels for X (Z, n, d_model)."""
+    return projections.row_block(X.shape[0], X.shape[1], numba.get_num_threads())
 
 
 def output(c: _Call, h: Heads) -> np.ndarray:
@@ -121,8 +124,8 @@ def backward(c: _Call, h: Heads, d_out: np.ndarray) -> dict:
     dQ = np.empty(h.Q.shape, dt)  # (Z, H, n_q, d_k)
     dK, dV = np.empty((Z, H, n_k, L.d_k), dt), np.empty((Z, H, n_k, L.d_v), dt)  # per head, summed per group below
     with kernels.one_blas_thread:
-        projections.project_heads(dOut, projections.group_blocks((w_o.T,), H), np.zeros((0, L.d_v), dt), (dO,),
-                                  BN_HEADS)  # dC = d_out w_oᵀ, into the heads
+        projections.project_heads(dOut, projections.group_blocks((w_o.T,), H), np.zeros(0, dt), (dO,), H,
+                                  _rows_per_task(dOut))  # dC = d_out w_oᵀ, into the heads
         args = (h.Q.reshape(Z * H, n_q, L.d_k), h.K.reshape(Z * G, n_k, L.d_k), h.V.reshape(Z * G, n_k, L.d_v),
                 _NOBIAS[dt], h.batch)
         tail = (check_scale(scale, L.d_k), kernels.MASKED_ROWS[masked_rows], h.O.reshape(Z * H, n_q, L.d_v),
@@ -136,13 +139,13 @@ def backward(c: _Call, h: Heads, d_out: np.ndarray) -> dict:
             d_theta = kernels.variant_backward(*args, bh, *tail[:2], v.mod, v.mask, theta, *tail[2:])
         if G < H:  # grouped-query: a key/value group's gradient sums over its heads
             dK, dV = (A.reshape((Z, G, H // G) + A.shape[2:]).sum(axis=2) for A in (dK, dV))
-        dX, no_b = np.empty((Z, n_q, d_model), dt), np.zeros(0, dt)
+        dX, no_b, bn = np.empty((Z, n_q, d_model), dt), np.zeros(0, dt), _rows_per_task(h.X)
         if c.y is None:  # dx = Concat(dQ, dK, dV) [w_q; w_k; w_v]ᵀ: one product
-            projections.merge_project((dQ, dK, dV), np.concatenate([w_q.T, w_k.T, w_v.T]), no_b, dX, BN_OUT, False)
+            projections.merge_project((dQ, dK, dV), np.concatenate([w_q.T, w_k.T, w_v.T]), no_b, dX, bn, False)
         else:
             dS = np.empty((Z, n_k, d_model), dt)
-            projections.merge_project((dQ,), np.ascontiguousarray(w_q.T), no_b, dX, BN_OUT, False)
-            projections.merge_project((dK, dV), np.concatenate([w_k.T, w_v.T]), no_b, dS, BN_OUT, False)
+            projections.merge_project((dQ,), np.ascontiguousarray(w_q.T), no_b, dX, bn, False)
+            projections.merge_project((dK, dV), np.concatenate([w_k.T, w_v.T]), no_b, dS, _rows_per_task(dS), False)
         grads = {"x": dX.reshape(c.x_shape),
                  "w_q": _columns(projections.head_grads(h.X, dQ)), "w_k": _columns(projections.head_grads(h.S, dK)),
                  "w_v": _columns(projections.head_grads(h.S, dV)),
