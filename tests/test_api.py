@@ -155,6 +155,9 @@ def test_empty_query_batch():
     (lambda q, k, v: symattn.attention(q[None].repeat(2, 0), k[None].repeat(3, 0), v), "do not broadcast"),
     (lambda q, k, v: symattn.attention_backward(q, k, v, np.ones((4, 3))), "dO must have the output's shape"),
     (lambda q, k, v: symattn.attention_backward(q, k, v, np.ones((4, 2), np.float32)), "dO must have the dtype"),
+    # extra batch dims in dO are refused, as torch.autograd.grad refuses a gradient of another shape (they were
+    # broadcast against the output and summed away)
+    (lambda q, k, v: symattn.attention_backward(q, k, v, np.ones((3, 4, 2))), "dO must have the output's shape (4, 2)"),
 ])
 def test_bad_input_names_the_argument(rng, call, message):
     q, k, v = _data(rng, [(4, 3), (5, 3), (5, 2)])

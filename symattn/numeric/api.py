@@ -125,7 +125,7 @@ def check_masked_rows(masked_rows) -> str:
     return masked_rows
 
 
-def _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=()) -> _Problem:
+def _prepare(q, k, v, mask, is_causal, scale, masked_rows) -> _Problem:
     q, k, v = _array("q", q), _array("k", k), _array("v", v)
     if not q.dtype == k.dtype == v.dtype:
         raise InputError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -137,14 +137,13 @@ def _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra=()) -> _Problem
     if d_k == 0 or n_k == 0:
         raise InputError(f"attention needs d_k >= 1 and n_k >= 1, got q {q.shape}, k {k.shape}")
     masked_rows, is_causal, scale = check_masked_rows(masked_rows), check_causal(is_causal), check_scale(scale, d_k)
-    if mask is None and not extra and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:  # (native f32/f64: _array)
+    if mask is None and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:  # (native f32/f64: _array)
         # one batch shape, no mask: the identity rows [z, z, z, 0] (cached), no broadcasting to work out
         batch_shape = q.shape[:-2]
         return _Problem(_flat(q), _flat(k), _flat(v), _NOBIAS[q.dtype], _identity_batch(math.prod(batch_shape)),
                         tuple(batch_shape), is_causal, scale, masked_rows)
     bias = _NOBIAS[q.dtype] if mask is None else _bias(mask, q.dtype, n_q, n_k)
     shapes = {"q": q.shape[:-2], "k": k.shape[:-2], "v": v.shape[:-2], "mask": bias.shape[:-2] if mask is not None else ()}
-    shapes.update({name: x.shape[:-2] for name, x in extra})
     try:
         batch_shape = np.broadcast_shapes(*shapes.values())
     except ValueError:
@@ -276,9 +275,9 @@ def attention(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod=Non
     return O.reshape(p.batch_shape + O.shape[1:])
 
 
-def _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows, extra=()):
+def _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows):
     """The prepared problem, its variant (None: plain dot product) and θ bound to the kernel's parameters."""
-    p = _prepare(q, k, v, mask, is_causal, scale, masked_rows, extra)
+    p = _prepare(q, k, v, mask, is_causal, scale, masked_rows)
     variant, theta = variants.prepare(score, params, score_mod, mask_mod, p.causal, scale, p.batch_shape, p.Q.dtype,
                                       p.Q.shape[2], (p.Q.shape[1], p.K.shape[1]))
     return p, variant, theta
@@ -388,10 +387,8 @@ def attention_backward(q, k, v, dO, *, score="dot", params=None, score_mod=None,
     """(dq, dk, dv) of L = Σ dO∘attention(q, k, v, ...), each with its input's shape (one forward, one backward;
     parameter gradients: attention_vjp)."""
     q, k, v = _array("q", q), _array("k", k), _array("v", v)
-    dO = _array("dO", dO)
-    p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows,
-                               extra=(("dO", dO),))
-    dO = _check_dO(dO, p.batch_shape + (q.shape[-2], v.shape[-1]), q.dtype)
+    p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
+    dO = _check_dO(dO, p.batch_shape + (q.shape[-2], v.shape[-1]), q.dtype)  # the output's shape, as PyTorch asks
     O, LSE, saved = _forward(p, variant, theta)
     dQ, dK, dV, _ = _backward(p, variant, theta, O, LSE, dO.reshape(O.shape), saved)
     full = p.batch_shape
