@@ -200,3 +200,27 @@ def test_the_oracle_names_a_missing_score_or_parameter(options, words):
         reference.attention(q, q, q, **options)
     np.testing.assert_allclose(reference.attention(q, q, q, score_mod="softcap:5", mask_mod="causal"),
                                reference.attention(q, q, q, score_mod=mods.softcap(5), mask_mod=masks.causal))
+
+
+@pytest.mark.parametrize("score", ["general", "additive", "cosine"])
+def test_the_oracle_checks_each_parameters_shape_as_the_derivation_declares_it(score):
+    """Shapes from the declared dims (d_k = 3, d_a = 2, one = 1) are taken; one dim off in any parameter is named
+    (a wrong shape failed inside NumPy's matmul, or broadcast into a wrong answer)."""
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, 3))
+    sizes = {"d_k": 3, "d_a": 2, "one": 1}
+    good = {p.name: rng.standard_normal(tuple(sizes[d] for d in p.dims)) for p in SCORES[score].params}
+    assert reference.attention(q, q, q, score=score, params=good).shape == (2, 3)
+    for p in SCORES[score].params:
+        shape = list(good[p.name].shape)
+        shape[-1] += 1
+        with pytest.raises(SpecError, match=f"parameter '{p.name}' of score '{score}' must have shape"):
+            reference.attention(q, q, q, score=score, params={**good, p.name: np.ones(shape)})
+
+
+def test_the_oracle_gives_a_nan_row_where_a_visible_score_is_plus_infinity():
+    """torch.softmax of [0, inf, 0] is NaN throughout, as the kernels give; the oracle gave [0, NaN, 0]."""
+    q, k, v = np.ones((1, 2)), np.ones((3, 2)), np.ones((3, 2))
+    mask = np.array([[0.0, np.inf, 0.0]])
+    assert np.isnan(reference.weights(q, k, mask=mask)).all()
+    assert np.isnan(symattn.attention(q, k, v, mask=mask)).all() and np.isnan(reference.attention(q, k, v, mask=mask)).all()

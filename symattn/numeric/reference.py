@@ -199,10 +199,10 @@ def mask_visible(mask_mod, shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(visible, np.broadcast_shapes(visible.shape, shape))
 
 
-def _variant(score, params, score_mod, mask_mod) -> tuple:
+def _variant(score, params, score_mod, mask_mod, d_k: int) -> tuple:
     """(score_mod, mask_mod) as objects, a library text accepted for either (as symattn.attention takes them),
-    after checking the score's name and that its parameters are given: the oracle names what is wrong instead of
-    failing inside NumPy. Shapes are not checked: it computes what it is given."""
+    after checking the score's name and its parameters' presence and shapes (d_k from q): the oracle names what is
+    wrong instead of failing inside NumPy. A score mod's own parameters are read as given."""
     from ..errors import SpecError
     from ..symbolic.spec import PARAMS  # names only: no SymPy
     if score not in PARAMS:
@@ -210,6 +210,7 @@ def _variant(score, params, score_mod, mask_mod) -> tuple:
     missing = [n for n in PARAMS[score] if n not in (params or {})]
     if missing:
         raise SpecError(f"reference: score {score!r} needs params {', '.join(map(repr, missing))}")
+    _check_shapes(score, params or {}, d_k)
     if isinstance(score_mod, str):
         from ..symbolic.mods import mod_of  # library texts parse without SymPy
         score_mod = mod_of(score_mod)
@@ -219,20 +220,36 @@ def _variant(score, params, score_mod, mask_mod) -> tuple:
     return score_mod, mask_mod
 
 
+def _check_shapes(score: str, theta: dict, d_k: int) -> None:
+    """The score's parameters have the shapes of symattn.symbolic.score, else SpecError naming the parameter."""
+    from ..errors import SpecError
+    d_a = -1
+    if score == "additive":  # d_a: the size most of W_a, U_a, v_a, b_a give, so the one that differs is named
+        sizes = [np.shape(theta[n])[-1] for n in ("W_a", "U_a", "v_a", "b_a") if np.ndim(theta[n]) >= 1]
+        d_a = max(sizes, key=sizes.count) if sizes else -1
+    want = {"general": {"W_a": [(d_k, d_k)]}, "cosine": {"tau": [(), (1,)]},
+            "additive": {"W_a": [(d_k, d_a)], "U_a": [(d_k, d_a)], "v_a": [(d_a,)], "b_a": [(d_a,)]}}.get(score, {})
+    for name, shapes in want.items():
+        if np.shape(theta[name]) not in shapes:
+            raise SpecError(f"reference: parameter {name!r} of score {score!r} must have shape "
+                            f"{' or '.join(map(str, shapes))} (d_k = {d_k}), got {np.shape(theta[name])}")
+
+
 def weights(q, k, *, mask=None, is_causal=False, scale=None, masked_rows="zero", score="dot",
             params=None, score_mod=None, mask_mod=None) -> np.ndarray:
     """P = row-softmax(S + bias), shape (..., n_q, n_k), S from `scores` (and `modded`); `mask_mod` (a Mask, its
     text or a mask_mod function) hides keys besides `mask` and `is_causal`."""
-    score_mod, mask_mod = _variant(score, params, score_mod, mask_mod)
     q, k = np.asarray(q), np.asarray(k)
+    score_mod, mask_mod = _variant(score, params, score_mod, mask_mod, q.shape[-1])
     S = modded(scores(q, k, score=score, params=params, scale=scale), score_mod, params)  # (..., n_q, n_k)
     bias, visible = _bias(mask, is_causal, q.shape[-2], k.shape[-2], S.dtype, mask_mod, S.shape)
     S = S + bias
     empty = ~np.any(visible, axis=-1, keepdims=True)  # (..., n_q, 1) fully masked rows
     m = np.max(np.where(empty, 0.0, S), axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    E = np.where(visible, np.exp(S - m), 0.0)  # (..., n_q, n_k)
-    P = E / np.where(empty, 1.0, E.sum(axis=-1, keepdims=True))
+    m = np.where(m == -np.inf, 0.0, m)  # a +inf or NaN maximum makes the row NaN, as in torch.softmax
+    with np.errstate(invalid="ignore"):  # such rows, and rows whose visible scores are all -inf, are NaN
+        E = np.where(visible, np.exp(S - m), 0.0)  # (..., n_q, n_k)
+        P = E / np.where(empty, 1.0, E.sum(axis=-1, keepdims=True))
     if masked_rows == "uniform":
         P = np.where(empty, 1.0 / k.shape[-2], P)
     elif masked_rows == "nan":
@@ -258,8 +275,8 @@ def gradients(q, k, v, dO, *, mask=None, is_causal=False, scale=None, masked_row
               params=None, score_mod=None, mask_mod=None) -> dict:
     """Every gradient of L = Σ dO∘O keyed "q", "k", "v" and by parameter name; inputs' gradients have their
     input's shape (summed over broadcast dims)."""
-    score_mod, mask_mod = _variant(score, params, score_mod, mask_mod)
     q, k, v, dO = map(np.asarray, (q, k, v, dO))
+    score_mod, mask_mod = _variant(score, params, score_mod, mask_mod, q.shape[-1])
     P = weights(q, k, mask=mask, is_causal=is_causal, scale=scale, masked_rows=masked_rows, score=score,
                 params=params, score_mod=score_mod, mask_mod=mask_mod)  # (..., n_q, n_k)
     O = P @ v  # (..., n_q, d_v)
