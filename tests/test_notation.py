@@ -9,6 +9,7 @@ import sympy
 
 import symattn
 from symattn.app.cli import main
+from symattn.errors import SpecError
 from symattn.render.notation import Notation, one_based
 from symattn.symbolic.derive import derive
 from symattn.symbolic.layer import derive_multihead
@@ -75,9 +76,18 @@ def test_scale_prints_as_division_by_a_root():
 def test_bad_notation_is_refused_with_the_option_named(capsys):
     for args, words in ((["--entries", "some"], "--entries"), (["--name", "Q"], "--name"),
                         (["--name", r"Q=\input{/etc/passwd}"], "name of Q"), (["--section-level", "7"], "level"),
-                        (["--label", "a b"], "label")):
+                        (["--label", "a b"], "label"), (["--name", "Q=K"], "name 'K' of Q is also the name of K"),
+                        (["--name", "Q=X", "--name", "K=X"], "also the name of")):
         assert main(["derive", "--n-q", "2", "--n-k", "2", "--d-k", "2", "--no-prove", *args]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_names_may_swap_but_never_print_alike():
+    """Q=K alone printed queries and keys as one K (no error); swapping them is fine."""
+    latex = derive(AttentionSpec(2, 2, 1), prove=False).to_latex(notation=Notation(names={"Q": "K", "K": "Q"}))
+    assert "K = " in latex and "Q = " in latex
+    with pytest.raises(SpecError, match=r"name 'W_a' of V is also the name of Wg, Wa"):
+        Notation(names={"V": "W_a"})
 
 
 def test_sample_entries_by_default_and_all_on_request():

@@ -18,6 +18,7 @@ from ..errors import SpecError
 from ..symbolic.chains import ONE
 from ..symbolic.tensors import SIZES, TENSORS
 from . import markdown
+from .texnames import check_names
 
 #: Section commands by level: 0 = \chapter (book/report), 1 = \section, 2 = \subsection, 3 = \subsubsection.
 SECTIONS = ("chapter", "section", "subsection", "subsubsection", "paragraph")
@@ -54,14 +55,7 @@ class Notation:
         if not (self.entries in ("sample", "all") or (isinstance(self.entries, int) and not isinstance(
                 self.entries, bool) and self.entries >= 1)):
             raise SpecError(f"entries must be 'sample', 'all' or a whole number >= 1, got {self.entries!r}")
-        for name, tex in self.names.items():
-            if name not in TENSORS:
-                raise SpecError(f"unknown tensor {name!r} in the notation's names; known: {', '.join(TENSORS)}")
-            if not isinstance(tex, str) or not safe_tex(tex):
-                raise SpecError(f"name of {name} must be a short LaTeX symbol such as X, \\hat{{S}} or W^{{Q}}: at "
-                                f"most {MAX_NAME} characters, letters, digits, ' and balanced braces, one ^ and one _ "
-                                f"per group, and the commands {', '.join(sorted(_WITH_ARGUMENT | _SYMBOLS))}; got "
-                                f"{tex[:MAX_NAME + 10]!r}")
+        check_names(self.names)
         if self.label is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9:_-]{0,40}", self.label):
             raise SpecError(f"label must be letters, digits, ':', '_' or '-' (at most 41), got {self.label!r}")
 
@@ -73,48 +67,6 @@ class Notation:
         return dataclasses.replace(self, **changes)
 
 
-#: A user-given symbol name: letters, digits, ' and spaces, balanced braces, the commands below (those of
-#: _WITH_ARGUMENT followed by a {group}), one ^ and one _ per group (no ^^, TeX's escape for any character).
-MAX_NAME = 40
-_WITH_ARGUMENT = {"mathrm", "mathbf", "mathit", "hat", "tilde", "bar", "boldsymbol", "mathcal", "operatorname"}
-_SYMBOLS = {"alpha", "beta", "gamma", "theta", "sigma", "tau", "phi", "psi", "omega", "Omega", "Sigma", "Phi",
-            "Theta", "Gamma"}
-_COMMAND = re.compile(r"\\([A-Za-z]+)")
-
-
-def safe_tex(tex: str) -> bool:
-    """Whether `tex` is a name that pdflatex typesets as one symbol and that can do nothing else: no other
-    command (\\input, \\write, \\alphabet), no ^^ escape, no double script, no unbalanced brace, no $ or %."""
-    if not 0 < len(tex) <= MAX_NAME:
-        return False
-    scripts, i = [set()], 0  # per open group: the scripts ('^', '_') its current symbol has
-    while i < len(tex):
-        c = tex[i]
-        if c == "\\":
-            match = _COMMAND.match(tex, i)
-            if match is None or match.group(1) not in _WITH_ARGUMENT | _SYMBOLS:
-                return False
-            i = match.end()
-            if match.group(1) in _WITH_ARGUMENT and tex[i:i + 1] != "{":
-                return False
-            continue
-        if c in "^_'":
-            kind = "^" if c in "^'" else "_"
-            if c != "'" and (kind in scripts[-1] or i + 1 == len(tex) or tex[i + 1] in "^_}'"):
-                return False
-            if c == "'" and "^" in scripts[-1] and tex[i - 1] != "'":
-                return False
-            scripts[-1].add(kind)
-        elif c == "{":
-            scripts.append(set())
-        elif c == "}":
-            scripts.pop()
-            if not scripts:
-                return False
-        elif not (c.isascii() and (c.isalnum() or c == " ")):
-            return False
-        i += 1
-    return len(scripts) == 1
 DEFAULT = Notation()
 
 
