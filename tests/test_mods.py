@@ -4,6 +4,7 @@ import math
 import re
 import shutil
 import subprocess
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -225,6 +226,16 @@ def test_table_indices_and_constants_the_kernels_cannot_compute_are_refused_at_t
 
 
 _BY = table("bybias", 4)
+
+
+@pytest.mark.parametrize("fn, words", [(lambda s, b, h, q, kv: s + ops.exp(1000.0), "gives oo"),
+                                       (lambda s, b, h, q, kv: s + ops.log(0.0), "gives -oo")])
+def test_a_constant_that_overflows_is_named_without_a_numpy_warning(fn, words):
+    """ops.exp(1000.0) on a plain number went through NumPy, which printed a RuntimeWarning before the error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SpecError, match=words):
+            score_mod(fn)
 
 
 def test_reference_mask_mod_over_index_grids(rng):

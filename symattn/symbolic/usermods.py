@@ -24,28 +24,32 @@ def _is_symbolic(*xs) -> bool:
     return any(type(x).__module__.startswith("sympy") for x in xs)
 
 
+def _numeric(name: str, x):
+    """NumPy's `name` of a number or array, quietly: an overflow gives inf as NumPy does, and a traced constant
+    that overflows is then named by the trace's own check ("gives oo"), not by a stray RuntimeWarning."""
+    import numpy as np
+    with np.errstate(all="ignore"):
+        return getattr(np, name)(x)
+
+
 class ops:  # noqa: N801 - a namespace: from symattn.mods import ops
     """The operations a score mod may use: on SymPy symbols (tracing) and on NumPy arrays or numbers."""
 
     @staticmethod
     def exp(x):
-        import numpy as np
-        return __import__("sympy").exp(x) if _is_symbolic(x) else np.exp(x)
+        return __import__("sympy").exp(x) if _is_symbolic(x) else _numeric("exp", x)
 
     @staticmethod
     def log(x):
-        import numpy as np
-        return __import__("sympy").log(x) if _is_symbolic(x) else np.log(x)
+        return __import__("sympy").log(x) if _is_symbolic(x) else _numeric("log", x)
 
     @staticmethod
     def exp2(x):
-        import numpy as np
-        return 2 ** x if _is_symbolic(x) else np.exp2(x)
+        return 2 ** x if _is_symbolic(x) else _numeric("exp2", x)
 
     @staticmethod
     def tanh(x):
-        import numpy as np
-        return __import__("sympy").tanh(x) if _is_symbolic(x) else np.tanh(x)
+        return __import__("sympy").tanh(x) if _is_symbolic(x) else _numeric("tanh", x)
 
     @staticmethod
     def abs(x):
