@@ -2,11 +2,13 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import sympy
 
+import symattn
 from symattn import AttentionSpec, reference
 from symattn.codegen import STANDARD_SPECS, check, diff_files, generate, render
 from symattn.codegen.printer import NumbaPrinter, check_identifier
@@ -50,7 +52,7 @@ def test_headers_and_layout(spec):
         assert text.count(section) == 2
     assert "ops after CSE" in text
     loops = files["attention_loops.py"]
-    assert "do not edit" in loops and "symattn generate --all" in loops
+    assert "do not edit" in loops and f"# Regenerate with: symattn generate {spec.cli_args()} -o generated/" in loops
     assert "no n_q x n_k temporary" in loops
 
 
@@ -93,6 +95,9 @@ def test_generated_headers_name_the_folder_they_were_written_to(tmp_path):
     for folder, shown in ((tmp_path / "my kernels", f"-o '{tmp_path / 'my kernels'}/'"),
                           (tmp_path / "odd\nname", "-o DIR")):
         generate(spec, folder)
-        lines = (folder / f"{spec.name}.py").read_text().splitlines()
-        assert lines[1] == f"# Regenerate with: symattn generate {spec.cli_args()} {shown}", lines[:3]
-        assert lines[2].startswith("# symattn-sha256: ")
+        for name in (f"{spec.name}.py", "attention_loops.py"):  # the loops' copy said `generate --all`
+            lines = (folder / name).read_text().splitlines()
+            assert lines[1] == f"# Regenerate with: symattn generate {spec.cli_args()} {shown}", lines[:3]
+            assert lines[2].startswith("# symattn-sha256: ")
+    package = (Path(symattn.__file__).parent / "numeric" / "attention_loops.py").read_text().splitlines()
+    assert package[1] == "# Regenerate with: symattn generate --all  (from a source checkout)"

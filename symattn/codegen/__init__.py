@@ -70,9 +70,9 @@ def _variant(spec: AttentionSpec | MultiHeadSpec, mask: str) -> dict | None:
 
 
 def render(spec, progress: Progress = silent, out_dir: str = "generated/") -> dict[str, str]:
-    """File name -> source for `spec`: its unrolled kernels where they pay (their header's command writes into
-    `out_dir`), and the loop kernels."""
-    files = {f"{LOOP_MODULE}.py": render_loops()}
+    """File name -> source for `spec`: its unrolled kernels where they pay, and the loop kernels (both headers'
+    command writes into `out_dir`)."""
+    files = {f"{LOOP_MODULE}.py": render_loops(command(spec, out_dir))}
     if pays_for(spec):
         files[f"{spec.name}.py"] = render_unrolled(spec, progress, out_dir)
     return files

@@ -84,12 +84,13 @@ def pieces(d: Derivation) -> dict[str, str]:
     }
 
 
-def render() -> str:
-    """The loop/tile-kernel module source (deterministic)."""
+def render(command: str = "symattn generate --all  (from a source checkout)") -> str:
+    """The loop/tile-kernel module source (deterministic); `command` is its header's way to regenerate it (the
+    package's copy by default, a `generate -o DIR` copy by that command)."""
     d = derive(AttentionSpec(1, 1, 1), explicit=False)  # indexed forms hold at any size
     _check_tileable(d)
     header = HEADER.substitute(source="the indexed derivation of scaled dot-product attention",
-                               command="symattn generate --all  (from a source checkout)")
+                               command=command)
     return _render(header, pieces(d), None, LOOP_MODULE)
 
 
