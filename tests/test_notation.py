@@ -85,7 +85,7 @@ def test_bad_notation_is_refused_with_the_option_named(capsys):
 def test_names_may_swap_but_never_print_alike():
     """Q=K alone printed queries and keys as one K (no error); swapping them is fine."""
     latex = derive(AttentionSpec(2, 2, 1), prove=False).to_latex(notation=Notation(names={"Q": "K", "K": "Q"}))
-    assert "K = " in latex and "Q = " in latex
+    assert r"K &= \begin{bmatrix}q_{0,0}" in latex and r"Q &= \begin{bmatrix}k_{0,0}" in latex  # renamed both ways
     with pytest.raises(SpecError, match=r"name 'W_a' of V is also the name of Wg, Wa"):
         Notation(names={"V": "W_a"})
 
