@@ -133,3 +133,33 @@ def test_blas_is_held_to_one_thread_and_restored(rng, monkeypatch):
     symattn.attention(q, q, q)
     assert seen == [[1] * len(libs)]
     assert [lib.get_num_threads() for lib in libs] == before
+
+
+def test_blas_is_held_from_worker_threads_and_their_results_are_the_main_threads(rng, monkeypatch):
+    """threadpoolctl lets only the first thread that set a limit change OpenBLAS's (pthreads) count and ignores the
+    rest: a worker thread's hold did nothing, and its float32 results differed from the main thread's by up to
+    2.5e-6 (2 BLAS threads sum a tile in another order). Four threads at once: each sees one BLAS thread inside
+    its kernels, gets the main thread's bits, and the count is back afterwards (the holds are counted, not
+    stacked: a thread could restore another's saved count while a third one's kernel ran)."""
+    from concurrent.futures import ThreadPoolExecutor
+    libs = kernels.one_blas_thread.libs()
+    if not libs or all(lib.get_num_threads() == 1 for lib in libs):
+        pytest.skip("BLAS runs on one thread here: nothing to hold")
+    before = [lib.get_num_threads() for lib in libs]
+    q, k, v, dO = (rng.standard_normal((4, 256, 64)).astype(np.float32) for _ in range(4))
+
+    def call(_=None):
+        O, pullback = symattn.attention_vjp(q, k, v, is_causal=True)
+        return [np.array(O), *pullback(dO).values()]
+    seen = []
+    real = kernels.loops.forward_tiles
+    monkeypatch.setattr(kernels.loops, "forward_tiles",
+                        lambda *a: (seen.append([lib.get_num_threads() for lib in libs]), real(*a))[1])
+    main = call()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, range(8)))
+    for got in results:
+        for a, b in zip(got, main):
+            np.testing.assert_array_equal(a, b)
+    assert seen and all(s == [1] * len(libs) for s in seen)
+    assert [lib.get_num_threads() for lib in libs] == before

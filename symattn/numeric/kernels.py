@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 from . import attention_loops as loops
+from .blas_hold import one_blas_thread  # noqa: F401  (kernels.one_blas_thread, as the callers know it)
 from .kernel_cache import cache_dir, generator_files, load_unrolled, load_variant, variant_tag  # noqa: F401
 from ..errors import InputError
 
@@ -54,39 +55,6 @@ def backward_tile_shape(B: int, n_k: int, kind: str) -> tuple[int, int, int]:
         kind, (BQ_BWD, BK_BWD))
     threads = numba.get_num_threads()
     return bq, bk, 1 if B >= threads else min(-(-n_k // bk), -(-2 * threads // max(B, 1)))
-
-
-class _Blas:
-    """The BLAS libraries loaded in this process (threadpoolctl's controllers), held to one thread while a tile
-    kernel runs: its prange workers call BLAS on small tiles, and BLAS's own threads (which keep spinning after
-    every call) would fight them for the cores. Numba's np.dot calls SciPy's OpenBLAS (scipy.linalg.cython_blas),
-    not NumPy's; both are held, so the caller's NumPy matmuls before and after are untouched. The controllers are
-    found once (threadpoolctl scans the loaded libraries: milliseconds); holding and restoring them then costs
-    microseconds (threadpool_limits() per call was measured at 1.3-2.2 ms)."""
-
-    def __init__(self):
-        self._libs = None
-        self._stack = []  # what each (possibly nested) hold changed, restored by its own exit
-
-    def libs(self):
-        if self._libs is None:
-            import scipy.linalg.cython_blas  # noqa: F401  (loaded, so threadpoolctl lists the BLAS np.dot uses)
-            from threadpoolctl import ThreadpoolController
-            self._libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
-        return self._libs
-
-    def __enter__(self):
-        held = [(lib, n) for lib in self.libs() if (n := lib.get_num_threads()) != 1]
-        for lib, _ in held:
-            lib.set_num_threads(1)
-        self._stack.append(held)
-
-    def __exit__(self, *exc):
-        for lib, n in self._stack.pop():
-            lib.set_num_threads(n)
-
-
-one_blas_thread = _Blas()
 
 
 def run_recording_entry(kernel, args: tuple):
