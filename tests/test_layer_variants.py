@@ -76,8 +76,8 @@ def test_layer_variant_gradients_agree_with_finite_differences(layer):
 
 def test_per_head_alibi_needs_as_many_heads_as_the_layer(layer):
     x, w = layer
-    with pytest.raises(symattn.InputError, match="heads"):
-        symattn.multihead_attention(x, *w, heads=H, kv_heads=G, score_mod=alibi(heads=8))
+    with pytest.raises(symattn.InputError, match=rf"one slope per head of 8 heads, but the layer has {H}"):
+        symattn.multihead_attention(x, *w, heads=H, kv_heads=G, score_mod=alibi(heads=8))  # not q, k, v's layout
 
 
 def test_an_empty_batch_or_no_queries_give_empty_results(layer):

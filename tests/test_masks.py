@@ -123,6 +123,17 @@ def test_an_empty_run_time_array_is_called_empty(make, value):
         make(value)
 
 
+def test_a_length_beyond_int64_is_named_and_uint64_ids_keep_their_documents(rng):
+    """A uint64 length of 2^64 - 1 wrapped to int64 and was reported as "got -1"; ids only compare equal or not,
+    so uint64 ids beyond int64 wrap one-to-one and keep their documents."""
+    with pytest.raises(SpecError, match="holds 18446744073709551615, beyond any sequence length"):
+        masks.key_padding(np.array([2 ** 64 - 1, 2], np.uint64))
+    q = rng.standard_normal((1, 4, 2))
+    big = np.array([[2 ** 64 - 1, 2 ** 64 - 1, 5, 5]], np.uint64)
+    np.testing.assert_allclose(symattn.attention(q, q, q, mask_mod=masks.document(big)),
+                               symattn.attention(q, q, q, mask_mod=masks.document(np.array([[0, 0, 1, 1]]))))
+
+
 def test_run_time_conditions_read_their_arrays_symbolically():
     i, j = sympy.symbols("i j", integer=True)
     b = sympy.Symbol("b", integer=True)

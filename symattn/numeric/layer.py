@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import one_pool
+from . import one_pool, variants
 from .saved import own
 from .api import (_array, _bias, _unbroadcast, attention, attention_vjp, check_causal, check_masked_rows,
                   check_scale)
@@ -180,6 +180,8 @@ def _call(x, w_q, w_k, w_v, w_o, heads, kv_heads, y, mask, is_causal, scale, mas
     x_shape, y_shape = x.shape, None if y is None else y.shape
     options, x, y = _check_options(x, y, mask, is_causal, scale, masked_rows, layer.d_k)
     variant = {k: v for k, v in (variant or {}).items() if v is not None and not (k == "score" and v == "dot")}
+    if "score_mod" in variant:
+        variants.check_layer_heads(variant["score_mod"], layer.heads)
     return _Call(x, y, (w_q, w_k, w_v, w_o), biases, layer, options, variant, x_shape, y_shape)
 
 

@@ -107,6 +107,19 @@ def check_heads(variant: Variant, batch_shape: tuple[int, ...]) -> None:
                          f"(B, {heads}, n, d) (heads in dim -3), got batch dims {batch_shape}")
 
 
+def check_layer_heads(score_mod, heads: int) -> None:
+    """A per-head mod given to the layer has one slope per layer head."""
+    from ..symbolic.mods import mod_of
+    try:
+        mod = mod_of(score_mod)
+    except SpecError as e:
+        raise InputError(f"score_mod: {e}") from None
+    n = getattr(mod, "heads", 0) if mod is not None else 0
+    if n and n != heads:
+        raise InputError(f"score_mod {mod.text!r} has one slope per head of {n} heads, but the layer has {heads}: "
+                         f"use alibi(heads={heads})")
+
+
 @functools.lru_cache(maxsize=64)
 def _table_reads(trace, nb: int, heads: int, n_q: int, n_k: int) -> None:
     """A user's mod reads every table entry it indexes inside the table, at every (b, h, q_idx, kv_idx) of the

@@ -131,7 +131,7 @@ def key_padding(lengths, n: int | None = None) -> Mask:
     """Key j is visible iff j < lengths[b]: batch element b has lengths[b] real keys, the rest is padding.
     lengths: integer array (B,) (or a scalar for every b), each in 0..n (n checked here when given, else by
     the kernels against n_k)."""
-    lengths = _int_array("key_padding(lengths)", lengths, ndim=(0, 1))
+    lengths = _int_array("key_padding(lengths)", lengths, ndim=(0, 1), counts=True)
     if lengths.size == 0:
         raise SpecError("key_padding(lengths): lengths is empty; give one length per batch element")
     if lengths.min() < 0 or (n is not None and lengths.max() > n):
@@ -153,8 +153,10 @@ def key_padding(lengths, n: int | None = None) -> Mask:
                 "element $b$ (given at run time)", span, True, (("kv_len", lengths),), "key-padding")
 
 
-def _int_array(name: str, value, ndim: tuple) -> np.ndarray:
-    """`value` as a C-contiguous int64 array, refused with SpecError unless integer typed with ndim in `ndim`."""
+def _int_array(name: str, value, ndim: tuple, counts: bool = False) -> np.ndarray:
+    """`value` as a C-contiguous int64 array, refused with SpecError unless integer typed with ndim in `ndim`.
+    `counts`: the values are sizes, and one beyond int64 is refused (ids only compare equal or not, so uint64 ids
+    wrap into int64 one-to-one)."""
     array = np.asarray(value)
     if array.size == 0:  # checked first: np.asarray([]) is float64, and "must hold integers" would mislead
         raise SpecError(f"{name} is empty (shape {array.shape})")
@@ -164,6 +166,8 @@ def _int_array(name: str, value, ndim: tuple) -> np.ndarray:
         raise SpecError(f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape {array.shape}")
     if array.ndim and array.shape[-1] == 0:
         raise SpecError(f"{name} is empty (shape {array.shape})")
+    if counts and array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:
+        raise SpecError(f"{name} holds {array.max()}, beyond any sequence length")
     return np.array(array, dtype=np.int64, order="C", copy=True)  # the mask's own: the caller may change theirs
 
 
