@@ -79,8 +79,9 @@ def row_block(Z: int, n: int, threads: int) -> int:
     return 64
 
 
-#: Parts the batch sum of a head's weight gradient is split into (fixed, so the sum's order does not depend on
-#: the number of threads): enough tasks for 8 threads with a single head.
+#: Parts the batch sum of a head's weight gradient is split into (fixed, so this sum's order does not depend on
+#: the number of threads; row_block does, so another thread count may move float32 gradients in the last bits):
+#: enough tasks for 8 threads with a single head.
 PARTS = 8
 
 
