@@ -357,26 +357,28 @@ def attention_vjp(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod
 
 
 def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
-    """The pullback of plain inputs: dO of O's shape and dtype, C-contiguous, goes straight to the kernels."""
+    """The pullback of plain inputs: dO of O's shape and dtype, C-contiguous, goes straight to the kernels (what
+    does not depend on dO is worked out once, here)."""
+    dt, flat = q.dtype, q.ndim == 2
+    Q, K, V, O3 = (q[None], k[None], v[None], O[None]) if flat else (q, k, v, O)  # (B, n, d)
+    small = Q.shape[0] * Q.shape[1] * K.shape[1] < kernels.SMALL
+    kernel = kernels.loops.plain_backward
+    buf = _scratch((kernels.loops.BACKWARD_SCRATCH * K.shape[1],), dt) if small else None  # (34·n_k,)
+
     def pullback(dO) -> dict:
-        dt = q.dtype
         if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:
             dO = _check_dO(dO, O.shape, dt)
         dq, dk, dv = np.empty(q.shape, dt), np.empty(k.shape, dt), np.empty(v.shape, dt)
-        if q.ndim == 3:
-            args = (q, k, v, is_causal, scale, O, LSE, dO, dq, dk, dv)
-        else:
-            args = (q[None], k[None], v[None], is_causal, scale, O[None], LSE, dO[None], dq[None], dk[None], dv[None])
-        if args[0].shape[0] * args[0].shape[1] * args[1].shape[1] < kernels.SMALL:
-            kernel = kernels.loops.plain_backward
+        args = (Q, K, V, is_causal, scale, O3, LSE) + ((dO[None], dq[None], dk[None], dv[None]) if flat else
+                                                       (dO, dq, dk, dv))
+        if small:
             entry = _ENTRIES.get((kernel, dt))
-            buf = _scratch((kernels.loops.BACKWARD_SCRATCH * k.shape[-2],), dt)  # (34·n_k,)
             if entry is not None:
                 entry(*args, buf)
             else:
                 _record(kernel, dt, args + (buf,))
         else:
-            kernels.backward_into(*args[:3], _NOBIAS[dt], _identity_batch(args[0].shape[0]), is_causal, scale, 0,
+            kernels.backward_into(Q, K, V, _NOBIAS[dt], _identity_batch(Q.shape[0]), is_causal, scale, 0,
                                   *args[5:])
         return {"q": dq, "k": dk, "v": dv}
     return pullback
