@@ -290,3 +290,22 @@ def test_control_characters_in_words_are_refused(argv, word, capsys, tmp_path, m
 def test_an_empty_query_and_a_folder_of_inputs_are_named(argv, word, capsys):
     """--query "" once fell back to the first token silently; --inputs . said "no such inputs file"."""
     assert word in _error(argv, capsys)
+
+
+def test_an_inf_at_a_masked_key_stays_out_of_the_loop_kernels_and_the_tiles_follow_the_reference(rng, monkeypatch):
+    """As the README says: v = inf at key 4 of a causal (6, 3) element. The loop kernels skip masked keys, so the
+    rows that cannot see key 4 stay finite; the tile kernels multiply their weight 0 by inf inside a BLAS tile, as
+    the reference does (0·inf = NaN); with finite inputs both equal the reference (adversarial round 6)."""
+    from symattn.numeric import kernels
+    q, k, v = (rng.standard_normal((1, 6, 3)) for _ in range(3))
+    v[0, 4, 0] = np.inf
+    loops = symattn.attention(q, k, v, is_causal=True)
+    assert np.isfinite(loops[0, :4]).all() and not np.isfinite(loops[0, 4:, 0]).any()
+    monkeypatch.setattr(kernels, "SMALL", 0)
+    tiles = symattn.attention(q, k, v, is_causal=True)
+    np.testing.assert_array_equal(np.isfinite(tiles), np.isfinite(reference.attention(q, k, v, is_causal=True)))
+    v[0, 4, 0] = 1.0
+    want = reference.attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(symattn.attention(q, k, v, is_causal=True), want, rtol=1e-12)
+    monkeypatch.setattr(kernels, "SMALL", 1 << 62)
+    np.testing.assert_allclose(symattn.attention(q, k, v, is_causal=True), want, rtol=1e-12)
