@@ -1,12 +1,15 @@
 """The generated loop and tile kernels against the NumPy reference: causal or not, n_q != n_k, d_k != d_v,
 broadcasting, masks with fully masked rows under the three policies, large logits, float32/float64, empty
 batches; tiles made small so that every problem here spans several query blocks and key tiles."""
+import threading
+
 import numpy as np
 import pytest
 
 import symattn
 from symattn import reference
 from symattn.numeric import kernels
+from symattn.numeric.blas_hold import BlasHold
 
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-11), np.float32: dict(rtol=3e-4, atol=3e-5)}
 
@@ -163,3 +166,60 @@ def test_blas_is_held_from_worker_threads_and_their_results_are_the_main_threads
             np.testing.assert_array_equal(a, b)
     assert seen and all(s == [1] * len(libs) for s in seen)
     assert [lib.get_num_threads() for lib in libs] == before
+
+
+def test_a_per_thread_blas_count_is_held_and_restored_in_each_thread():
+    """OpenMP builds keep a count per calling thread: the process-wide counting held only the first thread's, so a
+    second thread's kernels ran unheld and the first thread was left at one thread for good (review). A library
+    whose setter fails part-way leaves nothing set."""
+    local = threading.local()
+
+    class PerThread:  # an OpenMP OpenBLAS as threadpoolctl shows it
+        internal_api, threading_layer, user_api = "openblas", "openmp", "blas"
+
+        def get_num_threads(self):
+            return getattr(local, "n", 4)
+
+        def set_num_threads(self, n):
+            local.n = n
+    hold = BlasHold()
+    hold._libs = [PerThread()]
+    lib = hold._libs[0]
+    a_in, b_in, a_done, b_done = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def first():
+        with hold:
+            a_in.set()
+            b_in.wait()
+        a_done.set()
+        b_done.wait()
+        seen["first after both"] = lib.get_num_threads()
+
+    def second():
+        a_in.wait()
+        with hold:
+            seen["second inside"] = lib.get_num_threads()
+            b_in.set()
+            a_done.wait()
+        b_done.set()
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"second inside": 1, "first after both": 4}
+
+    class Broken(PerThread):
+        def get_num_threads(self):
+            return 2
+
+        def set_num_threads(self, n):
+            raise OSError("no")
+    hold = BlasHold()
+    hold._libs = [PerThread(), Broken()]
+    with pytest.raises(OSError):
+        hold.__enter__()
+    assert hold._libs[0].get_num_threads() == 4  # set, then restored when the second library failed
+    with pytest.raises(OSError):
+        hold.__enter__()  # no depth left behind: it tries again

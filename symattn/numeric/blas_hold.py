@@ -19,6 +19,8 @@ import threading
 
 class BlasHold:
     """`with one_blas_thread:` runs its body with every loaded BLAS library at one thread (re-entrant, any thread).
+    A process-wide count (OpenBLAS, pthreads) is held while any hold is open in the process; a per-thread count
+    (OpenMP builds, other libraries: threadpoolctl sets the calling thread's) while one is open in this thread.
     Holding and restoring costs microseconds (threadpool_limits() per call was measured at 1.3-2.2 ms)."""
 
     def __init__(self):
@@ -26,7 +28,8 @@ class BlasHold:
         self._setters = None
         self._lock = threading.Lock()
         self._depth = 0  # holds open in the process
-        self._saved = []  # (setter, count) changed by the first hold, restored by the last
+        self._saved = []  # (setter, count) of process-wide counts changed by the first hold, restored by the last
+        self._local = threading.local()  # .depth, .saved: the same for this thread's per-thread counts
 
     def libs(self) -> list:
         """threadpoolctl's controllers of the BLAS libraries loaded (SciPy's, which Numba's np.dot calls, included)."""
@@ -36,42 +39,76 @@ class BlasHold:
             self._libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
         return self._libs
 
-    def _pairs(self) -> list:
+    def _pairs(self, process_wide: bool) -> list:
+        """(controller, setter) of the libraries whose count is process-wide (or per thread)."""
         if self._setters is None:
-            self._setters = [(lib, _setter(lib)) for lib in self.libs()]
-        return self._setters
+            self._setters = [(lib, *_setter(lib)) for lib in self.libs()]
+        return [(lib, set_) for lib, set_, wide in self._setters if wide == process_wide]
 
     def __enter__(self):
-        with self._lock:
-            if self._depth == 0:
-                self._saved = [(set_, n) for lib, set_ in self._pairs() if (n := lib.get_num_threads()) != 1]
-                for set_, _ in self._saved:
-                    set_(1)
-            self._depth += 1
+        local = self._local
+        if getattr(local, "depth", 0) == 0:
+            local.saved = _hold(self._pairs(process_wide=False))
+        local.depth = getattr(local, "depth", 0) + 1
+        try:
+            with self._lock:
+                if self._depth == 0:
+                    self._saved = _hold(self._pairs(process_wide=True))
+                self._depth += 1
+        except BaseException:
+            self._leave_thread()
+            raise
 
     def __exit__(self, *exc):
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
-                for set_, n in self._saved:
-                    set_(n)
+                _restore(self._saved)
                 self._saved = []
+        self._leave_thread()
+
+    def _leave_thread(self) -> None:
+        local = self._local
+        local.depth -= 1
+        if local.depth == 0:
+            _restore(local.saved)
+            local.saved = []
 
 
-def _setter(lib):
-    """The function that sets `lib`'s thread count for the whole process: OpenBLAS's own (pthreads build), else the
-    controller's (OpenMP builds and other libraries keep a count per calling thread; threadpoolctl sets it)."""
+def _hold(pairs) -> list:
+    """Set each library to one thread; the (setter, count) pairs changed. A failure part-way restores those set."""
+    saved = []
+    try:
+        for lib, set_ in pairs:
+            n = lib.get_num_threads()
+            if n != 1:
+                set_(1)
+                saved.append((set_, n))
+    except BaseException:
+        _restore(saved)
+        raise
+    return saved
+
+
+def _restore(saved: list) -> None:
+    for set_, n in saved:
+        set_(n)
+
+
+def _setter(lib) -> tuple:
+    """(setter, process_wide) of `lib`'s thread count: OpenBLAS's own openblas_set_num_threads for a pthreads
+    build (one count for the process), else the controller's (OpenMP builds and other libraries: per thread)."""
     if lib.internal_api == "openblas" and getattr(lib, "threading_layer", "") != "openmp":
         try:
             dll = ctypes.CDLL(lib.filepath)
         except OSError:
-            return lib.set_num_threads
+            return lib.set_num_threads, False
         for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
             fn = getattr(dll, f"{prefix}openblas_set_num_threads{suffix}", None)
             if fn is not None:
                 fn.argtypes, fn.restype = [ctypes.c_int], None
-                return fn
-    return lib.set_num_threads
+                return fn, True
+    return lib.set_num_threads, False
 
 
 one_blas_thread = BlasHold()
