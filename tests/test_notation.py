@@ -88,6 +88,11 @@ def test_names_may_swap_but_never_print_alike():
     assert r"K &= \begin{bmatrix}q_{0,0}" in latex and r"Q &= \begin{bmatrix}k_{0,0}" in latex  # renamed both ways
     with pytest.raises(SpecError, match=r"name 'W_a' of V is also the name of Wg, Wa"):
         Notation(names={"V": "W_a"})
+    for spelled in ("{Q}", "{{Q}}", "Q^{}", " Q"):  # print as Q: equal after braces that only group (review)
+        with pytest.raises(SpecError, match="also the name of Q"):
+            Notation(names={"K": spelled})
+    # the general and the additive score's W_a never meet in one derivation: either may take the other's name
+    assert Notation(names={"Wg": "W_a"}) and Notation(names={"Wg": "W", "Wa": "W"})
 
 
 def test_sample_entries_by_default_and_all_on_request():

@@ -63,7 +63,41 @@ def check_names(names: dict) -> None:
                             f"most {MAX_NAME} characters, letters, digits, ' and balanced braces, one ^ and one _ "
                             f"per group, and the commands {', '.join(sorted(_WITH_ARGUMENT | _SYMBOLS))}; got "
                             f"{tex[:MAX_NAME + 10]!r}")
-        alike = [m for m, t in TENSORS.items() if m != name and names.get(m, t.latex) == tex]
+        alike = [m for m, t in TENSORS.items() if m != name and _together(name, m)
+                 and _printed(names.get(m, t.latex)) == _printed(tex)]
         if alike:
             raise SpecError(f"name {tex!r} of {name} is also the name of {', '.join(alike)}: two tensors would "
                             f"print alike; rename {'it' if len(alike) == 1 else 'them'} too or pick another name")
+
+
+def _printed(tex: str) -> str:
+    """`tex` as compared for printing alike: no spaces, no empty scripts, no braces that only group (`{Q}`, `{{Q}}`
+    and `Q^{}` print as Q); braces after a command or a script are kept."""
+    tex = "".join(tex.split())
+    while (shorter := tex.replace("^{}", "").replace("_{}", "")) != tex:
+        tex = shorter
+    out, kept = [], []
+    for c in tex:
+        if c == "{":
+            kept.append(bool(_OPENS_ARGUMENT.search("".join(out))))
+            if kept[-1]:
+                out.append(c)
+        elif c == "}":
+            if kept.pop():
+                out.append(c)
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+_OPENS_ARGUMENT = re.compile(r"(\\[A-Za-z]+|[\^_])$")
+
+
+def _together(a: str, b: str) -> bool:
+    """Whether tensors a and b can appear in one derivation: parameters of two different scores (general's W_a
+    and additive's W_a share a default name) never do."""
+    score_a, score_b = _SCORE_OF.get(a.removeprefix("d")), _SCORE_OF.get(b.removeprefix("d"))
+    return score_a is None or score_b is None or score_a == score_b
+
+
+_SCORE_OF = {p.tensor: name for name, s in score.SCORES.items() for p in s.params}
