@@ -363,7 +363,9 @@ def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
     Q, K, V, O3 = (q[None], k[None], v[None], O[None]) if flat else (q, k, v, O)  # (B, n, d)
     small = Q.shape[0] * Q.shape[1] * K.shape[1] < kernels.SMALL
     kernel = kernels.loops.plain_backward
-    buf = _scratch((kernels.loops.BACKWARD_SCRATCH * K.shape[1],), dt) if small else None  # (34·n_k,)
+    shape = (kernels.loops.BACKWARD_SCRATCH * K.shape[1],)  # (34·n_k,)
+    buf = _SCRATCH.get((shape, dt)) if small and _scratch(shape, dt) is not None else None  # shared if _scratch
+    # keeps this shape; None: a buffer per call, so that a live pullback holds no large one
 
     def pullback(dO) -> dict:
         if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:
@@ -372,11 +374,11 @@ def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
         args = (Q, K, V, is_causal, scale, O3, LSE) + ((dO[None], dq[None], dk[None], dv[None]) if flat else
                                                        (dO, dq, dk, dv))
         if small:
-            entry = _ENTRIES.get((kernel, dt))
+            entry, scratch = _ENTRIES.get((kernel, dt)), buf if buf is not None else np.empty(shape, dt)
             if entry is not None:
-                entry(*args, buf)
+                entry(*args, scratch)
             else:
-                _record(kernel, dt, args + (buf,))
+                _record(kernel, dt, args + (scratch,))
         else:
             kernels.backward_into(Q, K, V, _NOBIAS[dt], _identity_batch(Q.shape[0]), is_causal, scale, 0,
                                   *args[5:])
