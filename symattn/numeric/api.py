@@ -364,8 +364,8 @@ def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
     small = Q.shape[0] * Q.shape[1] * K.shape[1] < kernels.SMALL
     kernel = kernels.loops.plain_backward
     shape = (kernels.loops.BACKWARD_SCRATCH * K.shape[1],)  # (34·n_k,)
-    buf = _SCRATCH.get((shape, dt)) if small and _scratch(shape, dt) is not None else None  # shared if _scratch
-    # keeps this shape; None: a buffer per call, so that a live pullback holds no large one
+    buf = _scratch(shape, dt) if small else None
+    buf = buf if _SCRATCH.get((shape, dt)) is buf else None  # only a shared one: a live pullback holds no large one
 
     def pullback(dO) -> dict:
         if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:

@@ -25,7 +25,7 @@ class BlasHold:
 
     def __init__(self):
         self._libs = None
-        self._setters = None
+        self._setters = None  # {process_wide: [(controller, setter)]}, found once
         self._lock = threading.Lock()
         self._depth = 0  # holds open in the process
         self._saved = []  # (setter, count) of process-wide counts changed by the first hold, restored by the last
@@ -42,8 +42,9 @@ class BlasHold:
     def _pairs(self, process_wide: bool) -> list:
         """(controller, setter) of the libraries whose count is process-wide (or per thread)."""
         if self._setters is None:
-            self._setters = [(lib, *_setter(lib)) for lib in self.libs()]
-        return [(lib, set_) for lib, set_, wide in self._setters if wide == process_wide]
+            found = [(lib, *_setter(lib)) for lib in self.libs()]
+            self._setters = {w: [(lib, set_) for lib, set_, wide in found if wide == w] for w in (True, False)}
+        return self._setters[process_wide]
 
     def __enter__(self):
         local = self._local
