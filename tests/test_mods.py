@@ -158,6 +158,20 @@ def test_a_traced_mod_is_verified_four_ways():
     assert {c.path for c in report.comparisons} >= {"unrolled kernel f64", "NumPy reference f64"}
 
 
+def test_the_identity_mod_is_a_score(rng):
+    """FlexAttention's noop score_mod returns the score unchanged: a SymPy Symbol, which SymPy also counts as a
+    Boolean, was refused as 'not a score'. It is the plain attention, values and gradients, and is verified."""
+    def noop(score, b, h, q_idx, kv_idx):
+        return score
+    q, k, v, dO = (rng.normal(size=(2, 4, 3)) for _ in range(4))
+    np.testing.assert_allclose(symattn.attention(q, k, v, score_mod=noop), symattn.attention(q, k, v), rtol=1e-13)
+    O, pullback = symattn.attention_vjp(q, k, v, score_mod=noop)
+    for got, want in zip((pullback(dO)[x] for x in "qkv"), symattn.attention_backward(q, k, v, dO)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    report = symattn.verify(AttentionSpec(3, 3, 2, score_mod=score_mod(noop)))
+    assert report.passed, report.failures()
+
+
 @pytest.mark.parametrize("fn, operation", [
     (lambda s, b, h, q, kv: math.sin(s), "math.sin"),
     (lambda s, b, h, q, kv: s if s > 0 else -s, "truth value"),

@@ -240,7 +240,8 @@ def _checked(expr, label: str, symbols, tables):
     """The traced result as an exact SymPy expression built from supported operations only."""
     import sympy
     from sympy.logic import boolalg
-    if isinstance(expr, (bool, sympy.logic.boolalg.Boolean)) or not isinstance(expr, (int, float, sympy.Expr)):
+    # (a Symbol is a Boolean too in SymPy: the score itself, returned unchanged, is a score)
+    if isinstance(expr, bool) or not isinstance(expr, (int, float, sympy.Expr)):
         raise SpecError(f"score_mod {label!r} returned {type(expr).__name__}, not a score: a score mod returns the "
                         f"new score (use ops.where(condition, a, b) for a choice)")
     expr = sympy.sympify(expr)
