@@ -108,16 +108,18 @@ def check_heads(variant: Variant, batch_shape: tuple[int, ...]) -> None:
 
 
 def check_layer_heads(score_mod, heads: int) -> None:
-    """A per-head mod given to the layer has one slope per layer head."""
-    from ..symbolic.mods import mod_of
+    """A per-head mod given to the layer has one slope per layer head (symbolic.mods.check_heads)."""
+    from ..symbolic.mods import ScoreMod, check_heads, mod_of
+    if not isinstance(score_mod, (str, ScoreMod)):
+        return  # a user's function (traced later, by symattn.attention) has no slope per head
     try:
         mod = mod_of(score_mod)
     except SpecError as e:
         raise InputError(f"score_mod: {e}") from None
-    n = getattr(mod, "heads", 0) if mod is not None else 0
-    if n and n != heads:
-        raise InputError(f"score_mod {mod.text!r} has one slope per head of {n} heads, but the layer has {heads}: "
-                         f"use alibi(heads={heads})")
+    try:
+        check_heads(mod, heads, f"score_mod {getattr(mod, 'text', '')!r}", "alibi(heads={heads})")
+    except SpecError as e:
+        raise InputError(str(e)) from None
 
 
 @functools.lru_cache(maxsize=64)

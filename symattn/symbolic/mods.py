@@ -155,6 +155,15 @@ def mod_of(value) -> ScoreMod | None:
                     f"score_mod(score, b, h, q_idx, kv_idx) function, got {type(value).__name__}")
 
 
+def check_heads(mod: ScoreMod | None, heads: int, what: str, fix: str) -> None:
+    """A per-head mod (ALiBi with one slope per head) used by a layer has one slope per layer head; `fix` spells
+    the remedy for the caller (CLI text or Python call) with {heads} for the layer's count."""
+    slopes = getattr(mod, "heads", 0) if mod is not None else 0
+    if slopes and slopes != heads:
+        raise SpecError(f"{what} has one slope per head of {slopes} heads, but the layer has {heads}: use "
+                        + fix.format(heads=heads))
+
+
 def score_mod(fn, params: dict | None = None, name: str | None = None) -> ScoreMod:
     """A user's score_mod(score, b, h, q_idx, kv_idx) traced with SymPy symbols (see symattn.mods.ops for the
     operations). Learnable tables: close over `table(name, shape)` objects, or declare `params` = {name: shape}

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import SizeTooLargeError, SpecError
 from .fields import choice, mask_field, positive_int, short_repr, variant_args, variant_parts, variant_title
 from .masks import Mask, mask_of
-from .mods import ScoreMod, mod_of
+from .mods import ScoreMod, check_heads, mod_of
 
 if TYPE_CHECKING:
     import sympy
@@ -304,10 +304,7 @@ class MultiHeadSpec:
         object.__setattr__(self, "scale", parse_scale(self.scale, name))
         object.__setattr__(self, "mask", mask_field(self.mask, name))
         check_variant(self, name)
-        slopes = getattr(self.mod_object, "heads", 0)
-        if slopes and slopes != self.heads:
-            raise SpecError(f"{name}.score_mod {self.score_mod!r} has one slope per head of {slopes} heads, but the "
-                            f"layer has {self.heads}: use alibi:heads={self.heads}")
+        check_heads(self.mod_object, self.heads, f"{name}.score_mod {self.score_mod!r}", "alibi:heads={heads}")
 
     def __repr__(self) -> str:
         return short_repr(self)
