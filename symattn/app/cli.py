@@ -41,6 +41,9 @@ def _spec_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--causal", action="store_true", help="causal mask: query i sees keys j <= i (= --mask causal)")
     p.add_argument("--scale", default=None, help="score scale, e.g. 0.5 or 1/8 (default 1/sqrt(d_k), exact)")
     _variant_options(p)
+    p.add_argument("--masked-rows", default="zero", choices=("zero", "uniform", "nan"),
+                   help="a query that sees no key: weights 0 (default, PyTorch), 1/n_k (uniform, JAX) or NaN "
+                        "(numeric only: no derivation)")
     layer = p.add_argument_group("multi-head layer (any of these makes it a layer)")
     layer.add_argument("--d-model", type=int, default=None, help="model width")
     layer.add_argument("--heads", type=int, default=None, help="number of heads h")
@@ -63,11 +66,12 @@ def _spec(args):
             raise SymattnError("a multi-head layer needs --d-model and --heads")
         return MultiHeadSpec(args.n_q, args.d_model, args.heads, n_k=args.n_k, kv_heads=args.kv_heads, d_k=args.d_k,
                              d_v=args.d_v, cross=args.cross, bias=args.bias, scale=args.scale, mask=mask,
-                             score=args.score, hidden=args.hidden, score_mod=args.score_mod or "none")
+                             score=args.score, hidden=args.hidden, score_mod=args.score_mod or "none",
+                             masked_rows=args.masked_rows)
     if args.n_k is None or args.d_k is None:
         raise SymattnError("give --n-k and --d-k (one head), or --d-model and --heads (a multi-head layer)")
     return AttentionSpec(args.n_q, args.n_k, args.d_k, args.d_v, scale=args.scale, mask=mask, score=args.score,
-                         hidden=args.hidden, score_mod=args.score_mod or "none")
+                         hidden=args.hidden, score_mod=args.score_mod or "none", masked_rows=args.masked_rows)
 
 
 def _notation_options(p) -> None:

@@ -124,7 +124,7 @@ def _unrolled(spec, x, module):
 def _options(spec) -> dict:
     """The spec as options of the numeric API: score, score mod, mask (is_causal for the causal mask, else the
     Mask itself as mask_mod), scale (for scaled scores)."""
-    options = dict(scale=None if spec.score in UNSCALED else spec.scale_value)
+    options = dict(scale=None if spec.score in UNSCALED else spec.scale_value, masked_rows=spec.masked_rows)
     if spec.causal:
         options["is_causal"] = True
     elif spec.mask_object is not None:
@@ -173,7 +173,7 @@ def _reference(spec, x) -> dict[str, np.ndarray]:
     """The NumPy reference; a mask other than causal goes in as the mask_mod it is (evaluated over index grids)."""
     params = {p.name: x[p.tensor] for p in parameters(spec)}
     masking = dict(is_causal=True) if spec.causal else dict(mask_mod=spec.mask_object)
-    kw = dict(**masking, scale=None if spec.score in UNSCALED else spec.scale_value,
+    kw = dict(**masking, scale=None if spec.score in UNSCALED else spec.scale_value, masked_rows=spec.masked_rows,
               score=spec.score, params=params, score_mod=spec.mod_object)
     grads = reference.gradients(x["Q"], x["K"], x["V"], x["dO"], **kw)
     values = [reference.attention(x["Q"], x["K"], x["V"], **kw), grads["q"], grads["k"], grads["v"],

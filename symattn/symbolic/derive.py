@@ -15,6 +15,7 @@ import sympy
 
 from .tensors import SIZES, TENSORS, SymbolTable, a, b, flat, i, j, l
 from .chains import MASK, chains, dS_matrix, jacobian_matrix
+from .keyless import check_policy, constant_rows, policy_text, uniform_rows
 from .modsteps import mod_gradient_rows, mod_param_rows, mod_rows, mod_slope
 from .score import SCORES, Score, derivative, partial, scale_symbolic
 from .spec import AttentionSpec
@@ -115,7 +116,16 @@ def _softmax(spec: AttentionSpec, table: SymbolTable) -> sympy.Array:
         visible = [kj for kj in range(spec.n_k) if spec.visible(qi, kj)]
         Z = sympy.Add(*(sympy.exp(s[qi, kj]) for kj in visible))  # masked keys are absent from the sum
         rows.append([sympy.exp(s[qi, kj]) / Z if kj in visible else sympy.S.Zero for kj in range(spec.n_k)])
+    for qi in uniform_rows(spec):  # no visible key, masked_rows='uniform': constant weights (else 0, as built)
+        rows[qi] = [sympy.Rational(1, spec.n_k)] * spec.n_k
     return _array(rows)  # (n_q, n_k)
+
+
+def _zero_uniform_rows(spec: AttentionSpec, rows: list) -> sympy.Array:
+    """The Jacobian's or dS's rows, 0 for queries whose weights are constant (masked_rows='uniform')."""
+    for qi in uniform_rows(spec):
+        rows[qi] = sympy.Array(rows[qi]).applyfunc(lambda _: sympy.S.Zero).tolist()
+    return _array(rows)
 
 
 def _score_steps(spec: AttentionSpec, score: Score, table: SymbolTable) -> dict[str, Callable[[], sympy.Array]]:
@@ -182,10 +192,11 @@ def _explicit(spec: AttentionSpec, table: SymbolTable) -> dict[str, Callable[[],
         "upstream": lambda: t["dO"],
         "dV": lambda: _array((m("P").T * m("dO")).tolist()),  # (n_k, d_v)
         "dP": lambda: _array((m("dO") * m("V").T).tolist()),  # (n_q, n_k)
-        "jacobian": lambda: _array([[[t["P"][x, y] * (int(y == z) - t["P"][x, z]) for z in range(nk)]
-                                     for y in range(nk)] for x in range(nq)]),  # (n_q, n_k, n_k)
+        "jacobian": lambda: _zero_uniform_rows(spec, [[[t["P"][x, y] * (int(y == z) - t["P"][x, z]) for z in range(nk)]
+                                                       for y in range(nk)] for x in range(nq)]),  # (n_q, n_k, n_k)
         "D": lambda: _array([sum(t["dO"][x, z] * t["O"][x, z] for z in range(dv)) for x in range(nq)]),  # (n_q,)
-        "dS": lambda: _array([[t["P"][x, y] * (t["dP"][x, y] - t["D"][x]) for y in range(nk)] for x in range(nq)]),
+        "dS": lambda: _zero_uniform_rows(spec, [[t["P"][x, y] * (t["dP"][x, y] - t["D"][x]) for y in range(nk)]
+                                                for x in range(nq)]),  # (n_q, n_k)
         **_score_gradients(spec, score, table),
     }
 
@@ -194,6 +205,10 @@ def _explicit(spec: AttentionSpec, table: SymbolTable) -> dict[str, Callable[[],
 
 def _indexed_softmax(spec: AttentionSpec) -> sympy.Expr:
     """p_ij = exp(s_ij) / Σ over the keys visible to query i; 0 for a masked key."""
+    return constant_rows(_visible_softmax(spec), spec, 1 / SIZES["n_k"])
+
+
+def _visible_softmax(spec: AttentionSpec) -> sympy.Expr:
     S, mask = TENSORS["S"].base, spec.mask_object
     if mask is None:
         return sympy.exp(S[i, j]) / sympy.Sum(sympy.exp(S[i, l]), (l, 0, SIZES["n_k"] - 1))
@@ -228,7 +243,8 @@ def _step_table(spec: AttentionSpec):
         *mod_rows(spec),
         ("softmax", "forward", "P", (i, j), "Softmax normalisation into weights",
          r"Each row of scores goes through a softmax, $p_{ij} = e^{s_{ij}} / \sum_l e^{s_{il}}$: weights are positive "
-         r"and sum to 1 over the keys." + masked, _indexed_softmax(spec),
+         r"and sum to 1 over the " + ("visible " if mask else "") + "keys." + masked + policy_text(spec),
+         _indexed_softmax(spec),
          sympy.Eq(M["P"], softmax(sympy.MatAdd(M["S"], MASK, evaluate=False) if mask is not None else M["S"]),
                   evaluate=False)),
         ("weighted_values", "forward", "Vt", (i, j, b), "Value vectors scaled by their weights",
@@ -254,7 +270,7 @@ def _step_table(spec: AttentionSpec):
         ("jacobian", "backward", "J", (i, j, l), "Softmax Jacobian",
          r"Within row $i$, $\partial p_{ij} / \partial s_{il} = p_{ij} (\delta_{jl} - p_{il})$; as a matrix, the "
          r"Jacobian of row $i$ is $\operatorname{diag}(p_i) - p_i p_i^\top$ ($p_i$ the row's weights as a column).",
-         B["P"][i, j] * (sympy.KroneckerDelta(j, l) - B["P"][i, l]), jacobian_matrix()),
+         constant_rows(B["P"][i, j] * (sympy.KroneckerDelta(j, l) - B["P"][i, l]), spec, 0), jacobian_matrix()),
         ("D", "backward", "D", (i,), "Row correction term",
          r"$D_i = \sum_l P_{il}\, \mathrm{d}P_{il}$ is the part of $\mathrm{d}P$ every weight of row $i$ shares. "
          r"Since $\mathrm{d}P_{il} = \sum_b \mathrm{d}O_{ib} V_{lb}$ and $\sum_l P_{il} V_{lb} = O_{ib}$, it equals "
@@ -262,7 +278,7 @@ def _step_table(spec: AttentionSpec):
          Sum(B["dO"][i, b] * B["O"][i, b], (b, 0, dv - 1)), None),
         ("dS", "backward", "dS", (i, j), "Gradient of the scores",
          r"The chain rule through the softmax Jacobian collapses to $\mathrm{d}S = P \circ (\mathrm{d}P - "
-         r"D \mathbf{1}^\top)$.", B["P"][i, j] * (B["dP"][i, j] - B["D"][i]), dS_matrix()),
+         r"D \mathbf{1}^\top)$.", constant_rows(B["P"][i, j] * (B["dP"][i, j] - B["D"][i]), spec, 0), dS_matrix()),
         *mod_gradient_rows(spec),
         *_gradient_rows(spec, score),
         *mod_param_rows(spec),
@@ -344,6 +360,7 @@ def derive(spec: AttentionSpec, *, explicit: bool = True, prove: bool = True,
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"derive expects an AttentionSpec, got {type(spec).__name__}")
     note = progress or (lambda message: None)
+    check_policy(spec)
     if explicit:
         spec.check_explicit()
         table = SymbolTable(spec) if table is None else table

@@ -53,7 +53,8 @@ def variant_parts(spec) -> list[str]:
     """File-name parts of the variant: score (and d_a), score mod, mask."""
     parts = [spec.score + (f"_da{spec.hidden}" if spec.hidden else "")] if spec.score != "dot" else []
     parts += [spec.mod_object.tag] if spec.mod_object is not None else []
-    return parts + ([spec.mask_object.tag] if spec.mask_object is not None else [])
+    parts += [spec.mask_object.tag] if spec.mask_object is not None else []
+    return parts + ([f"{spec.masked_rows}rows"] if spec.masked_rows != "zero" else [])  # the policy changes kernels
 
 
 def variant_title(spec) -> str:
@@ -61,7 +62,8 @@ def variant_title(spec) -> str:
     hidden = f", d_a={spec.hidden}" if spec.hidden else ""
     mod = "" if spec.mod_object is None else f", {spec.mod_object.text.replace(':', ' ')}"
     mask = "" if spec.mask_object is None else f", {spec.mask_object.text.replace(':', ' ')} mask"
-    return hidden + mod + mask
+    rows = "" if spec.masked_rows == "zero" else f", masked rows {spec.masked_rows}"
+    return hidden + mod + mask + rows
 
 
 def variant_args(spec) -> str:
@@ -75,4 +77,4 @@ def variant_args(spec) -> str:
         args += " --causal"
     elif spec.mask != "none":
         args += f" --mask '{spec.mask if isinstance(spec.mask, str) else spec.mask.text}'"
-    return args
+    return args + (f" --masked-rows {spec.masked_rows}" if spec.masked_rows != "zero" else "")

@@ -280,9 +280,11 @@ class MultiHeadSpec:
     score: str = "dot"
     hidden: int | None = None
     score_mod: str = "none"
+    masked_rows: str = "zero"
 
     def __post_init__(self):
         name = "MultiHeadSpec"
+        choice("masked_rows", self.masked_rows, MASKED_ROWS, name)
         for field_name in ("n_q", "d_model", "heads"):
             object.__setattr__(self, field_name, positive_int(field_name, getattr(self, field_name), name))
         kv = self.heads if self.kv_heads is None else positive_int("kv_heads", self.kv_heads, name)
@@ -313,7 +315,8 @@ class MultiHeadSpec:
     def head(self) -> AttentionSpec:
         """The single-head spec every head shares (sizes and variant)."""
         return AttentionSpec(self.n_q, self.n_k, self.d_k, self.d_v, scale=self.scale, mask=self.mask,
-                             score=self.score, hidden=self.hidden, score_mod=self.score_mod)
+                             score=self.score, hidden=self.hidden, score_mod=self.score_mod,
+                             masked_rows=self.masked_rows)
 
     def group(self, i: int) -> int:
         """Key/value group of head i: ⌊i·kv_heads/heads⌋."""
