@@ -105,11 +105,15 @@ def _as_matrix(array) -> sympy.ImmutableMatrix:
     return sympy.ImmutableMatrix(array.tolist() if array.rank() == 2 else [[x] for x in array])
 
 
+def _further(count: int) -> str:
+    return f"{count} further entr{'y' if count == 1 else 'ies'}"
+
+
 def _latex_parts(d: Derivation, notation: Notation, kind: str, parts) -> list[str]:
     """Printed pieces of one display line, read `a = b = c`, long sums elided until the line fits."""
     p = printer(d, notation)
     if kind == "omitted":
-        return [rf"\text{{({parts[0]} further entries omitted)}}"]
+        return [rf"\text{{({_further(parts[0])} omitted)}}"]
     if kind == "indexed" and len(parts) == 1:
         return [p.doprint(parts[0]) + r" \text{ (input)}"]
     if len(parts) == 1:  # an input matrix, Eq(Q, [...])
@@ -239,13 +243,14 @@ def to_text(d: Derivation, *, query: int | None = None, max_entries=_UNSET, nota
             for kind, parts in equation_parts(d, step, query=query, max_entries=max_entries,
                                               notation=notation.replace(index_base=0)):
                 if kind == "omitted":
-                    out.append(f"     ({parts[0]} further entries omitted)")
+                    out.append(f"     ({_further(parts[0])} omitted)")
                 elif len(parts) == 1 and kind == "indexed":
                     out.append(f"     {kind}: {sympy.sstr(parts[0])} (input)")
                 elif len(parts) == 1:
                     out.append(f"     {kind}: {sympy.sstr(parts[0].lhs)} = {sympy.sstr(parts[0].rhs.tolist())}")
-                else:
-                    out.append(f"     {kind}: " + " = ".join(sympy.sstr(x) for x in parts))
+                else:  # a matrix form; the upstream step's is the scalar loss L, a definition
+                    label = "definition" if kind == "matrix" and isinstance(parts[0], sympy.Symbol) else kind
+                    out.append(f"     {label}: " + " = ".join(sympy.sstr(x) for x in parts))
     if d.proofs:
         out.append("\nProofs\n------")
         out.extend(proof_lines(d))

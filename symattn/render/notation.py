@@ -85,6 +85,9 @@ class DocPrinter(LatexPrinter):
                 return r"\frac{%s}{\sqrt{%s}}" % (self._print(rest), inverse)
         return super()._print_Mul(expr)
 
+    def _print_OneMatrix(self, expr):  # the layer's column of ones (1 b^T adds a bias to every row)
+        return r"\mathbf{1}"
+
     def _print_DiagMatrix(self, expr):
         return r"\operatorname{diag}\left(%s\right)" % self._print(expr.args[0])
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import sympy
 
-from .tensors import SIZES, TENSORS, SymbolTable, a, b, flat, i, j, l
+from .tensors import DIMS, SIZES, TENSORS, SymbolTable, a, b, flat, i, j, l
 from .chains import MASK, chains, dS_matrix, jacobian_matrix
 from .keyless import check_policy, constant_rows, policy_text, uniform_rows
 from .modsteps import mod_gradient_rows, mod_param_rows, mod_rows, mod_slope
@@ -293,11 +293,19 @@ def parameters(spec: AttentionSpec) -> tuple:
 def _param_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
     """Input steps of the parameters θ of the score and of the score mod."""
     owner = {p.tensor: f"the {score.key} score" for p in score.params}
-    shape = {p.tensor: "a scalar" if TENSORS[p.tensor].dims == ("one",) else
-             f"of shape $({', '.join(TENSORS[p.tensor].dims)})$" for p in parameters(spec)}
+    shape = {p.tensor: "a scalar" if TENSORS[p.tensor].dims == ("one",) else _shape_text(spec, TENSORS[p.tensor].dims)
+             for p in parameters(spec)}
     return [(p.tensor, "forward", p.tensor, TENSORS[p.tensor].indices(), f"The parameter ${p.latex}$",
              f"A learned parameter of {owner.get(p.tensor, 'the score mod')}, {shape[p.tensor]}.", None, None)
             for p in parameters(spec)]
+
+
+def _shape_text(spec: AttentionSpec, dims: tuple[str, ...]) -> str:
+    """'of shape $(d_{k}, d_{a}) = (2, 3)$': the dims as typeset and, at the spec's sizes, their values."""
+    sizes = spec.sizes
+    values = [DIMS[d].subs({SIZES[n]: v for n, v in sizes.items() if n in SIZES}) for d in dims]
+    shown = f"({', '.join(sympy.latex(DIMS[d]) for d in dims)})"
+    return f"of shape ${shown}" + (f" = ({', '.join(map(str, values))})$" if all(v.is_Integer for v in values) else "$")
 
 
 def _score_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
@@ -323,14 +331,14 @@ def _gradient_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
     tau = scale_symbolic(spec) if score.scaled else sympy.S.One
     dS = B["dSr" if spec.mod_object else "dS"]  # the gradient of the score before its mod
     rows = []
-    for tensor, title, over in (("Q", "queries", ((j, 0, nk - 1),)), ("K", "keys", ((i, 0, nq - 1),))):
+    for tensor, title, one, over in (("Q", "queries", "query", ((j, 0, nk - 1),)), ("K", "keys", "key", ((i, 0, nq - 1),))):
         index = (i, a) if tensor == "Q" else (j, a)
         matrix = _dot_matrix(spec, tensor) if score.key == "dot" else None
         small = tensor.lower()
         S = r"\bar{S}" if spec.mod_object else "S"  # the score before its mod
         text = ((f"${S} = \\tau Q K^\\top$, so " + (f"$\\mathrm{{d}}Q = \\tau\\, \\mathrm{{d}}{S}\\, K$." if tensor == "Q"
                                                  else f"$\\mathrm{{d}}K = \\tau\\, \\mathrm{{d}}{S}^\\top Q$."))
-                if score.key == "dot" else f"Chain rule through every score the {title[:-1]} enters; "
+                if score.key == "dot" else f"Chain rule through every score the {one} enters; "
                 f"$\\partial s_{{ij}} / \\partial {small}_{{{'i' if small == 'q' else 'j'}a}}$ is derived by SymPy "
                 f"from the {score.key} score.")
         rows.append((f"d{tensor}", "backward", f"d{tensor}", index, f"Gradient of the {title}", text,

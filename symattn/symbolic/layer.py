@@ -13,6 +13,7 @@ gradient dθ = Σ_h dθ^(h) sums the heads' contributions (each head's dθ^(h) i
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import sympy
 
@@ -138,17 +139,19 @@ TEXTS = {  # key -> (title, explanation); mathematics between $ signs (typeset i
     "y": ("Input $y$", r"Cross-attention: the $n_k$ rows of $y$ give the keys and values."),
     "w_q": ("Query projection $W_Q$", r"Columns $h d_k$ to $(h+1) d_k - 1$ project $x$ into the queries of head $h$."),
     "w_k": ("Key projection $W_K$", r"One $d_k$-column block per key/value group (grouped-query attention when "
-            r"$h_{kv} < h$)."),
+            r"$H_{kv} < H$)."),
     "w_v": ("Value projection $W_V$", r"One $d_v$-column block per key/value group."),
-    "w_o": ("Output projection $W_O$", r"Maps the concatenated head outputs ($h d_v$ columns) back to "
+    "w_o": ("Output projection $W_O$", r"Maps the concatenated head outputs ($H d_v$ columns) back to "
             r"$d_{\mathrm{model}}$."),
     "b_q": ("Query bias", "Added to every projected query."), "b_k": ("Key bias", "Added to every projected key."),
     "b_v": ("Value bias", "Added to every projected value."), "b_o": ("Output bias", "Added to every output row."),
-    "project_q": ("Query projection", r"$\hat{Q} = x W_Q + \mathbf{1} b_Q^\top$ (bias if any): all heads' queries at "
+    "project_q": ("Query projection", r"$\hat{Q} = x W_Q + \mathbf{1} b_Q^\top$: all heads' queries at "
                   r"once; head $h$ reads $Q^{(h)}$, column block $h$ of $\hat{Q}$."),
-    "project_k": ("Key projection", r"$\hat{K} = y W_K + \mathbf{1} b_K^\top$: every key/value group's keys."),
-    "project_v": ("Value projection", r"$\hat{V} = y W_V + \mathbf{1} b_V^\top$: every key/value group's values."),
-    "concat": ("Concatenation", r"$C = \operatorname{Concat}(O^{(0)}, \ldots, O^{(h-1)})$: the heads' outputs side "
+    "project_k": ("Key projection", r"$\hat{K} = y W_K + \mathbf{1} b_K^\top$: every key/value group's keys; head $h$ "
+                  r"reads $K^{(h)}$, column block $g = \lfloor h H_{kv} / H \rfloor$ of $\hat{K}$ (its group's)."),
+    "project_v": ("Value projection", r"$\hat{V} = y W_V + \mathbf{1} b_V^\top$: every key/value group's values; head "
+                  r"$h$ reads $V^{(h)}$, column block $\lfloor h H_{kv} / H \rfloor$ of $\hat{V}$."),
+    "concat": ("Concatenation", r"$C = \operatorname{Concat}(O^{(0)}, \ldots, O^{(H-1)})$: the heads' outputs side "
                r"by side, column block $h$ of $C$ is head $h$'s output."),
     "project_out": ("Output projection", r"$Z = \operatorname{MultiHead}(x) = C W_O + \mathbf{1} b_O^\top$: the "
                     r"layer's output."),
@@ -174,6 +177,17 @@ TEXTS = {  # key -> (title, explanation); mathematics between $ signs (typeset i
            r"$\mathrm{d}\hat{K} W_K^\top + \mathrm{d}\hat{V} W_V^\top$: $x$ feeds all three paths)."),
     "dY": ("Gradient of $y$", r"$\mathrm{d}y = \mathrm{d}\hat{K} W_K^\top + \mathrm{d}\hat{V} W_V^\top$."),
 }
+
+
+def _text(key: str, spec: MultiHeadSpec) -> tuple[str, str]:
+    """TEXTS[key] for this layer: in self-attention x gives the keys and values too (y is cross-attention's second
+    input), and a layer without biases has none in its projections."""
+    title, text = TEXTS[key]
+    if not spec.cross:
+        text = text.replace(" y W_", " x W_").replace("= y^\\top", "= x^\\top")
+    if not spec.bias:
+        text = re.sub(r" \+ \\mathbf\{1\} b_[QKVO]\^\\top", "", text)
+    return title, text
 
 
 def _inputs(spec: MultiHeadSpec) -> list[tuple[str, str]]:
@@ -215,7 +229,7 @@ def derive_multihead(spec: MultiHeadSpec, *, explicit: bool = True, prove: bool 
 
     def own(key: str, phase: str) -> Step:
         tensor, indices, rhs, matrix = indexed[key]
-        return Step(key, *TEXTS[key], phase, tensor, indices, rhs, builders[key]() if explicit else None,
+        return Step(key, *_text(key, spec), phase, tensor, indices, rhs, builders[key]() if explicit else None,
                     matrix, t[tensor] if explicit else None)
 
     def head_steps(phase: str) -> list[Step]:

@@ -14,7 +14,10 @@ import sympy
 
 
 # Symbolic sizes (atomic) and dims (sizes or products of sizes) used by every indexed formula.
-SIZES = {name: sympy.Symbol(name, integer=True, positive=True)
+#: Printed names where the key would mislead: a layer's head count is H (h indexes a head, as a score mod's h does),
+#: and a relative-bias table has 2D + 1 entries, n_rel (typeset n_{rel}).
+_PRINTED = {"h": "H", "h_kv": "H_kv", "n_rel": "n_{rel}"}
+SIZES = {name: sympy.Symbol(_PRINTED.get(name, name), integer=True, positive=True)
          for name in ("n_q", "n_k", "d_k", "d_v", "d_model", "h", "h_kv", "d_a", "n_rel")}
 DIMS = {**SIZES, "hd_k": SIZES["h"] * SIZES["d_k"], "gd_k": SIZES["h_kv"] * SIZES["d_k"],
         "gd_v": SIZES["h_kv"] * SIZES["d_v"], "hd_v": SIZES["h"] * SIZES["d_v"], "one": sympy.Integer(1)}
