@@ -137,7 +137,7 @@ def test_the_numeric_layer_returns_shared_parameter_gradients(rng):
 
 @pytest.mark.parametrize("fmt, marks", [("text", ["Head 1: Score mod: alibi:heads=2", "dWa[a, r] = Sum(dWa[h', a, r]"]),
                                         ("latex", [r"\mathrm{d}W_a &= \mathrm{d}W_a^{(0)} + \mathrm{d}W_a^{(1)}"]),
-                                        ("markdown", [r"{\mathrm{d}v_a}_{r} &= \sum_{h'=0}^{h - 1}"])])
+                                        ("markdown", [r"{\mathrm{d}v_a}_{r} &= \sum_{h'=0}^{H - 1}"])])
 def test_derive_prints_the_layer_variant(fmt, marks, capsys):
     assert main(["derive", *CLI, "--format", fmt, "-q", "--no-prove"]) == 0
     out = capsys.readouterr().out
