@@ -333,7 +333,6 @@ def _gradient_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
     rows = []
     for tensor, title, one, over in (("Q", "queries", "query", ((j, 0, nk - 1),)), ("K", "keys", "key", ((i, 0, nq - 1),))):
         index = (i, a) if tensor == "Q" else (j, a)
-        matrix = _dot_matrix(spec, tensor) if score.key == "dot" else None
         small = tensor.lower()
         S = r"\bar{S}" if spec.mod_object else "S"  # the score before its mod
         text = ((f"${S} = \\tau Q K^\\top$, so " + (f"$\\mathrm{{d}}Q = \\tau\\, \\mathrm{{d}}{S}\\, K$." if tensor == "Q"
@@ -342,22 +341,29 @@ def _gradient_rows(spec: AttentionSpec, score: Score) -> list[tuple]:
                 f"$\\partial s_{{ij}} / \\partial {small}_{{{'i' if small == 'q' else 'j'}a}}$ is derived by SymPy "
                 f"from the {score.key} score.")
         rows.append((f"d{tensor}", "backward", f"d{tensor}", index, f"Gradient of the {title}", text,
-                     tau * Sum(dS[i, j] * partial(s, B[tensor][index]), *over), matrix if not spec.mod_object else None))
+                     tau * Sum(dS[i, j] * partial(s, B[tensor][index]), *over), _matrix_gradient(spec, score, tensor)))
     for p in score.params:
         index = TENSORS[p.tensor].indices()
         rows.append((f"d{p.tensor}", "backward", f"d{p.tensor}", index, f"Gradient of the parameter ${p.latex}$",
                      f"${p.latex}$ enters every score: $\\mathrm{{d}}{p.latex} = \\sum_{{i,j}} \\mathrm{{d}}S_{{ij}}\\, "
                      f"\\partial s_{{ij}} / \\partial {p.latex}$, the partial derived by SymPy.", tau * Sum(dS[i, j] * partial(s, B[p.tensor][index]),
-                                                             (i, 0, nq - 1), (j, 0, nk - 1)), None))
+                                                             (i, 0, nq - 1), (j, 0, nk - 1)),
+                     _matrix_gradient(spec, score, p.tensor)))
     return rows
 
 
-def _dot_matrix(spec: AttentionSpec, tensor: str) -> sympy.Eq:
-    M = {name: t.matrix_symbol() for name, t in TENSORS.items() if name in ("Q", "K", "dQ", "dK", "dS")}
-    tau = scale_symbolic(spec)
-    if tensor == "Q":
-        return sympy.Eq(M["dQ"], tau * M["dS"] * M["K"], evaluate=False)
-    return sympy.Eq(M["dK"], tau * M["dS"].T * M["Q"], evaluate=False)
+def _matrix_gradient(spec: AttentionSpec, score: Score, tensor: str) -> sympy.Eq | None:
+    """The matrix form of dQ, dK or dθ where the score is bilinear: dot (τ dS K, τ dSᵀ Q) and general (τ dS K W_aᵀ,
+    τ dSᵀ Q W_a, τ Qᵀ dS K); after a score mod, dS̄ (the gradient of the score before its mod) takes dS's place."""
+    M = {name: TENSORS[name].matrix_symbol() for name in ("Q", "K", "Wg")}
+    dS = TENSORS["dSr" if spec.mod_object else "dS"].matrix_symbol()
+    forms = {"dot": {"Q": lambda: dS * M["K"], "K": lambda: dS.T * M["Q"]},
+             "general": {"Q": lambda: dS * M["K"] * M["Wg"].T, "K": lambda: dS.T * M["Q"] * M["Wg"],
+                         "Wg": lambda: M["Q"].T * dS * M["K"]}}
+    form = forms.get(score.key, {}).get(tensor)
+    if form is None:
+        return None
+    return sympy.Eq(TENSORS["d" + tensor].matrix_symbol(), scale_symbolic(spec) * form(), evaluate=False)
 
 
 def derive(spec: AttentionSpec, *, explicit: bool = True, prove: bool = True,

@@ -122,7 +122,8 @@ class AttentionSpec:
     Bahdanau, with `hidden` = d_a units) or 'cosine' (tau·q̂_i·k̂_j, norms clamped at 1e-12; tau is the temperature).
     scale defaults to 1/√d_k, kept exact (not for additive or cosine).
     mask: 'none' or 'causal' (top-left aligned, key j visible to query i iff j ≤ i). masked_rows: policy for
-    fully masked rows in the numeric API ('zero', 'uniform', 'nan'). dtype: kernel dtype.
+    a query that sees no key ('zero', 'uniform'; 'nan' only without such a query), as in the numeric API
+    (symbolic.keyless). dtype: kernel dtype.
     """
 
     n_q: int
