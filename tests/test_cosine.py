@@ -1,6 +1,7 @@
 """The cosine score (issue 8): s = tau·(q_i/max(‖q_i‖, eps))·(k_j/max(‖k_j‖, eps)), eps = 1e-12 as
 torch.nn.functional.normalize; derived, proven, printed, generated and verified, and the NumPy reference
 against PyTorch's autograd (the clamp's gradient included)."""
+import re
 import shutil
 import subprocess
 
@@ -117,13 +118,15 @@ def test_verify_cosine(capsys):
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (CI installs it)")
-def test_cosine_document_compiles(tmp_path):
-    assert main(["derive", "--score", "cosine", "--n-q", "2", "--n-k", "2", "--d-k", "2", "--format", "tex",
+def test_cosine_document_compiles_and_fits_the_page(tmp_path):
+    assert main(["derive", "--score", "cosine", "--n-q", "3", "--n-k", "3", "--d-k", "2", "--format", "tex",
                  "-o", str(tmp_path / "d.tex"), "-q"]) == 0
     result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "d.tex"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:]
     assert r"\max" in (tmp_path / "d.tex").read_text()
+    overfull = [float(x) for x in re.findall(r"Overfull \\hbox \(([0-9.]+)pt", (tmp_path / "d.log").read_text())]
+    assert max(overfull, default=0) < 30, overfull  # the named norms keep dq on the page (it was 340 pt over)
 
 
 def test_the_kernels_clamp_is_the_derivations():

@@ -12,6 +12,7 @@ import sympy
 from sympy.printing.latex import LatexPrinter
 
 from . import markdown
+from .shorthand import abbreviator
 from .notation import (DEFAULT, LINE, Notation, doc_printer, explanation_latex, explanation_markdown, explanation_text,
                        fitted, head_tagged, one_based, tex_escape, visible_width, wrap)
 
@@ -67,8 +68,10 @@ def equation_parts(d: Derivation, step: Step, *, query: int | None = None, max_e
     base = one_based if notation.index_base == 1 else (lambda e: e)
     shared = frozenset(s.tensor for s in d.steps if s.is_input)  # a layer's inputs: the same in every head
 
+    short = abbreviator(d, step)  # named norms of the cosine score (render.shorthand); else the identity
+
     def shift(expr):  # a head's tensors carry the head as a superscript
-        return base(head_tagged(expr, step.tag, shared))
+        return base(head_tagged(short(expr), step.tag, shared))
     if step.indexed is not None:  # with its chain-rule line where it has one: lhs = ... = rhs
         yield "indexed", [shift(step.lhs), *(shift(x) for x in (step.chain or (step.rhs,)))]
     elif step.is_input:
@@ -83,7 +86,7 @@ def equation_parts(d: Derivation, step: Step, *, query: int | None = None, max_e
     shown, omitted = _entries(step, query, _chosen(notation, max_entries))
     for index, value in shown:
         symbol = _element(d, step, index)
-        parts = [symbol, value]
+        parts = [symbol, short(value)]
         if values is not None and symbol in values:
             parts.append(values[symbol])
         yield "explicit", parts

@@ -213,6 +213,9 @@ SCORES: dict[str, Score] = {s.key: s for s in (
           r"{\max(\lVert q_i \rVert, \epsilon)\, \max(\lVert k_j \rVert, \epsilon)}",
           r"Queries and keys are normalised to unit length (norms clamped at $\epsilon = 10^{-12}$, as "
           r"torch.nn.functional.normalize does) and compared by a dot product times the learned temperature "
-          r"$\tau$; the score is not scaled by $1/\sqrt{d_k}$: $\tau$ is the temperature.", (TAU,), _cosine,
+          r"$\tau$; the score is not scaled by $1/\sqrt{d_k}$: $\tau$ is the temperature. Below, "
+          r"$r^q_i = \lVert q_i \rVert$ and $\nu^q_i = \max(\epsilon, r^q_i)$ name query $i$'s norm and its clamped "
+          r"value (likewise $r^k_j$, $\nu^k_j$ for key $j$): $\partial \nu^q_i / \partial q_{ia} = q_{ia} / r^q_i$ "
+          r"where $r^q_i \geq \epsilon$, and 0 where the clamp holds.", (TAU,), _cosine,
           lambda n: 3 * n["d_k"], scaled=False),
 )}

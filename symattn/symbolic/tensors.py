@@ -108,6 +108,9 @@ TENSORS: dict[str, Tensor] = {t.name: t for t in (
     _t("dS", r"\mathrm{d}S", "ds", r"\mathrm{d}s", "n_q", "n_k"),
     _t("dQ", r"\mathrm{d}Q", "dq", r"\mathrm{d}q", "n_q", "d_k"),
     _t("dK", r"\mathrm{d}K", "dk", r"\mathrm{d}k", "n_k", "d_k"),
+    # the cosine score's norms, named in print only (render.shorthand): r = ‖q_i‖, ν = max(ε, r)
+    _t("Rq", r"r^{q}", "rq", r"r^{q}", "n_q"), _t("Rk", r"r^{k}", "rk", r"r^{k}", "n_k"),
+    _t("Nq", r"\nu^{q}", "nuq", r"\nu^{q}", "n_q"), _t("Nk", r"\nu^{k}", "nuk", r"\nu^{k}", "n_k"),
     # (a score's parameters and their gradients are declared with the score: symattn.symbolic.score.Param)
     # the multi-head layer: inputs, weights, projections, concatenation, output, and their gradients
     _t("X", "x", "x", "x", "n_q", "d_model"),

@@ -1,0 +1,72 @@
+"""Named sub-expressions in print: what a reader follows instead of one expansion repeated in every term.
+
+The cosine score divides by clamped norms, and SymPy's derivatives repeat max(1/10^12, sqrt(Σ_a q_ia²)) six times
+per term of dq. In print (never in the derivation, whose proofs use the full expressions) the norms get names:
+r^q_i = ‖q_i‖, ν^q_i = max(ε, r^q_i), likewise r^k_j and ν^k_j, and ε = 10^-12; the cosine score's explanation
+defines them. `abbreviate` only renames: substituting the definitions back gives the expression it was given.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import sympy
+
+from ..symbolic.score import NORM_EPS
+from ..symbolic.tensors import TENSORS
+
+EPSILON = sympy.Symbol("epsilon", positive=True)
+_NORMS = {"Q": ("Rq", "Nq"), "K": ("Rk", "Nk")}  # rows of q and k -> their norm r and clamped norm ν
+
+
+def abbreviator(d, step) -> Callable[[sympy.Basic], sympy.Basic]:
+    """The renaming of `step`'s expressions (identity unless the derivation's score is cosine)."""
+    spec = getattr(d.spec, "head", d.spec)
+    if spec.score != "cosine":
+        return lambda expr: expr
+    table = d.table_for(step) if d.table is not None else None
+    norms, clamped = _explicit_norms(table) if table is not None else ({}, {})
+
+    def abbreviate(expr):
+        if not isinstance(expr, sympy.Basic):
+            return expr
+        expr = expr.xreplace(norms).xreplace(clamped) if norms else expr
+        expr = expr.replace(_indexed_norm, _indexed_name).replace(_clamped, _clamped_name)
+        return expr.xreplace({NORM_EPS: EPSILON})
+    return abbreviate
+
+
+def _explicit_norms(table) -> tuple[dict, dict]:
+    """sqrt(q_{x,0}² + ...) -> r^q_x, then max(1/10^12, r^q_x) -> ν^q_x, for every row x of Q and of K."""
+    norms, clamped = {}, {}
+    for tensor, (r, nu) in _NORMS.items():
+        X, R, N = table[tensor], table[r], table[nu]
+        for x in range(X.shape[0]):
+            squares = sum(X[x, a] ** 2 for a in range(X.shape[1]))
+            norms[sympy.sqrt(squares)], norms[1 / sympy.sqrt(squares)] = R[x], 1 / R[x]
+            clamped[sympy.Max(R[x], NORM_EPS)] = N[x]
+    return norms, clamped
+
+
+def _indexed_norm(e) -> bool:
+    """sqrt(Σ_a X[row, a]²) (or its reciprocal) for X = Q or K, summed over its feature index."""
+    if not (e.is_Pow and e.exp in (sympy.S.Half, -sympy.S.Half) and isinstance(e.base, sympy.Sum) and len(e.base.limits) == 1):
+        return False
+    term, (var, *_) = e.base.function, e.base.limits[0]
+    return (term.is_Pow and term.exp == 2 and isinstance(term.base, sympy.Indexed)
+            and term.base.base.label.name in _NORMS and term.base.indices[-1] == var)
+
+
+def _indexed_name(e):
+    X = e.base.function.base
+    return TENSORS[_NORMS[X.base.label.name][0]].base[X.indices[0]] ** (2 * e.exp)
+
+
+def _clamped(e) -> bool:
+    """max(1/10^12, r[row]) of an indexed norm r already named."""
+    return (isinstance(e, sympy.Max) and len(e.args) == 2 and NORM_EPS in e.args
+            and any(isinstance(x, sympy.Indexed) and x.base.label.name in ("Rq", "Rk") for x in e.args))
+
+
+def _clamped_name(e):
+    r = next(x for x in e.args if isinstance(x, sympy.Indexed))
+    return TENSORS["Nq" if r.base.label.name == "Rq" else "Nk"].base[r.indices[0]]

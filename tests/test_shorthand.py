@@ -1,0 +1,52 @@
+"""Named norms in print (render.shorthand, review round 7: the cosine derivation repeated
+max(1/1000000000000, sqrt(...)) six times per term and ran 340 pt off the page)."""
+import sympy
+
+import symattn
+from symattn import AttentionSpec
+from symattn.render.shorthand import EPSILON, abbreviator
+from symattn.symbolic.score import NORM_EPS
+
+
+def _definitions(table) -> tuple[dict, dict]:
+    """ν -> max(ε, r) and r -> ‖row‖, for every row of Q and K, in the table's element symbols."""
+    clamped, norms = {}, {}
+    for X, R, N in (("Q", "Rq", "Nq"), ("K", "Rk", "Nk")):
+        for x in range(table[X].shape[0]):
+            clamped[table[N][x]] = sympy.Max(table[R][x], NORM_EPS)
+            norms[table[R][x]] = sympy.sqrt(sum(e ** 2 for e in table[X][x, :]))
+    return clamped, norms
+
+
+def test_the_names_only_rename():
+    """Every explicit entry of every step, printed with the names, is the entry itself once the names are
+    replaced by their definitions."""
+    d = symattn.derive(AttentionSpec(2, 3, 2, score="cosine"), prove=False)
+    clamped, norms = _definitions(d.table)
+    named = 0
+    for step in d.steps:
+        if step.explicit is None or step.is_input:
+            continue
+        short = abbreviator(d, step)
+        for entry in sympy.flatten(step.explicit.tolist()):
+            printed = short(entry)
+            named += printed != entry
+            back = printed.xreplace(clamped).xreplace(norms).xreplace({EPSILON: NORM_EPS})
+            assert back == entry or sympy.simplify(back - entry) == 0, (step.key, printed)
+    assert named > 10  # the score, dQ, dK and dtau entries use the names
+
+
+def test_indexed_forms_use_the_names():
+    d = symattn.derive(AttentionSpec(2, 2, 2, score="cosine"), prove=False)
+    for key in ("score", "dQ", "dK", "dtau"):
+        printed = abbreviator(d, d.step(key))(d.step(key).rhs)
+        assert not printed.has(NORM_EPS) and not printed.has(sympy.Max), (key, printed)
+        assert not any(isinstance(p, sympy.Pow) and isinstance(p.base, sympy.Sum) for p in sympy.preorder_traversal(printed))
+    text = d.to_markdown()
+    assert "1000000000000" not in text and r"\nu^{q}" in text and r"r^q_i = \lVert q_i \rVert" in text
+
+
+def test_other_scores_print_as_derived():
+    d = symattn.derive(AttentionSpec(2, 2, 2, score="general"), prove=False)
+    for step in d.steps:
+        assert abbreviator(d, step)(step.rhs) is step.rhs
