@@ -6,6 +6,7 @@ import symattn
 from symattn import AttentionSpec
 from symattn.render.shorthand import EPSILON, abbreviator
 from symattn.symbolic.score import NORM_EPS
+from symattn.symbolic.tensors import TENSORS
 
 
 def _definitions(table) -> tuple[dict, dict]:
@@ -50,3 +51,28 @@ def test_other_scores_print_as_derived():
     d = symattn.derive(AttentionSpec(2, 2, 2, score="general"), prove=False)
     for step in d.steps:
         assert abbreviator(d, step)(step.rhs) is step.rhs
+
+
+def test_the_additive_preactivations_only_rename():
+    """η_{x,y,r} printed for b_r + (q_x W_a)_r + (k_y U_a)_r: substituted back, every entry is the derivation's,
+    and the key each entry depends on shows in its name (it was elided to '⋯ + q_{0,1} w_{1,0}')."""
+    d = symattn.derive(AttentionSpec(2, 3, 2, score="additive", hidden=2), prove=False)
+    t = d.table
+    Q, K, W, U, b, eta = (t[n] for n in ("Q", "K", "Wa", "Ua", "ba", "Eta"))
+    back = {eta[x, y, r]: b[r] + sum(Q[x, a] * W[a, r] + K[y, a] * U[a, r] for a in range(2))
+            for x in range(2) for y in range(3) for r in range(2)}
+    named = 0
+    for step in d.steps:
+        if step.explicit is None or step.is_input:
+            continue
+        short = abbreviator(d, step)
+        for entry in sympy.flatten(step.explicit.tolist()):
+            printed = short(entry)
+            named += printed != entry
+            assert printed.xreplace(back) == entry, (step.key, printed)
+    assert named > 10
+    dq = abbreviator(d, d.step("dQ"))(d.step("dQ").explicit[0, 0])
+    assert {eta[0, y, r] for y in range(3) for r in range(2)} <= dq.free_symbols  # every key's unit, by name
+    indexed = abbreviator(d, d.step("dQ"))(d.step("dQ").rhs)
+    assert TENSORS["Eta"].base in {x.base for x in indexed.atoms(sympy.Indexed)}
+    assert not any(x.base.label.name == "ba" for x in indexed.atoms(sympy.Indexed))

@@ -306,7 +306,8 @@ _UNICODE = [(r"\mathrm{d}", "d"), (r"\sqrt", "√"), (r"\sum", "Σ"), (r"\odot",
             (r"\operatorname{softmax}", "softmax"), (r"\operatorname{diag}", "diag"), (r"\operatorname{Concat}", "Concat"),
             (r"\operatorname{rowsum}", "rowsum"), (r"\mathbf{1}", "1"), (r"\quad", " "), (r"\,", " "), ("-", "−"),
             (r"\epsilon", "ε"), (r"\lVert", "‖"), (r"\rVert", "‖"), (r"\bar{S}", "S̄"), (r"\circ", "∘"),
-            (r"\ell", "ℓ"), (r"\wedge", "∧"), (r"\vee", "∨"), (r"\neg", "¬")]
+            (r"\ell", "ℓ"), (r"\wedge", "∧"), (r"\vee", "∨"), (r"\neg", "¬"), (r"\eta", "η"), (r"\nu", "ν"),
+            (r"\lfloor", "⌊"), (r"\rfloor", "⌋"), (r"\max", "max")]
 _ACCENTS = {"hat": "\u0302", "tilde": "\u0303", "bar": "\u0304"}
 
 

@@ -1,5 +1,8 @@
 """Named sub-expressions in print: what a reader follows instead of one expansion repeated in every term.
 
+The additive score's tanh argument b_r + (q_i W_a)_r + (k_j U_a)_r is elided to "⋯ + q_{0,1} w_{1,0}" in long
+entries, hiding the key it depends on; in print it is η_{i,j,r}, defined in the score's explanation.
+
 The cosine score divides by clamped norms, and SymPy's derivatives repeat max(1/10^12, sqrt(Σ_a q_ia²)) six times
 per term of dq. In print (never in the derivation, whose proofs use the full expressions) the norms get names:
 r^q_i = ‖q_i‖, ν^q_i = max(ε, r^q_i), likewise r^k_j and ν^k_j, and ε = 10^-12; the cosine score's explanation
@@ -19,11 +22,20 @@ _NORMS = {"Q": ("Rq", "Nq"), "K": ("Rk", "Nk")}  # rows of q and k -> their norm
 
 
 def abbreviator(d, step) -> Callable[[sympy.Basic], sympy.Basic]:
-    """The renaming of `step`'s expressions (identity unless the derivation's score is cosine)."""
+    """The renaming of `step`'s expressions: the cosine score's norms, the additive score's pre-activations; the
+    identity for other scores."""
     spec = getattr(d.spec, "head", d.spec)
-    if spec.score != "cosine":
+    if spec.score not in ("cosine", "additive"):
         return lambda expr: expr
     table = d.table_for(step) if d.table is not None else None
+    if spec.score == "additive":
+        named = _explicit_preactivations(table) if table is not None else {}
+
+        def abbreviate(expr):
+            if not isinstance(expr, sympy.Basic):
+                return expr
+            return (expr.xreplace(named) if named else expr).replace(_indexed_preactivation, _preactivation_name)
+        return abbreviate
     norms, clamped = _explicit_norms(table) if table is not None else ({}, {})
 
     def abbreviate(expr):
@@ -33,6 +45,32 @@ def abbreviator(d, step) -> Callable[[sympy.Basic], sympy.Basic]:
         expr = expr.replace(_indexed_norm, _indexed_name).replace(_clamped, _clamped_name)
         return expr.xreplace({NORM_EPS: EPSILON})
     return abbreviate
+
+
+def _explicit_preactivations(table) -> dict:
+    """b_r + Σ_a q_{x,a} w_{a,r} + Σ_a k_{y,a} u_{a,r} -> η_{x,y,r} for every query x, key y and hidden unit r."""
+    Q, K, W, U, b, eta = (table[n] for n in ("Q", "K", "Wa", "Ua", "ba", "Eta"))
+    n_q, n_k, d_a = eta.shape
+    return {b[r] + sum(Q[x, a] * W[a, r] + K[y, a] * U[a, r] for a in range(Q.shape[1])): eta[x, y, r]
+            for x in range(n_q) for y in range(n_k) for r in range(d_a)}
+
+
+def _indexed_preactivation(e) -> bool:
+    """b_a[r] + Σ K[j, ·] U_a[·, r] + Σ Q[i, ·] W_a[·, r]: three terms, whatever the summation indices' names."""
+    if not isinstance(e, sympy.Add) or len(e.args) != 3:
+        return False
+    names = set()
+    for term in e.args:
+        inner = term.function if isinstance(term, sympy.Sum) else term
+        names |= {x.base.label.name for x in inner.atoms(sympy.Indexed)}
+    return names == {"ba", "K", "Ua", "Q", "Wa"}
+
+
+def _preactivation_name(e):
+    b = next(x for x in e.args if isinstance(x, sympy.Indexed))
+    q = next(x for x in e.atoms(sympy.Indexed) if x.base.label.name == "Q")
+    k = next(x for x in e.atoms(sympy.Indexed) if x.base.label.name == "K")
+    return TENSORS["Eta"].base[q.indices[0], k.indices[0], b.indices[0]]
 
 
 def _explicit_norms(table) -> tuple[dict, dict]:

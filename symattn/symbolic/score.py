@@ -207,7 +207,8 @@ SCORES: dict[str, Score] = {s.key: s for s in (
     Score("additive", "Query-key scores by a one-layer network (Bahdanau)",
           r"s_{ij} = v_a^\top \tanh(q_i W_a + k_j U_a + b_a)",
           r"Each query-key pair goes through a hidden layer of $d_a$ $\tanh$ units (Bahdanau's additive score); "
-          r"the score is not scaled.", ADDITIVE, _additive, lambda n: 2 * n["d_k"] * n["d_a"], scaled=False),
+          r"the score is not scaled. Below, $\eta_{ijr} = b_{a,r} + (q_i W_a)_r + (k_j U_a)_r$ names the input of "
+          r"hidden unit $r$ for query $i$ and key $j$, so $s_{ij} = \sum_r v_{a,r} \tanh \eta_{ijr}$.", ADDITIVE, _additive, lambda n: 2 * n["d_k"] * n["d_a"], scaled=False),
     Score("cosine", "Query-key similarities by cosine (normalised dot product)",
           r"s_{ij} = \tau\, \frac{q_i \cdot k_j}"
           r"{\max(\lVert q_i \rVert, \epsilon)\, \max(\lVert k_j \rVert, \epsilon)}",
