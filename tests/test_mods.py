@@ -285,7 +285,7 @@ def test_a_traced_mod_document_compiles(tmp_path):
 @pytest.mark.parametrize("text, unicode", [
     ("alibi", "f(s) = s + m (j − i) with slope m = 1/256"), ("alibi:1/8", "slope m = 1/8"),
     ("alibi:heads=4", "f(s) = s + m_h (j − i)"), ("softcap:3", "f(s) = c tanh(s/c) with c = 3"),
-    ("relative-bias:2", "f(s) = s + B[clip(j − i, −d, d) + d], d = 2")])
+    ("relative-bias:2", "f(s) = s + B_rel[clip(j − i, −d, d) + d], d = 2")])
 def test_library_mod_descriptions_are_mathematics(text, unicode):
     from symattn.render.notation import explanation_latex, explanation_parts, explanation_text
     description = parse(text).description

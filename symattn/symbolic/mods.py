@@ -87,13 +87,13 @@ def relative_bias(d: int) -> ScoreMod:
     """s + B[clip(kv_idx − q_idx, −d, d) + d]: a learned bias per relative distance, clipped at d (T5-like)."""
     if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 4096:
         raise SpecError(f"relative_bias(d) needs a whole number 0 <= d <= 4096, got {d!r}")
-    table = ("B_rel", "Brel", "B", "brel", "B", ("n_rel",))  # a Param: API name, tensor, LaTeX names, dims
+    table = ("B_rel", "Brel", r"B_{\mathrm{rel}}", "brel", r"b^{\mathrm{rel}}", ("n_rel",))  # API name, tensor, LaTeX, dims
 
     def formula(s, b, h, q, kv, theta):
         import sympy
         return s + theta["B_rel"](sympy.Min(sympy.Max(kv - q, -d), d) + d)
-    return ScoreMod(f"relative-bias:{d}", formula, f"a learned bias per distance $f(s) = s + B[\\mathrm{{clip}}(j - i, "
-                    f"-d, d) + d]$, $d = {d}$", "relative-bias", Fraction(d), (table,), (("n_rel", 2 * d + 1),))
+    return ScoreMod(f"relative-bias:{d}", formula, f"a learned bias per distance $f(s) = s + B_{{\\mathrm{{rel}}}}[\\mathrm{{clip}}"
+                    f"(j - i, -d, d) + d]$, $d = {d}$", "relative-bias", Fraction(d), (table,), (("n_rel", 2 * d + 1),))
 
 
 def _number(name: str, value) -> Fraction:
