@@ -1,9 +1,14 @@
 """Named norms in print (render.shorthand, review round 7: the cosine derivation repeated
 max(1/1000000000000, sqrt(...)) six times per term and ran 340 pt off the page)."""
+import shutil
+import subprocess
+
+import pytest
 import sympy
 
 import symattn
 from symattn import AttentionSpec
+from symattn.app.cli import main
 from symattn.render.shorthand import EPSILON, abbreviator
 from symattn.symbolic.score import NORM_EPS
 from symattn.symbolic.tensors import TENSORS
@@ -12,7 +17,7 @@ from symattn.symbolic.tensors import TENSORS
 def _definitions(table) -> tuple[dict, dict]:
     """ν -> max(ε, r) and r -> ‖row‖, for every row of Q and K, in the table's element symbols."""
     clamped, norms = {}, {}
-    for X, R, N in (("Q", "Rq", "Nq"), ("K", "Rk", "Nk")):
+    for X, R, N in (("Q", "r_q", "nu_q"), ("K", "r_k", "nu_k")):
         for x in range(table[X].shape[0]):
             clamped[table[N][x]] = sympy.Max(table[R][x], NORM_EPS)
             norms[table[R][x]] = sympy.sqrt(sum(e ** 2 for e in table[X][x, :]))
@@ -58,7 +63,7 @@ def test_the_additive_preactivations_only_rename():
     and the key each entry depends on shows in its name (it was elided to '⋯ + q_{0,1} w_{1,0}')."""
     d = symattn.derive(AttentionSpec(2, 3, 2, score="additive", hidden=2), prove=False)
     t = d.table
-    Q, K, W, U, b, eta = (t[n] for n in ("Q", "K", "Wa", "Ua", "ba", "Eta"))
+    Q, K, W, U, b, eta = (t[n] for n in ("Q", "K", "Wa", "Ua", "ba", "eta"))
     back = {eta[x, y, r]: b[r] + sum(Q[x, a] * W[a, r] + K[y, a] * U[a, r] for a in range(2))
             for x in range(2) for y in range(3) for r in range(2)}
     named = 0
@@ -74,5 +79,16 @@ def test_the_additive_preactivations_only_rename():
     dq = abbreviator(d, d.step("dQ"))(d.step("dQ").explicit[0, 0])
     assert {eta[0, y, r] for y in range(3) for r in range(2)} <= dq.free_symbols  # every key's unit, by name
     indexed = abbreviator(d, d.step("dQ"))(d.step("dQ").rhs)
-    assert TENSORS["Eta"].base in {x.base for x in indexed.atoms(sympy.Indexed)}
+    assert TENSORS["eta"].base in {x.base for x in indexed.atoms(sympy.Indexed)}
     assert not any(x.base.label.name == "ba" for x in indexed.atoms(sympy.Indexed))
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (CI installs it)")
+def test_a_cosine_layer_document_compiles(tmp_path):
+    """A head's tag on a name that has a superscript already (\\nu^{q}) made a double superscript (review)."""
+    assert main(["derive", "--format", "tex", "--no-prove", "--n-q", "2", "--n-k", "2", "--d-model", "2", "--heads",
+                 "2", "--d-k", "1", "--score", "cosine", "-o", str(tmp_path / "l.tex"), "-q"]) == 0
+    result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "l.tex"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert r"{\nu^{q}}^{(0)}" in (tmp_path / "l.tex").read_text()

@@ -174,7 +174,8 @@ def _tagged_names(notation: Notation, tags) -> dict:
     names = {}
     for tag in tags:
         for t in TENSORS.values():
-            tex = notation.names.get(t.name, t.latex) + f"^{{({tag})}}"
+            tex = notation.names.get(t.name, t.latex)
+            tex = ("{" + tex + "}" if "^" in tex else tex) + f"^{{({tag})}}"  # \nu^{q}: no double superscript
             names[sympy.Symbol(f"{t.name}^({tag})")] = tex
             if len(t.dims) <= 2:
                 names[sympy.MatrixSymbol(f"{t.name}^({tag})", *t.matrix_symbol().shape)] = tex

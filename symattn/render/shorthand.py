@@ -18,7 +18,7 @@ from ..symbolic.score import NORM_EPS
 from ..symbolic.tensors import TENSORS
 
 EPSILON = sympy.Symbol("epsilon", positive=True)
-_NORMS = {"Q": ("Rq", "Nq"), "K": ("Rk", "Nk")}  # rows of q and k -> their norm r and clamped norm ν
+_NORMS = {"Q": ("r_q", "nu_q"), "K": ("r_k", "nu_k")}  # rows of q and k -> their norm r and clamped norm ν
 
 
 def abbreviator(d, step) -> Callable[[sympy.Basic], sympy.Basic]:
@@ -49,7 +49,7 @@ def abbreviator(d, step) -> Callable[[sympy.Basic], sympy.Basic]:
 
 def _explicit_preactivations(table) -> dict:
     """b_r + Σ_a q_{x,a} w_{a,r} + Σ_a k_{y,a} u_{a,r} -> η_{x,y,r} for every query x, key y and hidden unit r."""
-    Q, K, W, U, b, eta = (table[n] for n in ("Q", "K", "Wa", "Ua", "ba", "Eta"))
+    Q, K, W, U, b, eta = (table[n] for n in ("Q", "K", "Wa", "Ua", "ba", "eta"))
     n_q, n_k, d_a = eta.shape
     return {b[r] + sum(Q[x, a] * W[a, r] + K[y, a] * U[a, r] for a in range(Q.shape[1])): eta[x, y, r]
             for x in range(n_q) for y in range(n_k) for r in range(d_a)}
@@ -70,7 +70,7 @@ def _preactivation_name(e):
     b = next(x for x in e.args if isinstance(x, sympy.Indexed))
     q = next(x for x in e.atoms(sympy.Indexed) if x.base.label.name == "Q")
     k = next(x for x in e.atoms(sympy.Indexed) if x.base.label.name == "K")
-    return TENSORS["Eta"].base[q.indices[0], k.indices[0], b.indices[0]]
+    return TENSORS["eta"].base[q.indices[0], k.indices[0], b.indices[0]]
 
 
 def _explicit_norms(table) -> tuple[dict, dict]:
@@ -102,9 +102,9 @@ def _indexed_name(e):
 def _clamped(e) -> bool:
     """max(1/10^12, r[row]) of an indexed norm r already named."""
     return (isinstance(e, sympy.Max) and len(e.args) == 2 and NORM_EPS in e.args
-            and any(isinstance(x, sympy.Indexed) and x.base.label.name in ("Rq", "Rk") for x in e.args))
+            and any(isinstance(x, sympy.Indexed) and x.base.label.name in ("r_q", "r_k") for x in e.args))
 
 
 def _clamped_name(e):
     r = next(x for x in e.args if isinstance(x, sympy.Indexed))
-    return TENSORS["Nq" if r.base.label.name == "Rq" else "Nk"].base[r.indices[0]]
+    return TENSORS["nu_q" if r.base.label.name == "r_q" else "nu_k"].base[r.indices[0]]

@@ -15,7 +15,7 @@ import sympy
 
 from .tensors import DIMS, SIZES, TENSORS, SymbolTable, a, b, flat, i, j, l
 from .chains import MASK, chains, dS_matrix, jacobian_matrix
-from .keyless import check_policy, constant_rows, policy_text, uniform_rows
+from .keyless import check_policy, constant_rows, policy_text, uniform_branch, uniform_rows
 from .modsteps import mod_gradient_rows, mod_param_rows, mod_rows, mod_slope
 from .score import SCORES, Score, derivative, partial, scale_symbolic
 from .spec import AttentionSpec
@@ -233,6 +233,9 @@ def _step_table(spec: AttentionSpec):
         r"keys are absent from the sum and get weight 0. The kernels never form $-\infty$: they skip masked keys "
         r"(and whole masked tiles).")
     L = sympy.Symbol("L")
+    constant = bool(uniform_branch(spec))  # masked_rows='uniform' with a query that sees no key
+    constant_text = (r" This holds for a query that sees a key; one that sees none has constant weights $1/n_k$, "
+                     r"so its row is 0 (the first branch).") if constant else ""
     return [
         ("query", "forward", "Q", (i, a), "The query vectors",
          "Each of the $n_q$ queries is a row vector $q_i$ of $d_k$ features.", None, None),
@@ -269,8 +272,9 @@ def _step_table(spec: AttentionSpec):
          Sum(B["dO"][i, b] * B["V"][j, b], (b, 0, dv - 1)), sympy.Eq(M["dP"], M["dO"] * M["V"].T, evaluate=False)),
         ("jacobian", "backward", "J", (i, j, l), "Softmax Jacobian",
          r"Within row $i$, $\partial p_{ij} / \partial s_{il} = p_{ij} (\delta_{jl} - p_{il})$; as a matrix, the "
-         r"Jacobian of row $i$ is $\operatorname{diag}(p_i) - p_i p_i^\top$ ($p_i$ the row's weights as a column).",
-         constant_rows(B["P"][i, j] * (sympy.KroneckerDelta(j, l) - B["P"][i, l]), spec, 0), jacobian_matrix()),
+         r"Jacobian of row $i$ is $\operatorname{diag}(p_i) - p_i p_i^\top$ ($p_i$ the row's weights as a column)."
+         + constant_text, constant_rows(B["P"][i, j] * (sympy.KroneckerDelta(j, l) - B["P"][i, l]), spec, 0),
+         None if constant else jacobian_matrix()),
         ("D", "backward", "D", (i,), "Row correction term",
          r"$D_i = \sum_l P_{il}\, \mathrm{d}P_{il}$ is the part of $\mathrm{d}P$ every weight of row $i$ shares. "
          r"Since $\mathrm{d}P_{il} = \sum_b \mathrm{d}O_{ib} V_{lb}$ and $\sum_l P_{il} V_{lb} = O_{ib}$, it equals "
@@ -278,7 +282,8 @@ def _step_table(spec: AttentionSpec):
          Sum(B["dO"][i, b] * B["O"][i, b], (b, 0, dv - 1)), None),
         ("dS", "backward", "dS", (i, j), "Gradient of the scores",
          r"The chain rule through the softmax Jacobian collapses to $\mathrm{d}S = P \circ (\mathrm{d}P - "
-         r"D \mathbf{1}^\top)$.", constant_rows(B["P"][i, j] * (B["dP"][i, j] - B["D"][i]), spec, 0), dS_matrix()),
+         r"D \mathbf{1}^\top)$." + constant_text, constant_rows(B["P"][i, j] * (B["dP"][i, j] - B["D"][i]), spec, 0),
+         None if constant else dS_matrix()),
         *mod_gradient_rows(spec),
         *_gradient_rows(spec, score),
         *mod_param_rows(spec),
@@ -384,6 +389,8 @@ def derive(spec: AttentionSpec, *, explicit: bool = True, prove: bool = True,
     lines = chains({row[0]: (row[2], row[3], row[6]) for row in rows if row[1] == "backward"},
                    {"dQ", "dK", *("d" + p.tensor for p in SCORES[spec.score].params)},
                    {"d" + p.tensor for p in (mod.params if mod else ())}, mod is not None)
+    if uniform_branch(spec):  # the Jacobian lines hold only where a key is seen: the chain rule, then the result
+        lines["dS"] = (lines["dS"][0], lines["dS"][-1])
     steps = []
     for n, (key, phase, tensor, indices, title, text, rhs, matrix) in enumerate(rows, 1):
         note(f"derive {n}/{len(rows)}: {key}")

@@ -109,10 +109,10 @@ TENSORS: dict[str, Tensor] = {t.name: t for t in (
     _t("dQ", r"\mathrm{d}Q", "dq", r"\mathrm{d}q", "n_q", "d_k"),
     _t("dK", r"\mathrm{d}K", "dk", r"\mathrm{d}k", "n_k", "d_k"),
     # the cosine score's norms, named in print only (render.shorthand): r = ‖q_i‖, ν = max(ε, r)
-    _t("Rq", r"r^{q}", "rq", r"r^{q}", "n_q"), _t("Rk", r"r^{k}", "rk", r"r^{k}", "n_k"),
-    _t("Nq", r"\nu^{q}", "nuq", r"\nu^{q}", "n_q"), _t("Nk", r"\nu^{k}", "nuk", r"\nu^{k}", "n_k"),
+    _t("r_q", r"r^{q}", "r^q", r"r^{q}", "n_q"), _t("r_k", r"r^{k}", "r^k", r"r^{k}", "n_k"),
+    _t("nu_q", r"\nu^{q}", "ν^q", r"\nu^{q}", "n_q"), _t("nu_k", r"\nu^{k}", "ν^k", r"\nu^{k}", "n_k"),
     # the additive score's pre-activations η_ijr = b_r + (q_i W_a)_r + (k_j U_a)_r, named in print only
-    _t("Eta", r"\eta", "eta", r"\eta", "n_q", "n_k", "d_a"),
+    _t("eta", r"\eta", "η", r"\eta", "n_q", "n_k", "d_a"),
     # (a score's parameters and their gradients are declared with the score: symattn.symbolic.score.Param)
     # the multi-head layer: inputs, weights, projections, concatenation, output, and their gradients
     _t("X", "x", "x", "x", "n_q", "d_model"),
