@@ -4,7 +4,7 @@ import pytest
 
 import symattn
 from symattn import InputError, reference
-from symattn.numeric import api, kernels
+from symattn.numeric import api, kernels, plain
 
 FORWARDS = ("attention_forward", "plain_forward", "forward_tiles")
 BACKWARDS = ("attention_backward", "plain_backward", "backward_tiles")
@@ -63,14 +63,14 @@ def test_fast_path_is_taken_and_agrees_with_the_validated_path(rng, monkeypatch)
     fast = [symattn.attention(q, k, v, is_causal=True), symattn.attention_vjp(q, k, v, is_causal=True)[1](dO)]
     # the same data through the validated path: a non-contiguous view, a NumPy scalar scale, lists
     slow_q = np.asfortranarray(q)
-    assert api._plain(slow_q, k, v, None, True, None, "zero") is None
+    assert plain.plain(slow_q, k, v, None, True, None, "zero") is None
     scale = np.float32(0.5)
-    assert api._plain(q, k, v, None, True, scale, "zero") is None
+    assert plain.plain(q, k, v, None, True, scale, "zero") is None
     np.testing.assert_array_equal(symattn.attention(slow_q, k, v, is_causal=True), fast[0])
     np.testing.assert_array_equal(symattn.attention(q, k, v, is_causal=True, scale=scale),
                                   symattn.attention(q, k, v, is_causal=True, scale=0.5))
     sub = q.view(type("Sub", (np.ndarray,), {}))  # a subclass: not an exact ndarray
-    assert api._plain(sub, k, v, None, True, None, "zero") is None
+    assert plain.plain(sub, k, v, None, True, None, "zero") is None
     np.testing.assert_array_equal(symattn.attention(sub, k, v, is_causal=True), fast[0])
     slow = symattn.attention_vjp(slow_q, k, v, is_causal=True)[1](dO)
     for name in "qkv":

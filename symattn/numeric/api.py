@@ -20,12 +20,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import kernels, variants
+from .arrays import _array, _check_dO
+from .plain import NOBIAS as _NOBIAS, forward_plain, identity_batch, plain, plain_pullback
 from .saved import own, read_only
 from ..errors import InputError
 from ..limits import check_memory
-
-DTYPES = (np.float32, np.float64)
-
 
 @dataclass(frozen=True)
 class _Problem:
@@ -40,22 +39,6 @@ class _Problem:
     causal: bool
     scale: float
     masked_rows: str
-
-
-def _array(name: str, x) -> np.ndarray:
-    if isinstance(x, np.ma.MaskedArray) and np.ma.is_masked(x):
-        raise InputError(f"{name} is a masked array with masked entries, whose mask would be dropped: give the data "
-                         f"and pass the mask as mask= (True where a key is visible)")
-    x = np.asarray(x)
-    if x.dtype == np.float16:
-        raise InputError(f"{name} has dtype float16, which is not supported: cast to float32 ({name}.astype(np.float32))")
-    if x.dtype.type not in DTYPES:
-        raise InputError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
-    if x.ndim < 2:
-        raise InputError(f"{name} must have shape (..., n, d) with at least 2 dims, got shape {x.shape}")
-    if not x.dtype.isnative:  # big-endian data (from a file, say): the kernels take the machine's byte order
-        x = x.astype(x.dtype.newbyteorder("="))
-    return x
 
 
 def _rows(shape: tuple[int, ...], batch_shape: tuple[int, ...]) -> np.ndarray:
@@ -129,7 +112,7 @@ def _prepare(q, k, v, mask, is_causal, scale, masked_rows) -> _Problem:
     q, k, v = _array("q", q), _array("k", k), _array("v", v)
     if not q.dtype == k.dtype == v.dtype:
         raise InputError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    (n_q, d_k), (n_k, d_kk), (n_v, d_v) = q.shape[-2:], k.shape[-2:], v.shape[-2:]
+    (n_q, d_k), (n_k, d_kk), n_v = q.shape[-2:], k.shape[-2:], v.shape[-2]
     if d_k != d_kk:
         raise InputError(f"q and k must have the same last dim d_k, got q {q.shape} and k {k.shape}")
     if n_k != n_v:
@@ -140,7 +123,7 @@ def _prepare(q, k, v, mask, is_causal, scale, masked_rows) -> _Problem:
     if mask is None and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:  # (native f32/f64: _array)
         # one batch shape, no mask: the identity rows [z, z, z, 0] (cached), no broadcasting to work out
         batch_shape = q.shape[:-2]
-        return _Problem(_flat(q), _flat(k), _flat(v), _NOBIAS[q.dtype], _identity_batch(math.prod(batch_shape)),
+        return _Problem(_flat(q), _flat(k), _flat(v), _NOBIAS[q.dtype], identity_batch(math.prod(batch_shape)),
                         tuple(batch_shape), is_causal, scale, masked_rows)
     bias = _NOBIAS[q.dtype] if mask is None else _bias(mask, q.dtype, n_q, n_k)
     shapes = {"q": q.shape[:-2], "k": k.shape[:-2], "v": v.shape[:-2], "mask": bias.shape[:-2] if mask is not None else ()}
@@ -158,93 +141,6 @@ def check_output(shape: tuple[int, ...], dtype, what: str) -> None:
     """Refuse an output that would not fit in memory, before allocating it."""
     check_memory(math.prod(shape) * np.dtype(dtype).itemsize, f"{what} of shape {shape}",
                  "split the batch or the queries into chunks", error=InputError)
-
-
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
-_NOBIAS = {_F32: np.zeros((0, 0, 0), np.float32), _F64: np.zeros((0, 0, 0), np.float64)}
-_BATCHES: dict[int, np.ndarray] = {}  # B -> identity batch rows (B, 4), read-only
-_SCALES: dict[int, float] = {}  # d_k -> 1/sqrt(d_k)
-
-
-def _identity_batch(B: int) -> np.ndarray:
-    """Batch rows [z, z, z, 0] of B unbroadcast batch elements (no mask), cached."""
-    rows = _BATCHES.get(B)
-    if rows is None:
-        rows = np.zeros((B, 4), dtype=np.int64)
-        rows[:, :3] = np.arange(B)[:, None]
-        rows.setflags(write=False)
-        if len(_BATCHES) < 64:  # a program uses few batch sizes; the cache stays small whatever it does
-            _BATCHES[B] = rows
-    return rows
-
-
-def _plain(q, k, v, mask, is_causal, scale, masked_rows):
-    """The scale when (q, k, v) take the fast path, else None: exact ndarrays, C-contiguous, one float dtype,
-    all 2-D or all 3-D with one batch size, matching sizes, d_v <= d_k (the output is no larger than q, so no
-    memory check is needed), no mask, plain options. Everything else goes through `_prepare`, which checks all."""
-    if mask is not None or type(q) is not np.ndarray or type(k) is not np.ndarray or type(v) is not np.ndarray:
-        return None
-    dt, qs, ks, vs = q.dtype, q.shape, k.shape, v.shape
-    if len(qs) == 3:
-        if len(ks) != 3 or len(vs) != 3 or not qs[0] == ks[0] == vs[0]:
-            return None
-    elif len(qs) != 2 or len(ks) != 2 or len(vs) != 2:
-        return None
-    if (dt is not _F32 and dt is not _F64) or k.dtype is not dt or v.dtype is not dt or qs[-1] != ks[-1] \
-            or ks[-2] != vs[-2] or not ks[-2] or not 0 < vs[-1] <= qs[-1] or (is_causal is not False and is_causal
-                                                                             is not True) \
-            or (masked_rows != "zero" and (type(masked_rows) is not str or masked_rows not in kernels.MASKED_ROWS)) \
-            or not (q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous):
-        return None
-    if scale is None:
-        sc = _SCALES.get(qs[-1])
-        return sc if sc is not None else _SCALES.setdefault(qs[-1], 1.0 / math.sqrt(qs[-1]))
-    return scale if type(scale) is float and 0.0 < scale < math.inf else None
-
-
-#: (kernel, dtype) -> compiled entry point of a serial plain kernel (the fast path checks argument types itself)
-_ENTRIES: dict = {}
-
-
-def _record(kernel, dt, args: tuple) -> None:
-    """Run `kernel` through its dispatcher and keep its entry point for the next call of these types."""
-    entry = kernels.run_recording_entry(kernel, args)
-    if entry is not None:
-        _ENTRIES[kernel, dt] = entry
-
-
-_SCRATCH: dict = {}  # (shape, dtype) -> a small buffer the serial plain kernels write and nobody reads after
-
-
-def _scratch(shape: tuple, dt) -> np.ndarray:
-    """A shared buffer of this shape for the serial plain kernels: they hold the GIL, so no two calls share it at
-    once, and a call reads nothing it did not write first (small shapes are kept, at most 64 of them)."""
-    buf = _SCRATCH.get((shape, dt))
-    if buf is None:
-        buf = np.empty(shape, dt)
-        if buf.size <= 1 << 14 and len(_SCRATCH) < 64:  # at most 64 x 128 KiB kept
-            _SCRATCH[shape, dt] = buf
-    return buf
-
-
-def _forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True):
-    """O and LSE of plain (see `_plain`) inputs, shaped like q's batch. keep_lse=False: LSE may be a shared
-    scratch buffer (the serial kernels hold the GIL, and nobody reads it)."""
-    Q, K, V = (q, k, v) if q.ndim == 3 else (q[None], k[None], v[None])
-    (B, n_q, _), dt = Q.shape, q.dtype
-    O = np.empty((B, n_q, V.shape[2]), dt)
-    LSE = np.empty((B, n_q), dt) if keep_lse else _scratch((B, n_q), dt)
-    if B * n_q * K.shape[1] < kernels.SMALL:  # small: the serial kernel with the fewest arguments, called directly
-        kernel = kernels.loops.plain_forward
-        entry = _ENTRIES.get((kernel, dt))
-        row = _scratch((K.shape[1],), dt)  # (n_k,) one row of scores
-        if entry is not None:
-            entry(Q, K, V, is_causal, scale, O, LSE, row)
-        else:
-            _record(kernel, dt, (Q, K, V, is_causal, scale, O, LSE, row))
-    else:
-        kernels.forward_into(Q, K, V, _NOBIAS[dt], _identity_batch(B), is_causal, scale, 0, O, LSE)
-    return (O, LSE) if q.ndim == 3 else (O[0], LSE)
 
 
 def _forward(p: _Problem, variant=None, theta=None, backward: bool = True):
@@ -266,9 +162,9 @@ def attention(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod=Non
     """O = softmax(S + mask) v, shape (..., n_q, d_v): S = scale·q kᵀ, or another score (params θ), its
     score_mod and mask_mod (see symattn.numeric.variants)."""
     if score_mod is None and mask_mod is None and params is None and score == "dot":
-        sc = _plain(q, k, v, mask, is_causal, scale, masked_rows)
+        sc = plain(q, k, v, mask, is_causal, scale, masked_rows)
         if sc is not None:
-            return _forward_plain(q, k, v, is_causal, sc, keep_lse=False)[0]
+            return forward_plain(q, k, v, is_causal, sc, keep_lse=False)[0]
     p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
     check_output(p.batch_shape + (p.Q.shape[1], p.V.shape[2]), p.Q.dtype, "attention's output")
     O = _forward(p, variant, theta, backward=False)[0]
@@ -318,27 +214,17 @@ def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return g.sum(axis=axes, keepdims=True) if axes else g
 
 
-def _check_dO(dO, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """dO validated against the output's shape and dtype, as a C-contiguous array."""
-    dO = _array("dO", dO)
-    if dO.shape != shape:
-        raise InputError(f"dO must have the output's shape {shape}, got {dO.shape}")
-    if dO.dtype != dtype:
-        raise InputError(f"dO must have the dtype of q, k, v ({dtype}), got {dO.dtype}")
-    return np.ascontiguousarray(dO)
-
-
 def attention_vjp(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod=None, mask=None, is_causal=False,
                   scale=None, masked_rows="zero"):
     """(O, pullback): O = attention(q, k, v, ...) and pullback(dO) -> {"q": dq, "k": dk, "v": dv, θ name: dθ},
     the gradients of L = Σ dO∘O with their inputs' shapes. The forward runs once; its row log-sum-exp is kept
     for the pullback, which may be called any number of times."""
     if score_mod is None and mask_mod is None and params is None and score == "dot":
-        sc = _plain(q, k, v, mask, is_causal, scale, masked_rows)
+        sc = plain(q, k, v, mask, is_causal, scale, masked_rows)
         if sc is not None:
             q, k, v = q.copy(), k.copy(), v.copy()  # what the pullback reads: the caller may change theirs
-            O, LSE = _forward_plain(q, k, v, is_causal, sc)
-            return read_only(O), _plain_pullback(q, k, v, is_causal, sc, O, LSE)
+            O, LSE = forward_plain(q, k, v, is_causal, sc)
+            return read_only(O), plain_pullback(q, k, v, is_causal, sc, O, LSE)
     p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
     p = replace(p, Q=own(p.Q, q), K=own(p.K, k), V=own(p.V, v), bias=own(p.bias, mask))  # what the pullback reads
     theta = {name: own(x, (params or {}).get(name)) for name, x in theta.items()}
@@ -354,36 +240,6 @@ def attention_vjp(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod
                    for name, g in zip(("q", "k", "v"), grads)},
                 **{name: g.reshape(np.shape(params[name])) for name, g in dtheta.items()}}  # θ's own shape
     return read_only(O.reshape(out_shape)), pullback
-
-
-def _plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
-    """The pullback of plain inputs: dO of O's shape and dtype, C-contiguous, goes straight to the kernels (what
-    does not depend on dO is worked out once, here)."""
-    dt, flat = q.dtype, q.ndim == 2
-    Q, K, V, O3 = (q[None], k[None], v[None], O[None]) if flat else (q, k, v, O)  # (B, n, d)
-    small = Q.shape[0] * Q.shape[1] * K.shape[1] < kernels.SMALL
-    kernel = kernels.loops.plain_backward
-    shape = (kernels.loops.BACKWARD_SCRATCH * K.shape[1],)  # (34·n_k,)
-    buf = _scratch(shape, dt) if small else None
-    buf = buf if _SCRATCH.get((shape, dt)) is buf else None  # only a shared one: a live pullback holds no large one
-
-    def pullback(dO) -> dict:
-        if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:
-            dO = _check_dO(dO, O.shape, dt)
-        dq, dk, dv = np.empty(q.shape, dt), np.empty(k.shape, dt), np.empty(v.shape, dt)
-        args = (Q, K, V, is_causal, scale, O3, LSE) + ((dO[None], dq[None], dk[None], dv[None]) if flat else
-                                                       (dO, dq, dk, dv))
-        if small:
-            entry, scratch = _ENTRIES.get((kernel, dt)), buf if buf is not None else np.empty(shape, dt)
-            if entry is not None:
-                entry(*args, scratch)
-            else:
-                _record(kernel, dt, args + (scratch,))
-        else:
-            kernels.backward_into(Q, K, V, _NOBIAS[dt], _identity_batch(Q.shape[0]), is_causal, scale, 0,
-                                  *args[5:])
-        return {"q": dq, "k": dk, "v": dv}
-    return pullback
 
 
 def attention_backward(q, k, v, dO, *, score="dot", params=None, score_mod=None, mask_mod=None, mask=None,

@@ -17,7 +17,8 @@ import numba
 import numpy as np
 
 from . import kernels, projections, variants
-from .api import _NOBIAS, _rows, check_scale
+from .api import _rows, check_scale
+from .plain import NOBIAS as _NOBIAS
 
 if TYPE_CHECKING:
     from .layer import _Call

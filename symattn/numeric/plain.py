@@ -1,0 +1,144 @@
+"""The plain fast path of the numeric API: exact C-contiguous float32/float64 ndarrays, all 2-D or all 3-D with one
+batch size, no mask, plain options. At (1,5,2) a call is about 2 µs, so this path checks the arguments' types
+itself, calls the compiled entry point of the serial kernels directly and keeps small scratch buffers; everything
+else goes through api._prepare, which checks all.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import kernels
+from .arrays import _check_dO
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+NOBIAS = {_F32: np.zeros((0, 0, 0), np.float32), _F64: np.zeros((0, 0, 0), np.float64)}
+_BATCHES: dict[int, np.ndarray] = {}  # B -> identity batch rows (B, 4), read-only
+_SCALES: dict[int, float] = {}  # d_k -> 1/sqrt(d_k)
+
+
+def identity_batch(B: int) -> np.ndarray:
+    """Batch rows [z, z, z, 0] of B unbroadcast batch elements (no mask), cached."""
+    rows = _BATCHES.get(B)
+    if rows is None:
+        rows = np.zeros((B, 4), dtype=np.int64)
+        rows[:, :3] = np.arange(B)[:, None]
+        rows.setflags(write=False)
+        if len(_BATCHES) < 64:  # a program uses few batch sizes; the cache stays small whatever it does
+            _BATCHES[B] = rows
+    return rows
+
+
+def plain(q, k, v, mask, is_causal, scale, masked_rows):
+    """The scale when (q, k, v) take the fast path, else None: exact ndarrays, C-contiguous, one float dtype,
+    all 2-D or all 3-D with one batch size, matching sizes, d_v <= d_k (the output is no larger than q, so no
+    memory check is needed), no mask, plain options. Everything else goes through `_prepare`, which checks all."""
+    if mask is not None or type(q) is not np.ndarray or type(k) is not np.ndarray or type(v) is not np.ndarray:
+        return None
+    dt, qs, ks, vs = q.dtype, q.shape, k.shape, v.shape
+    if len(qs) == 3:
+        if len(ks) != 3 or len(vs) != 3 or not qs[0] == ks[0] == vs[0]:
+            return None
+    elif len(qs) != 2 or len(ks) != 2 or len(vs) != 2:
+        return None
+    if (dt is not _F32 and dt is not _F64) or k.dtype is not dt or v.dtype is not dt or qs[-1] != ks[-1] \
+            or ks[-2] != vs[-2] or not ks[-2] or not 0 < vs[-1] <= qs[-1] or (is_causal is not False and is_causal
+                                                                             is not True) \
+            or (masked_rows != "zero" and (type(masked_rows) is not str or masked_rows not in kernels.MASKED_ROWS)) \
+            or not (q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous):
+        return None
+    if scale is None:
+        sc = _SCALES.get(qs[-1])
+        return sc if sc is not None else _SCALES.setdefault(qs[-1], 1.0 / math.sqrt(qs[-1]))
+    return scale if type(scale) is float and 0.0 < scale < math.inf else None
+
+
+#: (kernel, dtype) -> compiled entry point of a serial plain kernel (the fast path checks argument types itself)
+_ENTRIES: dict = {}
+
+
+def _record(kernel, dt, args: tuple) -> None:
+    """Run `kernel` through its dispatcher and keep its entry point for the next call of these types."""
+    entry = kernels.run_recording_entry(kernel, args)
+    if entry is not None:
+        _ENTRIES[kernel, dt] = entry
+
+
+_SCRATCH: dict = {}  # (shape, dtype) -> a small buffer the serial plain kernels write and nobody reads after
+
+
+def _scratch(shape: tuple, dt) -> np.ndarray:
+    """A shared buffer of this shape for the serial plain kernels: they hold the GIL, so no two calls share it at
+    once, and a call reads nothing it did not write first (small shapes are kept, at most 64 of them)."""
+    buf = _SCRATCH.get((shape, dt))
+    if buf is None:
+        buf = np.empty(shape, dt)
+        if buf.size <= 1 << 14 and len(_SCRATCH) < 64:  # at most 64 x 128 KiB kept
+            _SCRATCH[shape, dt] = buf
+    return buf
+
+
+_SMALL_SCRATCH: dict = {}  # (B, n_q, n_k, dtype) -> (LSE (B, n_q), row (n_k,)) of the serial forward kernel
+
+
+def _small_scratch(B: int, n_q: int, n_k: int, dt) -> tuple[np.ndarray, np.ndarray]:
+    """The serial forward kernel's LSE and score row as shared scratch, found with one lookup (a call at (1,5,2)
+    takes about 2 µs, so two lookups were a tenth of it). Small shapes only (B·n_q·n_k < SMALL), at most 64 kept."""
+    pair = _SMALL_SCRATCH.get((B, n_q, n_k, dt))
+    if pair is None:
+        pair = (np.empty((B, n_q), dt), np.empty((n_k,), dt))
+        if len(_SMALL_SCRATCH) < 64:
+            _SMALL_SCRATCH[B, n_q, n_k, dt] = pair
+    return pair
+
+
+def forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True):
+    """O and LSE of plain (see `_plain`) inputs, shaped like q's batch. keep_lse=False: LSE may be a shared
+    scratch buffer (the serial kernels hold the GIL, and nobody reads it)."""
+    Q, K, V = (q, k, v) if q.ndim == 3 else (q[None], k[None], v[None])
+    (B, n_q, _), n_k, dt = Q.shape, K.shape[1], q.dtype
+    O = np.empty((B, n_q, V.shape[2]), dt)
+    if B * n_q * n_k < kernels.SMALL:  # small: the serial kernel with the fewest arguments, called directly
+        LSE, row = _small_scratch(B, n_q, n_k, dt)  # row: (n_k,) one row of scores
+        LSE = np.empty((B, n_q), dt) if keep_lse else LSE
+        entry = _ENTRIES.get((kernels.loops.plain_forward, dt))
+        if entry is not None:
+            entry(Q, K, V, is_causal, scale, O, LSE, row)
+        else:
+            _record(kernels.loops.plain_forward, dt, (Q, K, V, is_causal, scale, O, LSE, row))
+    else:
+        LSE = np.empty((B, n_q), dt) if keep_lse else _scratch((B, n_q), dt)
+        kernels.forward_into(Q, K, V, NOBIAS[dt], identity_batch(B), is_causal, scale, 0, O, LSE)
+    return (O, LSE) if q.ndim == 3 else (O[0], LSE)
+
+
+
+def plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
+    """The pullback of plain inputs: dO of O's shape and dtype, C-contiguous, goes straight to the kernels (what
+    does not depend on dO is worked out once, here)."""
+    dt, flat = q.dtype, q.ndim == 2
+    Q, K, V, O3 = (q[None], k[None], v[None], O[None]) if flat else (q, k, v, O)  # (B, n, d)
+    small = Q.shape[0] * Q.shape[1] * K.shape[1] < kernels.SMALL
+    kernel = kernels.loops.plain_backward
+    shape = (kernels.loops.BACKWARD_SCRATCH * K.shape[1],)  # (34·n_k,)
+    buf = _scratch(shape, dt) if small else None
+    buf = buf if _SCRATCH.get((shape, dt)) is buf else None  # only a shared one: a live pullback holds no large one
+
+    def pullback(dO) -> dict:
+        if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:
+            dO = _check_dO(dO, O.shape, dt)
+        dq, dk, dv = np.empty(q.shape, dt), np.empty(k.shape, dt), np.empty(v.shape, dt)
+        args = (Q, K, V, is_causal, scale, O3, LSE) + ((dO[None], dq[None], dk[None], dv[None]) if flat else
+                                                       (dO, dq, dk, dv))
+        if small:
+            entry, scratch = _ENTRIES.get((kernel, dt)), buf if buf is not None else np.empty(shape, dt)
+            if entry is not None:
+                entry(*args, scratch)
+            else:
+                _record(kernel, dt, args + (scratch,))
+        else:
+            kernels.backward_into(Q, K, V, NOBIAS[dt], identity_batch(Q.shape[0]), is_causal, scale, 0,
+                                  *args[5:])
+        return {"q": dq, "k": dk, "v": dv}
+    return pullback
