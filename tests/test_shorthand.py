@@ -24,21 +24,24 @@ def _definitions(table) -> tuple[dict, dict]:
     return clamped, norms
 
 
+def _printed_entries(d):
+    """(step key, explicit entry, the entry as printed) for every computed step."""
+    for step in d.steps:
+        if step.explicit is not None and not step.is_input:
+            short = abbreviator(d, step)
+            yield from ((step.key, entry, short(entry)) for entry in sympy.flatten(step.explicit.tolist()))
+
+
 def test_the_names_only_rename():
     """Every explicit entry of every step, printed with the names, is the entry itself once the names are
     replaced by their definitions."""
     d = symattn.derive(AttentionSpec(2, 3, 2, score="cosine"), prove=False)
     clamped, norms = _definitions(d.table)
     named = 0
-    for step in d.steps:
-        if step.explicit is None or step.is_input:
-            continue
-        short = abbreviator(d, step)
-        for entry in sympy.flatten(step.explicit.tolist()):
-            printed = short(entry)
-            named += printed != entry
-            back = printed.xreplace(clamped).xreplace(norms).xreplace({EPSILON: NORM_EPS})
-            assert back == entry or sympy.simplify(back - entry) == 0, (step.key, printed)
+    for key, entry, printed in _printed_entries(d):
+        named += printed != entry
+        back = printed.xreplace(clamped).xreplace(norms).xreplace({EPSILON: NORM_EPS})
+        assert back == entry or sympy.simplify(back - entry) == 0, (key, printed)
     assert named > 10  # the score, dQ, dK and dtau entries use the names
 
 
@@ -67,14 +70,9 @@ def test_the_additive_preactivations_only_rename():
     back = {eta[x, y, r]: b[r] + sum(Q[x, a] * W[a, r] + K[y, a] * U[a, r] for a in range(2))
             for x in range(2) for y in range(3) for r in range(2)}
     named = 0
-    for step in d.steps:
-        if step.explicit is None or step.is_input:
-            continue
-        short = abbreviator(d, step)
-        for entry in sympy.flatten(step.explicit.tolist()):
-            printed = short(entry)
-            named += printed != entry
-            assert printed.xreplace(back) == entry, (step.key, printed)
+    for key, entry, printed in _printed_entries(d):
+        named += printed != entry
+        assert printed.xreplace(back) == entry, (key, printed)
     assert named > 10
     dq = abbreviator(d, d.step("dQ"))(d.step("dQ").explicit[0, 0])
     assert {eta[0, y, r] for y in range(3) for r in range(2)} <= dq.free_symbols  # every key's unit, by name
