@@ -71,3 +71,24 @@ def test_modded_dot_matrix_forms_use_the_gradient_before_the_mod(rng):
 def test_scores_that_are_not_bilinear_claim_no_matrix_form(score):
     d = symattn.derive(AttentionSpec(2, 2, 2, **score), explicit=False, prove=False)
     assert d.step("dQ").matrix is None and d.step("dK").matrix is None
+
+
+def test_every_printed_matrix_form_is_proven_and_a_wrong_one_fails(monkeypatch):
+    """The proofs now include each matrix form at the sizes; one that forgets W_aᵀ in dQ = τ dS K W_aᵀ fails."""
+    spec = AttentionSpec(2, 3, 2, score="general")
+    d = symattn.derive(spec)
+    proven = {p.step for p in d.proofs if p.kind == "matrix"}
+    assert {"dV", "dP", "dS", "dQ", "dK", "dWg", "similarity", "scaling", "output"} <= proven and d.proved
+    from symattn.symbolic import derive as derive_module
+    real = derive_module._matrix_gradient
+
+    def wrong(spec, score, tensor):
+        eq = real(spec, score, tensor)
+        if tensor != "Q":
+            return eq
+        M = {n: TENSORS[n].matrix_symbol() for n in ("dS", "K", "dQ")}
+        return sympy.Eq(M["dQ"], eq.rhs.args[0] * M["dS"] * M["K"], evaluate=False)  # W_aᵀ left out
+    monkeypatch.setattr(derive_module, "_matrix_gradient", wrong)
+    bad = symattn.derive(spec)
+    assert not bad.proved
+    assert [p.step for p in bad.proofs if not p.passed] == ["dQ"]

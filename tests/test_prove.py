@@ -34,7 +34,7 @@ def test_a_wrong_gradient_fails_its_proof(exact):
     wrong = d.step("dQ").explicit * 2  # scale applied twice, say
     proofs = prove(tampered(d, "dQ", explicit=wrong), exact=exact).proofs
     failed = [p for p in proofs if not p.passed]
-    assert {(p.kind, p.step) for p in failed} == {("indexed", "dQ"), ("gradient", "dQ")}
+    assert {(p.kind, p.step) for p in failed} == {("indexed", "dQ"), ("matrix", "dQ"), ("gradient", "dQ")}
     assert all("dq_{0,0}" in p.failure for p in failed)
 
 

@@ -1,6 +1,8 @@
 """Proofs at the chosen sizes.
 
 1. Each indexed formula instantiated at the sizes equals the explicit array (exact).
+   Each printed matrix form (dV = Pᵀ dO, dQ = τ dS K W_aᵀ, Q̂ = x W_Q + 1 b_Qᵀ, ...), evaluated with the matrices
+   of element symbols at the sizes, equals the explicit array, both written down to the inputs (exact).
 2. Each closed-form gradient equals plain symbolic differentiation (SymEngine) of the expanded forward.
    exp is kept opaque as E(x) (SymEngine would merge exp(a)exp(b) into exp(a+b)); after differentiating,
    the rule E'(x) = E(x) is applied and each E(S_ij) is replaced by an independent positive symbol e_ij: both sides are
@@ -21,7 +23,8 @@ from typing import TYPE_CHECKING
 import symengine as se
 import sympy
 
-from .tensors import TENSORS, flat, shape_of
+from .chains import ONE
+from .tensors import SIZES, TENSORS, flat, shape_of
 
 if TYPE_CHECKING:  # type hints only: derive() runs the proofs, so prove must not import derive
     from .derive import Derivation, Progress
@@ -38,7 +41,7 @@ class Proof:
     """Outcome of one proof: which step, what was claimed, how it was shown."""
 
     step: str
-    kind: str  # "indexed" | "jacobian" | "gradient"
+    kind: str  # "indexed" | "matrix" | "jacobian" | "gradient"
     claim: str
     method: str  # "exact simplification" | "random rational points"
     detail: str
@@ -247,6 +250,67 @@ def _indexed(d: Derivation) -> list[Proof]:
     return proofs
 
 
+def _matrix_value(d: Derivation, step) -> sympy.Matrix | None:
+    """The step's matrix form with every matrix symbol replaced by its element symbols at the sizes, evaluated;
+    None where the form is not arithmetic on the tensors (P = softmax(S + M), the Jacobian J^(i), the loss L)."""
+    form = step.matrix
+    if form is None or step.explicit is None or not isinstance(form.lhs, sympy.MatrixSymbol) \
+            or form.rhs.atoms(sympy.core.function.AppliedUndef) or form.rhs.has(sympy.DiagMatrix):
+        return None
+    table = d.table_for(step)
+    subs = {}
+    for m in form.rhs.atoms(sympy.MatrixSymbol):
+        if m == ONE:
+            subs[m] = sympy.ones(table.spec.n_k, 1)
+        elif m.name in TENSORS:
+            subs[m] = table.matrix(m.name)
+        else:
+            return None
+    sizes = {SIZES[n]: v for n, v in table.spec.sizes.items() if n in SIZES}
+    value = form.rhs.xreplace(subs).xreplace(sizes)
+    value = value.replace(lambda e: isinstance(e, sympy.OneMatrix), lambda e: sympy.ones(*map(int, e.shape)))
+    return sympy.Matrix(value.doit())
+
+
+def _matrix_forms(d: Derivation, chain: _Chain) -> list[Proof]:
+    """Each printed matrix form at the sizes equals the explicit array: their difference expands to 0, with the
+    steps' element symbols replaced by their explicit entries one level at a time until it does (exp kept opaque;
+    most forms need none or one level, so nothing is expanded down to the inputs that need not be)."""
+    forms = [(step, value) for step in d.steps if (value := _matrix_value(d, step)) is not None]
+    one = {se.sympify(sym): expr for entries in chain.entries.values() for sym, expr in entries}
+    proofs = []
+    for step, value in forms:
+        start = time.perf_counter()
+        explicit = _as_matrix(step.explicit)
+        if value.shape != explicit.shape and value.shape == explicit.T.shape:
+            value = value.T  # a vector's form as a row
+        failure = "" if value.shape == explicit.shape else f"shape {value.shape} != explicit {explicit.shape}"
+        for symbol, a, b in zip(_as_matrix(step.symbols), value, explicit) if not failure else ():
+            if not _zero_within(_opaque_exp(a) - _opaque_exp(b), one, len(d.steps)):
+                failure = failure or f"{symbol}: matrix form {a} != explicit {b}"
+        claim = f"matrix form of ${_tex(step.tensor)}$ at the sizes $=$ explicit ${_tex(step.tensor)}$"
+        proofs.append(Proof(step.key, "matrix", claim, "exact simplification",
+                            "element-symbol matrices, composed to the inputs, SymEngine expand to 0",
+                            not failure, len(value), time.perf_counter() - start, failure))
+    return proofs
+
+
+def _zero_within(diff, one: dict, levels: int) -> bool:
+    """diff expands to 0 after at most `levels` rounds of replacing element symbols by their explicit entries."""
+    for _ in range(levels + 1):
+        if se.expand(diff) == 0:
+            return True
+        replaced = diff.xreplace(one)
+        if replaced == diff:  # only inputs left
+            return False
+        diff = replaced
+    return False
+
+
+def _as_matrix(array) -> sympy.Matrix:
+    return sympy.Matrix(array.tolist() if array.rank() == 2 else [[x] for x in array])
+
+
 def _head_gradients(d: Derivation) -> list[tuple]:
     """One head: (step, target, leaves, forward steps from the leaves to O) for dV, dP, dS, dQ, dK and every
     score parameter θ (dθ against the plain derivative of L over Q, K, V, θ, dO)."""
@@ -282,6 +346,8 @@ def prove(d: Derivation, *, progress: Progress | None = None, exact: bool | None
     chain = _Chain(d)
     note("prove: indexed formulas = explicit arrays")
     proofs = _indexed(d)
+    note("prove: matrix forms = explicit arrays")
+    proofs += _matrix_forms(d, chain)
     if any(s.key == "jacobian" for s in d.steps):
         note("prove: softmax Jacobian")
         proofs.append(_jacobian(chain))
