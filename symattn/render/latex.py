@@ -16,7 +16,7 @@ from .shorthand import abbreviator
 from .notation import (DEFAULT, LINE, Notation, doc_printer, explanation_latex, explanation_markdown, explanation_text,
                        fitted, head_tagged, one_based, tex_escape, visible_width, wrap)
 
-from ..symbolic.tensors import TENSORS
+from ..symbolic.tensors import TENSORS, as_matrix
 
 if TYPE_CHECKING:  # type hints only: printing never needs the derivation machinery
     from ..symbolic.derive import Derivation, Step
@@ -97,15 +97,11 @@ def equation_parts(d: Derivation, step: Step, *, query: int | None = None, max_e
 def _input_matrix(d: Derivation, step: Step, query: int | None) -> sympy.Eq:
     """`Q = [q_{0,0} ...]`, or the row of one query."""
     tensor = TENSORS[step.tensor]
-    matrix = _as_matrix(step.symbols)
+    matrix = as_matrix(step.symbols)
     if query is not None and tensor.dims[0] == "n_q":
         row = sympy.Symbol(f"{tensor.elem}_{query}")
         return sympy.Eq(row, matrix[query, :], evaluate=False)
     return sympy.Eq(tensor.matrix_symbol(), matrix, evaluate=False)
-
-
-def _as_matrix(array) -> sympy.ImmutableMatrix:
-    return sympy.ImmutableMatrix(array.tolist() if array.rank() == 2 else [[x] for x in array])
 
 
 def _further(count: int) -> str:

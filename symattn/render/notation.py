@@ -16,7 +16,7 @@ from sympy.printing.latex import LatexPrinter
 
 from ..errors import SpecError
 from ..symbolic.chains import ONE
-from ..symbolic.tensors import SIZES, TENSORS
+from ..symbolic.tensors import SIZES, TENSORS, superscripted
 from . import markdown
 from .texnames import check_names
 
@@ -174,8 +174,7 @@ def _tagged_names(notation: Notation, tags) -> dict:
     names = {}
     for tag in tags:
         for t in TENSORS.values():
-            tex = notation.names.get(t.name, t.latex)
-            tex = ("{" + tex + "}" if "^" in tex else tex) + f"^{{({tag})}}"  # \nu^{q}: no double superscript
+            tex = superscripted(notation.names.get(t.name, t.latex), f"({tag})")  # \nu^{q}: no double superscript
             names[sympy.Symbol(f"{t.name}^({tag})")] = tex
             if len(t.dims) <= 2:
                 names[sympy.MatrixSymbol(f"{t.name}^({tag})", *t.matrix_symbol().shape)] = tex

@@ -10,6 +10,7 @@ defines them. `abbreviate` only renames: substituting the definitions back gives
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import sympy
@@ -23,36 +24,33 @@ _NORMS = {"Q": ("r_q", "nu_q"), "K": ("r_k", "nu_k")}  # rows of q and k -> thei
 
 def abbreviator(d, step) -> Callable[[sympy.Basic], sympy.Basic]:
     """The renaming of `step`'s expressions: the cosine score's norms, the additive score's pre-activations; the
-    identity for other scores."""
+    identity for other scores. Explicit entries are renamed by exact substitution tables (built once per symbol
+    table), indexed formulas by pattern, then the constants."""
     spec = getattr(d.spec, "head", d.spec)
-    if spec.score not in ("cosine", "additive"):
+    rules = _RULES.get(spec.score)
+    if rules is None:
         return lambda expr: expr
-    table = d.table_for(step) if d.table is not None else None
-    if spec.score == "additive":
-        named = _explicit_preactivations(table) if table is not None else {}
-
-        def abbreviate(expr):
-            if not isinstance(expr, sympy.Basic):
-                return expr
-            return (expr.xreplace(named) if named else expr).replace(_indexed_preactivation, _preactivation_name)
-        return abbreviate
-    norms, clamped = _explicit_norms(table) if table is not None else ({}, {})
+    tables, patterns, constants = rules
+    substitutions = tables(d.table_for(step)) if d.table is not None else ()
 
     def abbreviate(expr):
         if not isinstance(expr, sympy.Basic):
             return expr
-        expr = expr.xreplace(norms).xreplace(clamped) if norms else expr
-        expr = expr.replace(_indexed_norm, _indexed_name).replace(_clamped, _clamped_name)
-        return expr.xreplace({NORM_EPS: EPSILON})
+        for table in substitutions:  # in order: a later table names what an earlier one made
+            expr = expr.xreplace(table)
+        for match, name in patterns:
+            expr = expr.replace(match, name)
+        return expr.xreplace(constants) if constants else expr
     return abbreviate
 
 
-def _explicit_preactivations(table) -> dict:
+@functools.lru_cache(maxsize=8)
+def _explicit_preactivations(table) -> tuple[dict]:
     """b_r + Σ_a q_{x,a} w_{a,r} + Σ_a k_{y,a} u_{a,r} -> η_{x,y,r} for every query x, key y and hidden unit r."""
     Q, K, W, U, b, eta = (table[n] for n in ("Q", "K", "Wa", "Ua", "ba", "eta"))
     n_q, n_k, d_a = eta.shape
-    return {b[r] + sum(Q[x, a] * W[a, r] + K[y, a] * U[a, r] for a in range(Q.shape[1])): eta[x, y, r]
-            for x in range(n_q) for y in range(n_k) for r in range(d_a)}
+    return ({b[r] + sum(Q[x, a] * W[a, r] + K[y, a] * U[a, r] for a in range(Q.shape[1])): eta[x, y, r]
+             for x in range(n_q) for y in range(n_k) for r in range(d_a)},)
 
 
 def _indexed_preactivation(e) -> bool:
@@ -73,6 +71,7 @@ def _preactivation_name(e):
     return TENSORS["eta"].base[q.indices[0], k.indices[0], b.indices[0]]
 
 
+@functools.lru_cache(maxsize=8)
 def _explicit_norms(table) -> tuple[dict, dict]:
     """sqrt(q_{x,0}² + ...) -> r^q_x, then max(1/10^12, r^q_x) -> ν^q_x, for every row x of Q and of K."""
     norms, clamped = {}, {}
@@ -108,3 +107,11 @@ def _clamped(e) -> bool:
 def _clamped_name(e):
     r = next(x for x in e.args if isinstance(x, sympy.Indexed))
     return TENSORS["nu_q" if r.base.label.name == "r_q" else "nu_k"].base[r.indices[0]]
+
+
+#: score -> (substitution tables of a symbol table's explicit entries, (pattern, name) rules of indexed
+#: formulas, constants)
+_RULES = {
+    "additive": (_explicit_preactivations, ((_indexed_preactivation, _preactivation_name),), {}),
+    "cosine": (_explicit_norms, ((_indexed_norm, _indexed_name), (_clamped, _clamped_name)), {NORM_EPS: EPSILON}),
+}

@@ -233,7 +233,7 @@ def _step_table(spec: AttentionSpec):
         r"keys are absent from the sum and get weight 0. The kernels never form $-\infty$: they skip masked keys "
         r"(and whole masked tiles).")
     L = sympy.Symbol("L")
-    constant = bool(uniform_branch(spec))  # masked_rows='uniform' with a query that sees no key
+    constant = uniform_branch(spec)  # masked_rows='uniform' with a query that sees no key
     constant_text = (r" This holds for a query that sees a key; one that sees none has constant weights $1/n_k$, "
                      r"so its row is 0 (the first branch).") if constant else ""
     return [

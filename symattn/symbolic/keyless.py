@@ -91,14 +91,13 @@ def policy_text(spec) -> str:
     rows = keyless_rows(spec)
     if rows == ():
         return ""
-    if spec.masked_rows == "uniform":
-        return (f" Here {_sees_none(rows)}, and a softmax over no key would be $0/0$: with masked_rows='uniform' (as in JAX) "
-                f"such a query's weights are $1/n_k$ at every key (the first branch below). They "
-                f"do not depend on the scores, so its output is the mean of the values, its rows of the Jacobian and "
-                f"of $\\mathrm{{d}}S$ are 0 and so is its query gradient; $\\mathrm{{d}}V$ still gets "
-                f"$\\mathrm{{d}}o_i / n_k$ at every key.")
-    return (f" Here {_sees_none(rows)}, and a softmax over no key would be $0/0$: with masked_rows='zero' (PyTorch's policy) "
-            f"such a query's weights are 0, so its output and every gradient through it are 0.")
+    policy = (r"with masked_rows='uniform' (as in JAX) such a query's weights are $1/n_k$ at every key (the first "
+              r"branch below). They do not depend on the scores, so its output is the mean of the values, its rows of "
+              r"the Jacobian and of $\mathrm{d}S$ are 0 and so is its query gradient; $\mathrm{d}V$ still gets "
+              r"$\mathrm{d}o_i / n_k$ at every key." if spec.masked_rows == "uniform" else
+              r"with masked_rows='zero' (PyTorch's policy) such a query's weights are 0, so its output and every "
+              r"gradient through it are 0.")
+    return f" Here {_sees_none(rows)}, and a softmax over no key would be $0/0$: {policy}"
 
 
 def _runs(rows: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -13,7 +13,6 @@ gradient dθ = Σ_h dθ^(h) sums the heads' contributions (each head's dθ^(h) i
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import sympy
 
@@ -133,7 +132,9 @@ def _indexed(spec: MultiHeadSpec) -> dict[str, tuple]:
     }
 
 
-TEXTS = {  # key -> (title, explanation); mathematics between $ signs (typeset in LaTeX/Markdown, Unicode in text)
+#: key -> (title, explanation); mathematics between $ signs (typeset in LaTeX/Markdown, Unicode in text). @src is
+#: the keys' and values' input (x, or y in cross-attention) and @1b_X the bias term of a layer with biases (_text).
+TEXTS = {
     "x": ("Input $x$", r"Each of the $n_q$ rows of $x$ is a token's $d_{\mathrm{model}}$-dimensional representation; "
           r"it gives the queries (and, in self-attention, the keys and values)."),
     "y": ("Input $y$", r"Cross-attention: the $n_k$ rows of $y$ give the keys and values."),
@@ -145,15 +146,15 @@ TEXTS = {  # key -> (title, explanation); mathematics between $ signs (typeset i
             r"$d_{\mathrm{model}}$."),
     "b_q": ("Query bias", "Added to every projected query."), "b_k": ("Key bias", "Added to every projected key."),
     "b_v": ("Value bias", "Added to every projected value."), "b_o": ("Output bias", "Added to every output row."),
-    "project_q": ("Query projection", r"$\hat{Q} = x W_Q + \mathbf{1} b_Q^\top$: all heads' queries at "
+    "project_q": ("Query projection", r"$\hat{Q} = x W_Q@1b_Q$: all heads' queries at "
                   r"once; head $h$ reads $Q^{(h)}$, column block $h$ of $\hat{Q}$."),
-    "project_k": ("Key projection", r"$\hat{K} = y W_K + \mathbf{1} b_K^\top$: every key/value group's keys; head $h$ "
+    "project_k": ("Key projection", r"$\hat{K} = @src W_K@1b_K$: every key/value group's keys; head $h$ "
                   r"reads $K^{(h)}$, column block $g = \lfloor h H_{kv} / H \rfloor$ of $\hat{K}$ (its group's)."),
-    "project_v": ("Value projection", r"$\hat{V} = y W_V + \mathbf{1} b_V^\top$: every key/value group's values; head "
+    "project_v": ("Value projection", r"$\hat{V} = @src W_V@1b_V$: every key/value group's values; head "
                   r"$h$ reads $V^{(h)}$, column block $\lfloor h H_{kv} / H \rfloor$ of $\hat{V}$."),
     "concat": ("Concatenation", r"$C = \operatorname{Concat}(O^{(0)}, \ldots, O^{(H-1)})$: the heads' outputs side "
                r"by side, column block $h$ of $C$ is head $h$'s output."),
-    "project_out": ("Output projection", r"$Z = \operatorname{MultiHead}(x) = C W_O + \mathbf{1} b_O^\top$: the "
+    "project_out": ("Output projection", r"$Z = \operatorname{MultiHead}(x) = C W_O@1b_O$: the "
                     r"layer's output."),
     "upstream": ("Upstream gradient", r"Backward pass for a scalar loss $L$ with $\partial L / \partial Z = "
                  r"\mathrm{d}Z$, i.e. $L = \sum_{i,m} \mathrm{d}Z_{im} Z_{im}$."),
@@ -169,9 +170,9 @@ TEXTS = {  # key -> (title, explanation); mathematics between $ signs (typeset i
             r"$\mathrm{d}V^{(h)}$ add."),
     "dWq": ("Gradient of $W_Q$", r"$\mathrm{d}W_Q = x^\top \mathrm{d}\hat{Q}$."),
     "dbq": ("Gradient of $b_Q$", r"$\mathrm{d}b_Q$ sums $\mathrm{d}\hat{Q}$ over the rows."),
-    "dWk": ("Gradient of $W_K$", r"$\mathrm{d}W_K = y^\top \mathrm{d}\hat{K}$."),
+    "dWk": ("Gradient of $W_K$", r"$\mathrm{d}W_K = @src^\top \mathrm{d}\hat{K}$."),
     "dbk": ("Gradient of $b_K$", r"$\mathrm{d}b_K$ sums $\mathrm{d}\hat{K}$ over the rows."),
-    "dWv": ("Gradient of $W_V$", r"$\mathrm{d}W_V = y^\top \mathrm{d}\hat{V}$."),
+    "dWv": ("Gradient of $W_V$", r"$\mathrm{d}W_V = @src^\top \mathrm{d}\hat{V}$."),
     "dbv": ("Gradient of $b_V$", r"$\mathrm{d}b_V$ sums $\mathrm{d}\hat{V}$ over the rows."),
     "dX": ("Gradient of $x$", r"$\mathrm{d}x = \mathrm{d}\hat{Q} W_Q^\top$ (self-attention adds "
            r"$\mathrm{d}\hat{K} W_K^\top + \mathrm{d}\hat{V} W_V^\top$: $x$ feeds all three paths)."),
@@ -180,13 +181,12 @@ TEXTS = {  # key -> (title, explanation); mathematics between $ signs (typeset i
 
 
 def _text(key: str, spec: MultiHeadSpec) -> tuple[str, str]:
-    """TEXTS[key] for this layer: in self-attention x gives the keys and values too (y is cross-attention's second
-    input), and a layer without biases has none in its projections."""
+    """TEXTS[key] for this layer: @src is x (self-attention) or y (cross), @1b_X is + 1 b_Xᵀ with biases, else
+    nothing."""
     title, text = TEXTS[key]
-    if not spec.cross:
-        text = text.replace(" y W_", " x W_").replace("= y^\\top", "= x^\\top")
-    if not spec.bias:
-        text = re.sub(r" \+ \\mathbf\{1\} b_[QKVO]\^\\top", "", text)
+    text = text.replace("@src", "y" if spec.cross else "x")
+    for X in "QKVO":
+        text = text.replace(f"@1b_{X}", rf" + \mathbf{{1}} b_{X}^\top" if spec.bias else "")
     return title, text
 
 
@@ -237,14 +237,14 @@ def derive_multihead(spec: MultiHeadSpec, *, explicit: bool = True, prove: bool 
                 if s.phase == phase and not s.is_input and s.key not in HEAD_SKIPPED]
 
     note("derive: projections and heads")
-    steps = [Step(key, *TEXTS[key], "forward", tensor, tuple(_index(tensor)), None,
+    steps = [Step(key, *_text(key, spec), "forward", tensor, tuple(_index(tensor)), None,
                   t[tensor] if explicit else None, None, t[tensor] if explicit else None) for key, tensor in _inputs(spec)]
     steps += [_shared_input(head_derivations[0].step(p.tensor)) for p in parameters(spec.head)]
     steps += [own(k, "forward") for k in ("project_q", "project_k", "project_v")]
     steps += head_steps("forward")
     steps += [own("concat", "forward"), own("project_out", "forward")]
     note("derive: backward through the layer")
-    steps.append(Step("upstream", *TEXTS["upstream"], "backward", "dOut", (i, m), None,
+    steps.append(Step("upstream", *_text("upstream", spec), "backward", "dOut", (i, m), None,
                       t["dOut"] if explicit else None, indexed["upstream"][3], t["dOut"] if explicit else None))
     steps += [own(k, "backward") for k in ("dWo", "dbo", "dC") if spec.bias or k != "dbo"]
     steps += head_steps("backward")

@@ -2,7 +2,8 @@
 
 1. Each indexed formula instantiated at the sizes equals the explicit array (exact).
    Each printed matrix form (dV = Pᵀ dO, dQ = τ dS K W_aᵀ, Q̂ = x W_Q + 1 b_Qᵀ, ...), evaluated with the matrices
-   of element symbols at the sizes, equals the explicit array, both written down to the inputs (exact).
+   of element symbols at the sizes, equals the explicit array (exact; element symbols replaced by their entries
+   one level at a time until the difference expands to 0).
 2. Each closed-form gradient equals plain symbolic differentiation (SymEngine) of the expanded forward.
    exp is kept opaque as E(x) (SymEngine would merge exp(a)exp(b) into exp(a+b)); after differentiating,
    the rule E'(x) = E(x) is applied and each E(S_ij) is replaced by an independent positive symbol e_ij: both sides are
@@ -24,7 +25,7 @@ import symengine as se
 import sympy
 
 from .chains import ONE
-from .tensors import SIZES, TENSORS, flat, shape_of
+from .tensors import SIZES, TENSORS, as_matrix, flat, shape_of
 
 if TYPE_CHECKING:  # type hints only: derive() runs the proofs, so prove must not import derive
     from .derive import Derivation, Progress
@@ -281,16 +282,16 @@ def _matrix_forms(d: Derivation, chain: _Chain) -> list[Proof]:
     proofs = []
     for step, value in forms:
         start = time.perf_counter()
-        explicit = _as_matrix(step.explicit)
+        explicit = as_matrix(step.explicit)
         if value.shape != explicit.shape and value.shape == explicit.T.shape:
             value = value.T  # a vector's form as a row
         failure = "" if value.shape == explicit.shape else f"shape {value.shape} != explicit {explicit.shape}"
-        for symbol, a, b in zip(_as_matrix(step.symbols), value, explicit) if not failure else ():
+        for symbol, a, b in zip(as_matrix(step.symbols), value, explicit) if not failure else ():
             if not _zero_within(_opaque_exp(a) - _opaque_exp(b), one, len(d.steps)):
                 failure = failure or f"{symbol}: matrix form {a} != explicit {b}"
         claim = f"matrix form of ${_tex(step.tensor)}$ at the sizes $=$ explicit ${_tex(step.tensor)}$"
         proofs.append(Proof(step.key, "matrix", claim, "exact simplification",
-                            "element-symbol matrices, composed to the inputs, SymEngine expand to 0",
+                            "element-symbol matrices, entries substituted level by level, SymEngine expand to 0",
                             not failure, len(value), time.perf_counter() - start, failure))
     return proofs
 
@@ -305,10 +306,6 @@ def _zero_within(diff, one: dict, levels: int) -> bool:
             return False
         diff = replaced
     return False
-
-
-def _as_matrix(array) -> sympy.Matrix:
-    return sympy.Matrix(array.tolist() if array.rank() == 2 else [[x] for x in array])
 
 
 def _head_gradients(d: Derivation) -> list[tuple]:

@@ -74,7 +74,7 @@ class Tensor:
         """LaTeX element base of head `tag`: s^{(1)}, or {w^{a}}^{(1)} where the base has a superscript already."""
         if not tag:
             return self.elem_latex
-        return ("{" + self.elem_latex + "}" if "^" in self.elem_latex else self.elem_latex) + f"^{{({tag})}}"
+        return superscripted(self.elem_latex, f"({tag})")
 
     def matrix_symbol(self) -> sympy.MatrixSymbol:
         rows = DIMS[self.dims[0]]
@@ -148,6 +148,16 @@ TENSORS: dict[str, Tensor] = {t.name: t for t in (
 )}
 
 
+def as_matrix(array: sympy.NDimArray) -> sympy.ImmutableMatrix:
+    """A rank-2 array as a matrix, a rank-1 array as a column."""
+    return sympy.ImmutableMatrix(array.tolist() if array.rank() == 2 else [[x] for x in array])
+
+
+def superscripted(tex: str, sup: str) -> str:
+    """`tex` with a superscript, braced first where it has one already (\\nu^{q} -> {\\nu^{q}}^{(0)})."""
+    return ("{" + tex + "}" if "^" in tex else tex) + f"^{{{sup}}}"
+
+
 def shape_of(array: sympy.NDimArray) -> tuple[int, ...]:
     """Shape as Python ints (immutable SymPy arrays keep a SymPy Tuple of Integers)."""
     return tuple(int(n) for n in array.shape)
@@ -192,8 +202,7 @@ class SymbolTable:
 
     def matrix(self, name: str) -> sympy.ImmutableMatrix:
         """Rank-2 (or column-vector) view of a tensor's element symbols."""
-        array = self[name]
-        return sympy.ImmutableMatrix(array.tolist() if array.rank() == 2 else [[x] for x in array])
+        return as_matrix(self[name])
 
     def where(self, symbol: sympy.Symbol) -> tuple[str, tuple[int, ...], str]:
         """(tensor name, index, tag) of an element symbol."""
