@@ -6,8 +6,8 @@ import symattn
 from symattn import InputError, reference
 from symattn.numeric import api, kernels, plain
 
-FORWARDS = ("attention_forward", "plain_forward", "forward_tiles")
-BACKWARDS = ("attention_backward", "plain_backward", "backward_tiles")
+FORWARDS = ("attention_forward", "plain_forward", "plain_vjp_forward", "forward_tiles")
+BACKWARDS = ("attention_backward", "plain_backward", "plain_vjp_backward", "backward_tiles")
 
 
 @pytest.fixture
@@ -122,7 +122,8 @@ def test_serial_plain_kernels_share_their_scratch_safely(rng):
     """The serial plain kernels write their score rows and backward tiles into scratch buffers shared by every call
     of a shape: closures kept alive and interleaved with other calls of the same and other shapes still give the
     reference's gradients. Safe because the kernels hold the GIL while they run (no nogil)."""
-    assert not any(getattr(kernels.loops, k).targetoptions.get("nogil") for k in ("plain_forward", "plain_backward"))
+    assert not any(getattr(kernels.loops, k).targetoptions.get("nogil") for k in (
+        "plain_forward", "plain_backward", "plain_vjp_forward", "plain_vjp_backward"))
     cases = [tuple(rng.standard_normal(s) for s in ((2, n_q, 3), (2, n_k, 3), (2, n_k, 2), (2, n_q, 2)))
              for n_q, n_k in ((4, 5), (6, 5), (4, 17))]
     pullbacks = [symattn.attention_vjp(q, k, v, is_causal=c)[1] for c in (False, True) for q, k, v, _ in cases]

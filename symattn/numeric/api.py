@@ -21,7 +21,7 @@ import numpy as np
 
 from . import kernels, variants
 from .arrays import _array, _check_dO
-from .plain import NOBIAS as _NOBIAS, forward_plain, identity_batch, plain, plain_pullback
+from .plain import NOBIAS as _NOBIAS, forward_plain, identity_batch, plain, plain_vjp
 from .saved import own, read_only
 from ..errors import InputError
 from ..limits import check_memory
@@ -222,9 +222,7 @@ def attention_vjp(q, k, v, *, score="dot", params=None, score_mod=None, mask_mod
     if score_mod is None and mask_mod is None and params is None and score == "dot":
         sc = plain(q, k, v, mask, is_causal, scale, masked_rows)
         if sc is not None:
-            q, k, v = q.copy(), k.copy(), v.copy()  # what the pullback reads: the caller may change theirs
-            O, LSE = forward_plain(q, k, v, is_causal, sc)
-            return read_only(O), plain_pullback(q, k, v, is_causal, sc, O, LSE)
+            return plain_vjp(q, k, v, is_causal, sc)
     p, variant, theta = _setup(q, k, v, score, params, score_mod, mask_mod, mask, is_causal, scale, masked_rows)
     p = replace(p, Q=own(p.Q, q), K=own(p.K, k), V=own(p.V, v), bias=own(p.bias, mask))  # what the pullback reads
     theta = {name: own(x, (params or {}).get(name)) for name, x in theta.items()}

@@ -11,8 +11,11 @@ import numpy as np
 
 from . import kernels
 from .arrays import _check_dO
+from .saved import read_only
 
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_NDARRAY, _MASKED_ROWS = np.ndarray, kernels.MASKED_ROWS  # (module globals: a lookup less per check)
+_PER_KEY = kernels.loops.BACKWARD_SCRATCH  # scratch entries per key of the serial backward
 NOBIAS = {_F32: np.zeros((0, 0, 0), np.float32), _F64: np.zeros((0, 0, 0), np.float64)}
 _BATCHES: dict[int, np.ndarray] = {}  # B -> identity batch rows (B, 4), read-only
 _SCALES: dict[int, float] = {}  # d_k -> 1/sqrt(d_k)
@@ -34,18 +37,16 @@ def plain(q, k, v, mask, is_causal, scale, masked_rows):
     """The scale when (q, k, v) take the fast path, else None: exact ndarrays, C-contiguous, one float dtype,
     all 2-D or all 3-D with one batch size, matching sizes, d_v <= d_k (the output is no larger than q, so no
     memory check is needed), no mask, plain options. Everything else goes through `_prepare`, which checks all."""
-    if mask is not None or type(q) is not np.ndarray or type(k) is not np.ndarray or type(v) is not np.ndarray:
+    if mask is not None or type(q) is not _NDARRAY or type(k) is not _NDARRAY or type(v) is not _NDARRAY:
         return None
     dt, qs, ks, vs = q.dtype, q.shape, k.shape, v.shape
-    if len(qs) == 3:
-        if len(ks) != 3 or len(vs) != 3 or not qs[0] == ks[0] == vs[0]:
-            return None
-    elif len(qs) != 2 or len(ks) != 2 or len(vs) != 2:
+    n = len(qs)
+    if n != len(ks) or n != len(vs) or not 2 <= n <= 3 or (n == 3 and not qs[0] == ks[0] == vs[0]):
         return None
     if (dt is not _F32 and dt is not _F64) or k.dtype is not dt or v.dtype is not dt or qs[-1] != ks[-1] \
             or ks[-2] != vs[-2] or not ks[-2] or not 0 < vs[-1] <= qs[-1] or (is_causal is not False and is_causal
                                                                              is not True) \
-            or (masked_rows != "zero" and (type(masked_rows) is not str or masked_rows not in kernels.MASKED_ROWS)) \
+            or (masked_rows != "zero" and (type(masked_rows) is not str or masked_rows not in _MASKED_ROWS)) \
             or not (q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous):
         return None
     if scale is None:
@@ -65,20 +66,6 @@ def _record(kernel, dt, args: tuple) -> None:
         _ENTRIES[kernel, dt] = entry
 
 
-_SCRATCH: dict = {}  # (shape, dtype) -> a small buffer the serial plain kernels write and nobody reads after
-
-
-def _scratch(shape: tuple, dt) -> np.ndarray:
-    """A shared buffer of this shape for the serial plain kernels: they hold the GIL, so no two calls share it at
-    once, and a call reads nothing it did not write first (small shapes are kept, at most 64 of them)."""
-    buf = _SCRATCH.get((shape, dt))
-    if buf is None:
-        buf = np.empty(shape, dt)
-        if buf.size <= 1 << 14 and len(_SCRATCH) < 64:  # at most 64 x 128 KiB kept
-            _SCRATCH[shape, dt] = buf
-    return buf
-
-
 _SMALL_SCRATCH: dict = {}  # (B, n_q, n_k, dtype) -> (LSE (B, n_q), row (n_k,)) of the serial forward kernel
 
 
@@ -94,7 +81,7 @@ def _small_scratch(B: int, n_q: int, n_k: int, dt) -> tuple[np.ndarray, np.ndarr
 
 
 def forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True):
-    """O and LSE of plain (see `_plain`) inputs, shaped like q's batch. keep_lse=False: LSE may be a shared
+    """O and LSE of plain (see `plain`) inputs, shaped like q's batch. keep_lse=False, small: LSE may be a shared
     scratch buffer (the serial kernels hold the GIL, and nobody reads it)."""
     Q, K, V = (q, k, v) if q.ndim == 3 else (q[None], k[None], v[None])
     (B, n_q, _), n_k, dt = Q.shape, K.shape[1], q.dtype
@@ -108,37 +95,67 @@ def forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True)
         else:
             _record(kernels.loops.plain_forward, dt, (Q, K, V, is_causal, scale, O, LSE, row))
     else:
-        LSE = np.empty((B, n_q), dt) if keep_lse else _scratch((B, n_q), dt)
+        LSE = np.empty((B, n_q), dt)
         kernels.forward_into(Q, K, V, NOBIAS[dt], identity_batch(B), is_causal, scale, 0, O, LSE)
     return (O, LSE) if q.ndim == 3 else (O[0], LSE)
 
 
+def plain_vjp(q, k, v, is_causal: bool, scale: float):
+    """(O read-only, pullback) of plain inputs. Small problems keep all the pullback reads (copies of q, k, v,
+    LSE, scratch) in one buffer `saved` the forward kernel fills: a pair at (1,5,2) is about 4 µs, of which each
+    NumPy allocation is 0.11 µs. Larger ones copy q, k, v and keep LSE (plain_pullback)."""
+    qs, ks, vs, dt = q.shape, k.shape, v.shape, q.dtype
+    flat = len(qs) == 2
+    (B, n_q, d_k), n_k, d_v = (1,) + qs if flat else qs, ks[-2], vs[-1]
+    if B * n_q * n_k >= kernels.SMALL:
+        q, k, v = q.copy(), k.copy(), v.copy()  # what the pullback reads: the caller may change theirs
+        O, LSE = forward_plain(q, k, v, is_causal, scale)
+        return read_only(O), plain_pullback(q, k, v, is_causal, scale, O, LSE)
+    saved = np.empty(B * (n_q * d_k + n_k * (d_k + d_v) + n_q) + _PER_KEY * n_k, dt)  # see loops._saved_views
+    O = np.empty((n_q, d_v) if flat else (B, n_q, d_v), dt)
+    O3 = O[None] if flat else O  # (B, n_q, d_v)
+    entry = _ENTRIES.get((kernels.loops.plain_vjp_forward, dt))
+    if entry is not None and not flat:
+        entry(q, k, v, is_causal, scale, O, saved)
+    else:
+        _run(kernels.loops.plain_vjp_forward, dt, (q[None], k[None], v[None]) if flat else (q, k, v),
+             is_causal, scale, O3, saved)
+    O.setflags(write=False)  # the pullback reads it; the kernels take it as it is (a view would cost 0.1 µs more)
+
+    def pullback(dO) -> dict:
+        if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:
+            dO = _check_dO(dO, O.shape, dt)
+        dq, dk, dv = np.empty(qs, dt), np.empty(ks, dt), np.empty(vs, dt)
+        entry = _ENTRIES.get((kernels.loops.plain_vjp_backward, dt))
+        if entry is not None and not flat:
+            entry(saved, is_causal, scale, O, dO, dq, dk, dv)
+        else:
+            _run(kernels.loops.plain_vjp_backward, dt, (saved, is_causal, scale, O3),
+                 *((dO[None], dq[None], dk[None], dv[None]) if flat else (dO, dq, dk, dv)))
+        return {"q": dq, "k": dk, "v": dv}
+    return O, pullback
+
+
+def _run(kernel, dt, head: tuple, *tail) -> None:
+    """kernel(*head, *tail) by its recorded entry point, or through its dispatcher, recording the entry point."""
+    entry = _ENTRIES.get((kernel, dt))
+    if entry is not None:
+        entry(*head, *tail)
+    else:
+        _record(kernel, dt, head + tail)
+
 
 def plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
-    """The pullback of plain inputs: dO of O's shape and dtype, C-contiguous, goes straight to the kernels (what
-    does not depend on dO is worked out once, here)."""
+    """The pullback of plain inputs past the small size (B·n_q·n_k >= kernels.SMALL; the tile kernels): dO of
+    O's shape and dtype, C-contiguous, goes straight to the kernels."""
     dt, flat = q.dtype, q.ndim == 2
     Q, K, V, O3 = (q[None], k[None], v[None], O[None]) if flat else (q, k, v, O)  # (B, n, d)
-    small = Q.shape[0] * Q.shape[1] * K.shape[1] < kernels.SMALL
-    kernel = kernels.loops.plain_backward
-    shape = (kernels.loops.BACKWARD_SCRATCH * K.shape[1],)  # (34·n_k,)
-    buf = _scratch(shape, dt) if small else None
-    buf = buf if _SCRATCH.get((shape, dt)) is buf else None  # only a shared one: a live pullback holds no large one
 
     def pullback(dO) -> dict:
         if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:
             dO = _check_dO(dO, O.shape, dt)
         dq, dk, dv = np.empty(q.shape, dt), np.empty(k.shape, dt), np.empty(v.shape, dt)
-        args = (Q, K, V, is_causal, scale, O3, LSE) + ((dO[None], dq[None], dk[None], dv[None]) if flat else
-                                                       (dO, dq, dk, dv))
-        if small:
-            entry, scratch = _ENTRIES.get((kernel, dt)), buf if buf is not None else np.empty(shape, dt)
-            if entry is not None:
-                entry(*args, scratch)
-            else:
-                _record(kernel, dt, args + (scratch,))
-        else:
-            kernels.backward_into(Q, K, V, NOBIAS[dt], identity_batch(Q.shape[0]), is_causal, scale, 0,
-                                  *args[5:])
+        kernels.backward_into(Q, K, V, NOBIAS[dt], identity_batch(Q.shape[0]), is_causal, scale, 0, O3, LSE,
+                              *((dO[None], dq[None], dk[None], dv[None]) if flat else (dO, dq, dk, dv)))
         return {"q": dq, "k": dk, "v": dv}
     return pullback
