@@ -4,8 +4,10 @@ and finite differences of every input and parameter."""
 import numpy as np
 import pytest
 
-from symattn import reference
+import symattn
+from symattn import masks, reference
 from symattn.check import gallery
+from symattn.numeric import kernels
 from symattn.check.verification import verify
 
 EXAMPLES = {e.name: e for e in gallery.examples()}
@@ -44,6 +46,35 @@ def test_the_ported_mods_say_what_the_sources_say(rng):
     assert [window.visible(5, kv) for kv in range(7)] == [False, False, False, True, True, True, False]
     prefix = gallery.generate_prefix_lm_mask(2)
     assert [prefix.visible(0, kv) for kv in range(4)] == [True, True, False, False]
+    i, j = np.arange(12)[:, None], np.arange(12)[None, :]
+    dilated = masks.mask_of(gallery.generate_dilated_sliding_window(4, 2))
+    np.testing.assert_array_equal(_grid(dilated, 12), (abs(i - j) <= 4) & (abs(i - j) % 2 == 0))
+    natten = masks.mask_of(gallery.generate_natten(4, 3, 3, 1))  # canvas 4 x 3, kernel 3 x 1
+    cx, cy = np.clip(i // 4, 1, 2), np.clip(i % 4, 0, 2)  # as attn_gym: x = idx // w, y = idx % w
+    np.testing.assert_array_equal(_grid(natten, 12), (abs(cx - j // 4) <= 1) & (abs(cy - j % 4) <= 0))
+
+
+def _grid(mask, n: int) -> np.ndarray:
+    return np.array([[mask.visible(i, j) for j in range(n)] for i in range(n)])
+
+
+@pytest.mark.parametrize("name, mask_mod", [
+    ("dilated_sliding_window", lambda: gallery.generate_dilated_sliding_window(5, 3)),
+    ("natten", lambda: gallery.generate_natten(8, 6, 3, 5)),
+])
+def test_index_arithmetic_masks_run_on_every_kernel_path(rng, monkeypatch, name, mask_mod):
+    """Masks with integer division and remainder (NATTEN's idx // w, idx % w) print as integer arithmetic in the
+    kernels, in the per-row key span too (it once printed float casts of an array not in scope there): the loop
+    and tile kernels, forward and backward, agree with the NumPy reference at n = 48."""
+    q, k, v, dO = (rng.standard_normal((2, 48, 4)) for _ in range(4))
+    mod = mask_mod()
+    want, grads = reference.attention(q, k, v, mask_mod=mod), reference.gradients(q, k, v, dO, mask_mod=mod)
+    want_grads = grads["q"], grads["k"], grads["v"]
+    for small in (1 << 62, 0):  # the serial loop kernels, then the tile kernels
+        monkeypatch.setattr(kernels, "SMALL", small)
+        np.testing.assert_allclose(symattn.attention(q, k, v, mask_mod=mod), want, rtol=1e-12, atol=1e-12)
+        for got, w in zip(symattn.attention_backward(q, k, v, dO, mask_mod=mod), want_grads):
+            np.testing.assert_allclose(got, w, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.skipif(not hasattr(gallery.masks, "document"), reason="symattn.masks.document not there yet")

@@ -6,7 +6,8 @@ Sources (ported by hand; the torch calls become symattn.mods.ops, the closed-ove
 attention-gym, https://github.com/pytorch-labs/attention-gym (BSD-3-Clause): attn_gym/mods/alibi.py
 (generate_alibi_bias), attn_gym/mods/softcapping.py (generate_tanh_softcap), attn_gym/masks/sliding_window.py
 (generate_sliding_window), attn_gym/masks/prefix_lm.py (generate_prefix_lm_mask), attn_gym/masks/document_mask.py
-(generate_doc_mask_mod); the FlexAttention blog post, https://pytorch.org/blog/flexattention/ (relative_positional,
+(generate_doc_mask_mod), attn_gym/masks/dilated_sliding_window.py (generate_dilated_sliding_window),
+attn_gym/masks/natten.py (generate_natten: integer division and remainder of the indices); the FlexAttention blog post, https://pytorch.org/blog/flexattention/ (relative_positional,
 and the learned bias a score_mod closes over).
 """
 from __future__ import annotations
@@ -30,9 +31,10 @@ class Example:
     name: str
     source: str
     options: Callable[[], dict]
+    n: int = N  # queries = keys
 
     def spec(self) -> AttentionSpec:
-        return AttentionSpec(N, N, D_K, **self.options())
+        return AttentionSpec(self.n, self.n, D_K, **self.options())
 
 
 # -- score mods ---------------------------------------------------------------------------------------------
@@ -97,6 +99,34 @@ def generate_doc_mask(document_id):
     return masks.and_masks(masks.document(document_id), causal_mask)
 
 
+def generate_dilated_sliding_window(window_size: int, dilation: int):
+    """attn_gym/masks/dilated_sliding_window.py: |i - j| within the window and a multiple of the dilation
+    (torch.abs -> ops.abs; == on symbols compares expressions, so (diff % dilation) == 0 -> ops.eq)."""
+    def dilated_sliding_window(b, h, q_idx, kv_idx):
+        diff = ops.abs(q_idx - kv_idx)
+        in_window = diff <= window_size
+        is_dilated = ops.eq(diff % dilation, 0)
+        return in_window & is_dilated
+    return dilated_sliding_window
+
+
+def generate_natten(canvas_w: int, canvas_h: int, kernel_w: int, kernel_h: int):
+    """attn_gym/masks/natten.py: a 2-D neighbourhood on a canvas flattened row by row (idx // canvas_w,
+    idx % canvas_w), the kernel's centre clamped inside the canvas (tensor.clamp -> ops.minimum/ops.maximum)."""
+    def get_x_y(idx):
+        return idx // canvas_w, idx % canvas_w
+
+    def natten_mask_mod(b, h, q_idx, kv_idx):
+        q_x, q_y = get_x_y(q_idx)
+        kv_x, kv_y = get_x_y(kv_idx)
+        kernel_center_x = ops.minimum(ops.maximum(q_x, kernel_w // 2), (canvas_w - 1) - kernel_w // 2)
+        kernel_center_y = ops.minimum(ops.maximum(q_y, kernel_h // 2), (canvas_h - 1) - kernel_h // 2)
+        hori_mask = ops.abs(kernel_center_x - kv_x) <= kernel_w // 2
+        vert_mask = ops.abs(kernel_center_y - kv_y) <= kernel_h // 2
+        return hori_mask & vert_mask
+    return natten_mask_mod
+
+
 def examples() -> list[Example]:
     """The gallery; the document mask is included where symattn.masks.document exists."""
     out = [
@@ -105,6 +135,9 @@ def examples() -> list[Example]:
         Example("softcap", "attn_gym/mods/softcapping.py", lambda: dict(score_mod=score_mod(generate_tanh_softcap(2)))),
         Example("sliding_window", "attn_gym/masks/sliding_window.py", lambda: dict(mask=generate_sliding_window(1))),
         Example("prefix_lm", "attn_gym/masks/prefix_lm.py", lambda: dict(mask=generate_prefix_lm_mask(1))),
+        Example("dilated_sliding_window", "attn_gym/masks/dilated_sliding_window.py",
+                lambda: dict(mask=generate_dilated_sliding_window(2, 2)), n=4),
+        Example("natten", "attn_gym/masks/natten.py", lambda: dict(mask=generate_natten(2, 3, 1, 3)), n=6),
         Example("relative_positional", "FlexAttention blog", lambda: dict(score_mod=score_mod(relative_positional))),
         Example("learned_bias", "FlexAttention blog", lambda: dict(score_mod=score_mod(generate_learned_bias(N)),
                                                                    mask=causal_mask)),

@@ -148,6 +148,22 @@ class _VariantPrinter(NumbaPrinter):
     def _print_tanh(self, expr):
         return f"_tanh({self._print(expr.args[0])})"
 
+    # floor(i/4) (a mask's i // 4): integer division, exact and valid where no array is in scope (a row's span)
+    def _integer_division(self, expr) -> str | None:
+        num, den = sympy.fraction(sympy.together(expr.args[0]))
+        if num.is_integer and den.is_Integer and den > 0:
+            return f"({self._print(num)})" if den == 1 else f"(({self._print(num)}) // {den})"
+        return None
+
+    def _print_floor(self, expr):
+        return self._integer_division(expr) or super()._print_floor(expr)
+
+    def _print_ceiling(self, expr):
+        if self._integer_division(expr) is None:
+            return super()._print_ceiling(expr)
+        num, den = sympy.fraction(sympy.together(expr.args[0]))
+        return f"(-((-({self._print(num)})) // {den}))"
+
 
 def variant_params(mod) -> list[tuple[str, str]]:
     """(API name, kernel argument) of the mod's parameters θ, in kernel-argument order."""
