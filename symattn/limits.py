@@ -44,6 +44,9 @@ RUN_LIMITS = {
     "additive": RunLimit(tokens=6, width=6, cells=16, mod_cells=12),
     "cosine": RunLimit(tokens=8, width=8, cells=16, mod_cells=12),
 }
+#: A score without its own measured limits (one just added to symattn/symbolic/score.py): the smallest of all.
+UNMEASURED = RunLimit(*(min(getattr(limit, f) for limit in RUN_LIMITS.values())
+                        for f in ("tokens", "width", "cells", "mod_cells")))
 #: The dot product's limits (the default run's), by their old names.
 RUN_MAX_TOKENS = RUN_LIMITS["dot"].tokens
 RUN_MAX_WIDTH = RUN_LIMITS["dot"].width
@@ -125,11 +128,14 @@ def _modded(score_mod) -> bool:
 
 
 def _run_limit(score, hidden, score_mod) -> tuple[RunLimit, int]:
-    """The variant's RunLimit and its tokens × width limit; an unknown score, or additive without its hidden
-    units, gets the dot product's (the spec gives those their own error)."""
+    """The variant's RunLimit and its tokens × width limit; a score without measured limits gets the smallest
+    (UNMEASURED); a name that is no score, or additive without its hidden units, the dot product's (the spec
+    gives those their own error)."""
+    from .symbolic.score_names import PARAMS  # names only: no SymPy
     counted = isinstance(hidden, int) and not isinstance(hidden, bool)
     known = isinstance(score, str) and score in RUN_LIMITS and (counted or score != "additive")
-    limit = RUN_LIMITS[score] if known else RUN_LIMITS["dot"]
+    new = isinstance(score, str) and score in PARAMS and score not in RUN_LIMITS
+    limit = RUN_LIMITS[score] if known else UNMEASURED if new else RUN_LIMITS["dot"]
     return limit, limit.max_cells(_modded(score_mod))
 
 

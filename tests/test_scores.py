@@ -157,17 +157,8 @@ def test_adding_a_score_needs_only_its_formula_and_its_name(monkeypatch, tmp_pat
     from symattn.check.verification import _unrolled_call, evaluate
     from symattn.numeric.kernels import load_unrolled
     from symattn.symbolic import score as scores, spec as specs
+    _add_biased(monkeypatch)
 
-    def biased(q, k, theta, total):  # the README's example, verbatim
-        W, w = theta["W_a"], theta["w_a"]
-        return total(lambda a: q(a) * total(lambda b: W(a, b) * k(b), "d_k"), "d_k") + \
-            total(lambda a: w(a) * k(a), "d_k")
-    w_a = scores.Param("w_a", "wb", "w_a", "wb", "w^{b}", ("d_k",))
-    new = scores.Score("biased", "Bilinear similarities with a key bias", r"s_{ij} = \tau(q_i W_a k_j^\top + w_a k_j^\top)",
-                       "A learned bilinear form plus a learned preference for some keys.",
-                       (scores.W_GENERAL, w_a), biased, lambda n: n["d_k"] ** 2 + n["d_k"])
-    monkeypatch.setitem(scores.SCORES, "biased", new)
-    monkeypatch.setattr(specs, "SCORES", specs.SCORES + ("biased",))
     spec = AttentionSpec(2, 3, 2, score="biased")
     d = symattn.derive(spec)
     assert d.proved and {"dWg", "dwb"} <= {p.step for p in d.proofs if p.kind == "gradient"}
@@ -224,3 +215,71 @@ def test_the_oracle_gives_a_nan_row_where_a_visible_score_is_plus_infinity():
     mask = np.array([[0.0, np.inf, 0.0]])
     assert np.isnan(reference.weights(q, k, mask=mask)).all()
     assert np.isnan(symattn.attention(q, k, v, mask=mask)).all() and np.isnan(reference.attention(q, k, v, mask=mask)).all()
+
+
+def _add_biased(monkeypatch) -> None:
+    """The README's worked example as a contributor makes it: the score in score.py, the regenerated name table
+    (score_names.py as `symattn generate --all` renders it, loaded in place of the committed one) and the NumPy
+    formula in reference.py, nothing else."""
+    from symattn.codegen import names
+    from symattn.numeric import reference as ref
+    from symattn.symbolic import score as scores, score_names, spec as specs
+
+    def biased(q, k, theta, total):  # score.py, the README's example verbatim
+        W, w = theta["W_a"], theta["w_a"]
+        return total(lambda a: q(a) * total(lambda b: W(a, b) * k(b), "d_k"), "d_k") + \
+            total(lambda a: w(a) * k(a), "d_k")
+    w_a = scores.Param("w_a", "wb", "w_a", "wb", "w^{b}", ("d_k",))
+    new = scores.Score("biased", "Bilinear similarities with a key bias",
+                       r"s_{ij} = \tau(q_i W_a k_j^\top + w_a k_j^\top)",
+                       "A learned bilinear form plus a learned preference for some keys.",
+                       (scores.W_GENERAL, w_a), biased, lambda n: n["d_k"] ** 2 + n["d_k"],
+                       text="scale (q W_a k^T + w_a.k)")
+    monkeypatch.setitem(scores.SCORES, "biased", new)
+    table = {}
+    exec(names.render(), table)  # the regenerated score_names.py
+    for name, value in table["PARAMS"].items():
+        monkeypatch.setitem(score_names.PARAMS, name, value)  # the one dict spec, reference and limits read
+    monkeypatch.setattr(specs, "SCORES", tuple(table["PARAMS"]))
+    assert table["PARAMS"]["biased"] == ("W_a", "w_a") and "biased" not in table["UNSCALED"]
+    scores_of, backward_of = ref.scores, ref.score_backward
+
+    def numpy_scores(q, k, *, score="dot", params=None, scale=None):  # reference.py, the README's example
+        if score != "biased":
+            return scores_of(q, k, score=score, params=params, scale=scale)
+        scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+        return scale * (q @ params["W_a"] @ np.swapaxes(k, -1, -2) + (k @ params["w_a"])[..., None, :])
+
+    def numpy_backward(q, k, dS, *, score="dot", params=None, scale=None):
+        if score != "biased":
+            return backward_of(q, k, dS, score=score, params=params, scale=scale)
+        scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+        W, w, dST = params["W_a"], params["w_a"], np.swapaxes(dS, -1, -2)
+        return {"q": scale * dS @ k @ W.T, "k": scale * (dST @ q @ W + dS.sum(axis=-2)[..., None] * w),
+                "W_a": scale * np.einsum("...ia,...ij,...jb->ab", q, dS, k),
+                "w_a": scale * np.einsum("...j,...jb->b", dS.sum(axis=-2), k)}
+    monkeypatch.setattr(ref, "scores", numpy_scores)
+    monkeypatch.setattr(ref, "score_backward", numpy_backward)
+    monkeypatch.setattr(ref, "WRITTEN", ref.WRITTEN + ("biased",))
+
+
+def test_an_added_score_is_verified_four_ways(monkeypatch):
+    """With its formula, its regenerated name and its NumPy formula, the README's new score passes verify:
+    exact values, unrolled and loop kernels (f64, f32), the reference, finite differences of every parameter."""
+    from symattn.check.verification import verify
+    _add_biased(monkeypatch)
+    report = verify(AttentionSpec(2, 3, 2, score="biased"))
+    assert report.passed, report.failures()
+    assert {"dWg", "dwb"} <= {c.tensor for c in report.gradcheck.comparisons}
+    assert {"loop kernel f32", "NumPy reference f64"} <= {c.path for c in report.comparisons}
+
+
+def test_a_score_without_its_numpy_formula_is_named(monkeypatch):
+    """A score added to score.py but not to the reference: verify's oracle says where the formula goes (it once
+    fell into the additive branch: KeyError 'U_a')."""
+    from symattn.numeric import reference as ref
+    _add_biased(monkeypatch)
+    monkeypatch.setattr(ref, "WRITTEN", tuple(n for n in ref.WRITTEN if n != "biased"))
+    q = np.ones((2, 2))
+    with pytest.raises(SpecError, match=r"no NumPy formula for score 'biased'.*reference\.py"):
+        reference.attention(q, q, q, score="biased", params={"W_a": np.eye(2), "w_a": np.ones(2)})

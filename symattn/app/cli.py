@@ -6,6 +6,8 @@ import sys
 
 from .. import limits
 from ..errors import SymattnError
+from ..symbolic.masks import text_forms_help
+from ..symbolic.score_names import TEXTS
 from ..symbolic.spec import SCORES  # SymPy-free: start-up stays light
 from ..outputs import PICTURES, comment_command, output_file, output_folder, write_atomic
 from ..progress import silent, to_stream
@@ -21,11 +23,9 @@ class _Parser(argparse.ArgumentParser):
 def _variant_options(p) -> None:
     """The variant: mask, score (and its hidden size), score mod; derive, generate, verify, docs and run share them."""
     p.add_argument("--mask", default=None, metavar="MASK",
-                   help="causal, window:W (causal, W keys back), prefix:P (first P keys seen by all, then causal), "
-                        "joined by & (and) or | (or)")
+                   help=f"{text_forms_help()}, joined by & (and) or | (or)")
     p.add_argument("--score", default="dot", choices=SCORES,
-                   help="dot: scale q.k; general (Luong): scale q W_a k^T; additive (Bahdanau): "
-                        "v_a^T tanh(q W_a + k U_a + b_a); cosine: tau q.k/(norm(q) norm(k)) (default dot)")
+                   help="; ".join(f"{name}: {text}" for name, text in TEXTS.items()) + " (default dot)")
     p.add_argument("--hidden", type=int, default=None, metavar="D_A", help="hidden units d_a of the additive score")
     p.add_argument("--score-mod", default=None, metavar="MOD",
                    help="alibi[:SLOPE] (s + slope(j - i), slope 1/256 by default), alibi:heads=H (slope "
@@ -313,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     ver.set_defaults(func=cmd_verify)
 
-    ben = sub.add_parser("bench", help="time NumPy vs unrolled vs loop kernels; table, JSON and PNG plot")
-    ben.add_argument("--quick", action="store_true", help="only (1,5,2) and (8,256,64)")
+    ben = sub.add_parser("bench", help="time symattn's kernels against PyTorch, JAX, FlexAttention and NumPy "
+                                        "(those installed: the [bench] extra); ratios, targets, JSON and PNG plot")
+    ben.add_argument("--quick", action="store_true", help="only (1,5,2) and (8,256,64), the first layer case and "
+                     "the variants at (8,256,64)")
     ben.add_argument("-o", "--output", default="bench-results", help="folder for bench.json and bench.png")
     ben.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     ben.set_defaults(func=cmd_bench)

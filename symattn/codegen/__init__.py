@@ -17,6 +17,7 @@ from ..symbolic.layer import derive_multihead
 from ..progress import Progress, silent
 from ..symbolic.spec import AttentionSpec, MultiHeadSpec
 from ..symbolic.tensors import TENSORS
+from . import names
 from .files import diff_files, refused, write_files, write_folders
 from .loop import LOOP_MODULE, render as render_loops
 from .templates import DOC_HEADER, ENV, HEADER, decorator
@@ -105,12 +106,14 @@ def source_checkout() -> bool:
 
 
 def committed_files(progress: Progress = silent) -> dict[Path, str]:
-    """Every generated file the repository commits: generated/, docs/ and the package's loop kernels."""
+    """Every generated file the repository commits: generated/, docs/, the package's loop kernels and its table
+    of score names."""
     if not source_checkout():
         raise SymattnError(f"there are no committed generated files outside a source checkout (no pyproject.toml "
                            f"in {REPO_GENERATED.parent}): nothing to check or regenerate here; "
                            f"write kernels for your sizes with `symattn generate ... -o DIR`")
-    files = {PACKAGE_DIR / "numeric" / f"{LOOP_MODULE}.py": render_loops()}  # the copy the numeric API imports
+    files = {PACKAGE_DIR / "numeric" / f"{LOOP_MODULE}.py": render_loops(),  # the copy the numeric API imports
+             PACKAGE_DIR / "symbolic" / f"{names.MODULE}.py": names.render()}  # score names without SymPy
     for spec in STANDARD_SPECS:
         files[REPO_GENERATED / f"{spec.name}.py"] = render(spec, progress)[f"{spec.name}.py"]
     for name, spec in DOC_SPECS.items():

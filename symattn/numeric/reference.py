@@ -41,7 +41,20 @@ def scores(q, k, *, score="dot", params=None, scale=None) -> np.ndarray:
         return scale * (q @ theta["W_a"] @ np.swapaxes(k, -1, -2))
     if score == "cosine":
         return _tau(theta) * (_unit(q)[0] @ np.swapaxes(_unit(k)[0], -1, -2))
-    return _hidden(q, k, theta) @ theta["v_a"]  # additive: (..., n_q, n_k, d_a) @ (d_a,)
+    if score == "additive":
+        return _hidden(q, k, theta) @ theta["v_a"]  # (..., n_q, n_k, d_a) @ (d_a,)
+    raise _unwritten(score)
+
+
+#: The scores written out here, by hand, independently of the derivation.
+WRITTEN = ("dot", "general", "additive", "cosine")
+
+
+def _unwritten(score):
+    from ..errors import SpecError
+    return SpecError(f"reference: no NumPy formula for score {score!r} yet: write it in scores() and "
+                     f"score_backward() of symattn/numeric/reference.py and add it to WRITTEN there (verify's "
+                     f"independent third opinion)")
 
 
 NORM_EPS = 1e-12
@@ -92,6 +105,8 @@ def score_backward(q, k, dS, *, score="dot", params=None, scale=None) -> dict:
         W = theta["W_a"]
         return {"q": scale * dS @ k @ W.T, "k": scale * dST @ q @ W,  # (..., n, d_k)
                 "W_a": scale * _total(np.einsum("...ia,...ij,...jb->...ab", q, dS, k), 2)}  # (d_k, d_k)
+    if score != "additive":
+        raise _unwritten(score)
     H = _hidden(q, k, theta)  # (..., n_q, n_k, d_a)
     dpre = dS[..., None] * theta["v_a"] * (1 - H * H)  # dL/d(q W + k U + b), (..., n_q, n_k, d_a)
     return {"q": dpre.sum(axis=-2) @ theta["W_a"].T, "k": dpre.sum(axis=-3) @ theta["U_a"].T,
@@ -204,9 +219,11 @@ def _variant(score, params, score_mod, mask_mod, d_k: int) -> tuple:
     after checking the score's name and its parameters' presence and shapes (d_k from q): the oracle names what is
     wrong instead of failing inside NumPy. A score mod's own parameters are read as given."""
     from ..errors import SpecError
-    from ..symbolic.spec import PARAMS  # names only: no SymPy
+    from ..symbolic.score_names import PARAMS  # names only: no SymPy
     if score not in PARAMS:
         raise SpecError(f"reference: score must be one of {', '.join(map(repr, PARAMS))}, got {score!r}")
+    if score not in WRITTEN:
+        raise _unwritten(score)
     missing = [n for n in PARAMS[score] if n not in (params or {})]
     if missing:
         raise SpecError(f"reference: score {score!r} needs params {', '.join(map(repr, missing))}")

@@ -300,18 +300,31 @@ def _size(name: str, value, minimum: int) -> int:
     return value
 
 
-_PART = re.compile(r"(causal|window:(\d{1,6})|prefix:(\d{1,6}))")
+#: The masks with a text form (`--mask`, AttentionSpec(mask="...")): name -> (the form and its meaning, the mask
+#: (no number) or the function of the form's number). A library mask added here parses, shows in `--mask`'s help
+#: and in the error for an unknown mask.
+TEXT_FORMS: dict[str, tuple[str, object]] = {
+    "causal": ("causal", causal),
+    "window": ("window:W (causal, W keys back)", sliding_window),
+    "prefix": ("prefix:P (first P keys seen by all, then causal)", prefix_lm),
+}
+
+
+def text_forms_help() -> str:
+    """The text forms, for help and errors: 'causal, window:W (causal, W keys back), ...'."""
+    return ", ".join(form for form, _ in TEXT_FORMS.values())
 
 
 def parse(text: str) -> Mask:
-    """A mask from its text: 'causal', 'window:W', 'prefix:P', joined by '&' (binds first) and '|'."""
+    """A mask from its text: TEXT_FORMS ('causal', 'window:W', 'prefix:P'), joined by '&' (binds first) and '|'."""
     def one(part: str) -> Mask:
-        match = _PART.fullmatch(part.strip())
-        if not match:
-            raise SpecError(f"unknown mask {part.strip()!r}: use causal, window:W or prefix:P, joined by & or |")
-        if match.group(2) is not None:
-            return sliding_window(int(match.group(2)))
-        return prefix_lm(int(match.group(3))) if match.group(3) is not None else causal
+        name, colon, number = part.strip().partition(":")
+        form = TEXT_FORMS.get(name)
+        takes_number = form is not None and not isinstance(form[1], Mask)
+        if form is None or bool(colon) != takes_number or (colon and not re.fullmatch(r"\d{1,6}", number)):
+            raise SpecError(f"unknown mask {part.strip()!r}: use {', '.join(f.split(' ')[0] for f, _ in TEXT_FORMS.values())}"
+                            f", joined by & or |")
+        return form[1](int(number)) if takes_number else form[1]
     alternatives = [and_masks(*map(one, side.split("&"))) if "&" in side else one(side) for side in text.split("|")]
     return alternatives[0] if len(alternatives) == 1 else or_masks(*alternatives)
 

@@ -58,6 +58,7 @@ class Score:
     work: Callable[[dict], int]  # multiply-adds of one s_ij at the given sizes (explicit-expansion cost)
     scaled: bool = True
     matrix: Callable[[], sympy.Expr] | None = None  # matrix form of the similarity, where one exists
+    text: str = ""  # the formula in plain text, for the command line's help (score_names.TEXTS)
 
     # -- explicit ------------------------------------------------------------------------------------------
     def explicit(self, spec, table: SymbolTable, qi: int, kj: int) -> sympy.Expr:
@@ -198,17 +199,19 @@ TAU = Param("tau", "tau", r"\tau", "tau", r"\tau", ("one",))
 SCORES: dict[str, Score] = {s.key: s for s in (
     Score("dot", "Query-key similarities by dot product", r"s_{ij} = \tau\, q_i \cdot k_j",
           r"Each query is compared with every key by a dot product over the $d_k$ features.", (), _dot,
-          lambda n: n["d_k"], matrix=lambda: TENSORS["Q"].matrix_symbol() * TENSORS["K"].matrix_symbol().T),
+          lambda n: n["d_k"], matrix=lambda: TENSORS["Q"].matrix_symbol() * TENSORS["K"].matrix_symbol().T,
+          text="scale q.k"),
     Score("general", "Query-key similarities through a learned bilinear form (Luong)",
           r"s_{ij} = \tau\, q_i W_a k_j^\top",
           r"Each query is compared with every key through a learned $d_k \times d_k$ matrix $W_a$ (Luong's "
           r"general score); $W_a = I$ gives the dot product.", (W_GENERAL,), _general, lambda n: n["d_k"] ** 2,
-          matrix=_matrix(lambda Q, K, W: Q * W * K.T)),
+          matrix=_matrix(lambda Q, K, W: Q * W * K.T), text="scale q W_a k^T (Luong)"),
     Score("additive", "Query-key scores by a one-layer network (Bahdanau)",
           r"s_{ij} = v_a^\top \tanh(q_i W_a + k_j U_a + b_a)",
           r"Each query-key pair goes through a hidden layer of $d_a$ $\tanh$ units (Bahdanau's additive score); "
           r"the score is not scaled. Below, $\eta_{ijr} = b_{a,r} + (q_i W_a)_r + (k_j U_a)_r$ names the input of "
-          r"hidden unit $r$ for query $i$ and key $j$, so $s_{ij} = \sum_r v_{a,r} \tanh \eta_{ijr}$.", ADDITIVE, _additive, lambda n: 2 * n["d_k"] * n["d_a"], scaled=False),
+          r"hidden unit $r$ for query $i$ and key $j$, so $s_{ij} = \sum_r v_{a,r} \tanh \eta_{ijr}$.", ADDITIVE, _additive, lambda n: 2 * n["d_k"] * n["d_a"], scaled=False,
+          text="v_a^T tanh(q W_a + k U_a + b_a) (Bahdanau; --hidden D_A)"),
     Score("cosine", "Query-key similarities by cosine (normalised dot product)",
           r"s_{ij} = \tau\, \frac{q_i \cdot k_j}"
           r"{\max(\lVert q_i \rVert, \epsilon)\, \max(\lVert k_j \rVert, \epsilon)}",
@@ -218,5 +221,5 @@ SCORES: dict[str, Score] = {s.key: s for s in (
           r"$r^q_i = \lVert q_i \rVert$ and $\nu^q_i = \max(\epsilon, r^q_i)$ name query $i$'s norm and its clamped "
           r"value (likewise $r^k_j$, $\nu^k_j$ for key $j$): $\partial \nu^q_i / \partial q_{ia} = q_{ia} / r^q_i$ "
           r"where $r^q_i \geq \epsilon$, and 0 where the clamp holds.", (TAU,), _cosine,
-          lambda n: 3 * n["d_k"], scaled=False),
+          lambda n: 3 * n["d_k"], scaled=False, text="tau q.k/(norm(q) norm(k))"),
 )}

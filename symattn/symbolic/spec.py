@@ -18,16 +18,15 @@ from typing import TYPE_CHECKING
 from ..errors import SizeTooLargeError, SpecError
 from .fields import choice, mask_field, positive_int, short_repr, variant_args, variant_parts, variant_title
 from .masks import Mask, mask_of
+from .score_names import PARAMS, UNSCALED  # noqa: F401  (spec.PARAMS, spec.UNSCALED, as callers know them)
 from .mods import ScoreMod, check_heads, mod_of
 
 if TYPE_CHECKING:
     import sympy
 
-#: The scores of symattn.symbolic.score (SCORES there holds each one's formula, PARAMS the names of the
-#: parameters it declares: tests/test_scores.py keeps the two equal); additive is not scaled.
-PARAMS = {"dot": (), "general": ("W_a",), "additive": ("W_a", "U_a", "v_a", "b_a"), "cosine": ("tau",)}
+#: The scores of symattn.symbolic.score by name (score_names.py, generated from SCORES there: their parameters'
+#: names, the unscaled ones), SymPy-free.
 SCORES = tuple(PARAMS)
-UNSCALED = ("additive", "cosine")
 MASKED_ROWS = ("zero", "uniform", "nan")
 DTYPES = ("float32", "float64")
 
