@@ -220,8 +220,7 @@ class AttentionSpec:
             raise SizeTooLargeError(
                 f"n_q·n_k·(score work + d_v) = {self.explicit_cost} exceeds the explicit-expansion limit "
                 f"{EXPLICIT_LIMIT} (the dot product's score work is d_k, the general score's d_k², the additive "
-                f"score's 2·d_k·d_a; n_q = n_k = d_k = d_v = 8 is 1024) "
-                f"; the indexed form holds at any size: "
+                f"score's 2·d_k·d_a; n_q = n_k = d_k = d_v = 8 is 1024); the indexed form holds at any size: "
                 f"use derive(spec, explicit=False) or `symattn derive --indexed-only`, "
                 f"and the loop kernels (symattn.attention) for numbers")
 
