@@ -7,6 +7,7 @@ import pytest
 import symattn
 from symattn import masks, reference
 from symattn.check import gallery
+from symattn.mods import ops
 from symattn.numeric import kernels
 from symattn.check.verification import verify
 
@@ -61,11 +62,16 @@ def _grid(mask, n: int) -> np.ndarray:
 @pytest.mark.parametrize("name, mask_mod", [
     ("dilated_sliding_window", lambda: gallery.generate_dilated_sliding_window(5, 3)),
     ("natten", lambda: gallery.generate_natten(8, 6, 3, 5)),
+    # SymPy rewrites these with fractions (i/5 - j/5 >= -1, 2j/3 <= i/2): compared as integers once cleared
+    ("floor comparison", lambda: lambda b, h, q_idx, kv_idx: ((q_idx - kv_idx) // 5 >= -1) & (kv_idx // 4 <= 9)),
+    ("true division", lambda: lambda b, h, q_idx, kv_idx: 2 * kv_idx / 3 <= q_idx / 2),
+    ("fraction inside min", lambda: lambda b, h, q_idx, kv_idx: ops.minimum(q_idx / 2, 20) >= kv_idx),
 ])
 def test_index_arithmetic_masks_run_on_every_kernel_path(rng, monkeypatch, name, mask_mod):
     """Masks with integer division and remainder (NATTEN's idx // w, idx % w) print as integer arithmetic in the
-    kernels, in the per-row key span too (it once printed float casts of an array not in scope there): the loop
-    and tile kernels, forward and backward, agree with the NumPy reference at n = 48."""
+    kernels, in the per-row key span too (it once printed float casts of an array not in scope there), and
+    comparisons SymPy rewrote with fractions compare integers: the loop and tile kernels, forward and backward,
+    agree with the NumPy reference at n = 48."""
     q, k, v, dO = (rng.standard_normal((2, 48, 4)) for _ in range(4))
     mod = mask_mod()
     want, grads = reference.attention(q, k, v, mask_mod=mod), reference.gradients(q, k, v, dO, mask_mod=mod)

@@ -5,9 +5,10 @@ import pytest
 import sympy
 
 import symattn
-from symattn import AttentionSpec, SpecError
+from symattn import AttentionSpec, SpecError, reference
 from symattn.app.cli import main
 from symattn.symbolic import masks
+from symattn.symbolic.mods import ops
 from symattn.symbolic.masks import and_masks, causal, or_masks, parse, prefix_lm, sliding_window
 
 N = 6
@@ -45,8 +46,24 @@ def test_a_users_mask_mod_is_traced():
 def test_a_mask_mod_with_python_equality_is_refused():
     def parity(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & ((q_idx - kv_idx) % 2 == 0)  # == on symbols: structural, traces to False
-    with pytest.raises(SpecError, match=r"disagrees with its value .* sympy.Eq"):
+    with pytest.raises(SpecError, match=r"disagrees with its value .* write symattn.mods.ops.eq"):
         AttentionSpec(3, 3, 2, mask=parity)
+
+
+@pytest.mark.parametrize("wrong, right, where", [
+    (lambda b, h: b == 1, lambda b, h: ops.eq(b, 1), r"\(1, 0, 0, 1\)"),
+    (lambda b, h: h == 3, lambda b, h: ops.eq(h, 3), r"\(0, 3, 0, 1\)")])
+def test_a_python_equality_on_b_or_h_is_refused(rng, wrong, right, where):
+    """b == 1 on symbols is False, so tracing dropped it and batch element 1 silently got the causal mask (the
+    check then tried b = h = 0 only); the check now covers b, h < 4 as the function evaluates them on arrays."""
+    q = rng.standard_normal((2, 4, 5, 2))  # (B, H, n, d)
+    with pytest.raises(SpecError, match=r"disagrees with its value at \(b, h, q_idx, kv_idx\) = " + where):
+        AttentionSpec(3, 3, 2, mask=lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | wrong(b, h))
+    with pytest.raises(symattn.InputError, match="ops.eq"):
+        symattn.attention(q, q, q, mask_mod=lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | wrong(b, h))
+    fixed = lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | right(b, h)  # noqa: E731
+    np.testing.assert_allclose(symattn.attention(q, q, q, mask_mod=fixed), reference.attention(q, q, q, mask_mod=fixed),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_a_mask_mod_that_cannot_be_traced_is_named():
@@ -79,10 +96,16 @@ def test_verify_masked(argv, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--mask", "nope"], "unknown mask 'nope'"), (["--mask", "window:1", "--causal"], "disagree"),
-    (["--mask", "window:-1"], "unknown mask")])
+    (["--mask", "window:-1"], "window: takes a whole number"), (["--mask", "window:\u0663"], "digits (0-9)"),
+    (["--mask", "window:1234567"], "at most 6 digits"), (["--mask", "causal&"], "'causal&' has an empty part"),
+    (["--mask", "causal||window:2"], "empty part"), (["--mask", ""], "empty part"),
+    (["--mask", "x" * 10_000], "unknown mask 'xxxx")])
 def test_cli_mask_errors(argv, message, capsys):
+    """One line naming the part that is wrong; Unicode digits are not numbers here; --mask "" is refused as the
+    spec refuses it (it once meant no mask on the command line only); a long text is not repeated whole."""
     assert main(["derive", "--n-q", "2", "--n-k", "2", "--d-k", "1", "-q", *argv]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and len(err) < 400
 
 
 def test_masks_are_public_and_sympy_free():

@@ -60,7 +60,7 @@ def _spec(args):
     from ..symbolic.spec import AttentionSpec, MultiHeadSpec
     if args.causal and args.mask not in (None, "causal"):
         raise SymattnError(f"--causal and --mask {args.mask} disagree: give one of them")
-    mask = "causal" if args.causal else (args.mask or "none")
+    mask = "causal" if args.causal else ("none" if args.mask is None else args.mask)  # --mask "": the spec's error
     if _is_layer(args):
         if args.d_model is None or args.heads is None:
             raise SymattnError("a multi-head layer needs --d-model and --heads")

@@ -16,6 +16,7 @@ import sympy
 
 from ..filestamp import stamp
 from ..symbolic.derive import Derivation, derive
+from ..symbolic.masks import integer_relation
 from ..symbolic.score import scale_symbolic
 from ..symbolic.spec import AttentionSpec
 from ..symbolic.tensors import INDEX_OF_DIM, TENSORS
@@ -147,6 +148,12 @@ class _VariantPrinter(NumbaPrinter):
 
     def _print_tanh(self, expr):
         return f"_tanh({self._print(expr.args[0])})"
+
+    # A mask's comparison with fractions (SymPy turns floor((i - j)/5) >= -1 into i/5 - j/5 >= -1): both sides
+    # times the common denominator, so the kernels compare integers, exactly (i - j >= -5).
+    def _print_Relational(self, expr):
+        cleared = integer_relation(expr)
+        return super()._print_Relational(expr if cleared is None else cleared)
 
     # floor(i/4) (a mask's i // 4): integer division, exact and valid where no array is in scope (a row's span)
     def _integer_division(self, expr) -> str | None:

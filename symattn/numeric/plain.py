@@ -102,7 +102,7 @@ def forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True)
 
 def plain_vjp(q, k, v, is_causal: bool, scale: float):
     """(O read-only, pullback) of plain inputs. Small problems keep all the pullback reads (copies of q, k, v,
-    LSE, scratch) in one buffer `saved` the forward kernel fills: a pair at (1,5,2) is about 4 µs, of which each
+    O, LSE, scratch) in one buffer `saved` the forward kernel fills: a pair at (1,5,2) is about 4 µs, of which each
     NumPy allocation is 0.11 µs. Larger ones copy q, k, v and keep LSE (plain_pullback)."""
     qs, ks, vs, dt = q.shape, k.shape, v.shape, q.dtype
     flat = len(qs) == 2
@@ -111,7 +111,7 @@ def plain_vjp(q, k, v, is_causal: bool, scale: float):
         q, k, v = q.copy(), k.copy(), v.copy()  # what the pullback reads: the caller may change theirs
         O, LSE = forward_plain(q, k, v, is_causal, scale)
         return read_only(O), plain_pullback(q, k, v, is_causal, scale, O, LSE)
-    saved = np.empty(B * (n_q * d_k + n_k * (d_k + d_v) + n_q) + _PER_KEY * n_k, dt)  # see loops._saved_views
+    saved = np.empty(B * (n_q * (d_k + d_v + 1) + n_k * (d_k + d_v)) + _PER_KEY * n_k, dt)  # loops._saved_views
     O = np.empty((n_q, d_v) if flat else (B, n_q, d_v), dt)
     O3 = O[None] if flat else O  # (B, n_q, d_v)
     entry = _ENTRIES.get((kernels.loops.plain_vjp_forward, dt))
@@ -120,17 +120,18 @@ def plain_vjp(q, k, v, is_causal: bool, scale: float):
     else:
         _run(kernels.loops.plain_vjp_forward, dt, (q[None], k[None], v[None]) if flat else (q, k, v),
              is_causal, scale, O3, saved)
-    O.setflags(write=False)  # the pullback reads it; the kernels take it as it is (a view would cost 0.1 µs more)
+    O.setflags(write=False)  # as on the large path (the pullback reads saved's copy: a view would cost 0.1 µs)
+    out_shape = O.shape  # the output's shape, whatever the caller does to O
 
     def pullback(dO) -> dict:
-        if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:
-            dO = _check_dO(dO, O.shape, dt)
+        if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != out_shape or not dO.flags.c_contiguous:
+            dO = _check_dO(dO, out_shape, dt)
         dq, dk, dv = np.empty(qs, dt), np.empty(ks, dt), np.empty(vs, dt)
         entry = _ENTRIES.get((kernels.loops.plain_vjp_backward, dt))
         if entry is not None and not flat:
-            entry(saved, is_causal, scale, O, dO, dq, dk, dv)
+            entry(saved, is_causal, scale, dO, dq, dk, dv)
         else:
-            _run(kernels.loops.plain_vjp_backward, dt, (saved, is_causal, scale, O3),
+            _run(kernels.loops.plain_vjp_backward, dt, (saved, is_causal, scale),
                  *((dO[None], dq[None], dk[None], dv[None]) if flat else (dO, dq, dk, dv)))
         return {"q": dq, "k": dk, "v": dv}
     return O, pullback

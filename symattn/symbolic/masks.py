@@ -317,13 +317,19 @@ def text_forms_help() -> str:
 
 def parse(text: str) -> Mask:
     """A mask from its text: TEXT_FORMS ('causal', 'window:W', 'prefix:P'), joined by '&' (binds first) and '|'."""
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    forms = ", ".join(f.split(" ")[0] for f, _ in TEXT_FORMS.values())
+
     def one(part: str) -> Mask:
         name, colon, number = part.strip().partition(":")
         form = TEXT_FORMS.get(name)
         takes_number = form is not None and not isinstance(form[1], Mask)
-        if form is None or bool(colon) != takes_number or (colon and not re.fullmatch(r"\d{1,6}", number)):
-            raise SpecError(f"unknown mask {part.strip()!r}: use {', '.join(f.split(' ')[0] for f, _ in TEXT_FORMS.values())}"
-                            f", joined by & or |")
+        if not part.strip():
+            raise SpecError(f"mask {shown!r} has an empty part: use {forms}, joined by & or |")
+        if form is None or bool(colon) != takes_number:
+            raise SpecError(f"unknown mask {part.strip()[:40]!r} in {shown!r}: use {forms}, joined by & or |")
+        if takes_number and not re.fullmatch(r"[0-9]{1,6}", number):
+            raise SpecError(f"mask {part.strip()[:40]!r}: {name}: takes a whole number of at most 6 digits (0-9)")
         return form[1](int(number)) if takes_number else form[1]
     alternatives = [and_masks(*map(one, side.split("&"))) if "&" in side else one(side) for side in text.split("|")]
     return alternatives[0] if len(alternatives) == 1 else or_masks(*alternatives)
@@ -354,13 +360,62 @@ def traced(mod: MaskMod, name: str | None = None) -> Mask:
     except Exception as e:  # whatever the function does with symbols it cannot
         raise SpecError(f"cannot trace mask_mod {getattr(mod, '__name__', mod)!r} with symbolic indices: {e}; "
                         f"write it with comparisons (<, <=, ==, ...), &, | and ~ on its arguments") from None
-    for qi, kj in itertools.product(range(6), repeat=2):  # the traced condition must say what the ints say
-        if bool(sympy.sympify(condition).subs({b: 0, h: 0, q: qi, kv: kj})) != bool(mod(0, 0, qi, kj)):
-            raise SpecError(f"mask_mod {getattr(mod, '__name__', mod)!r} traces to {condition}, which disagrees with "
-                            f"its value at q_idx={qi}, kv_idx={kj}; with symbols, == compares expressions: write "
-                            f"sympy.Eq(a, b) (or (a <= b) & (a >= b)) for equality")
+    wrong = _disagreement(mod, condition, (b, h, q, kv))
+    if wrong is not None:
+        raise SpecError(f"mask_mod {getattr(mod, '__name__', mod)!r} traces to {condition}, which disagrees with "
+                        f"its value at (b, h, q_idx, kv_idx) = {wrong}; with symbols, == compares expressions: "
+                        f"write symattn.mods.ops.eq(a, b) (or ops.ne) for (in)equality")
     text = name or "user_" + hashlib.sha256(sympy.srepr(condition).encode()).hexdigest()[:8]
     return Mask(text, mod, _user_description(condition, q, kv))
+
+
+#: Where a traced mask is checked against its function: b, h < 4 and q_idx, kv_idx < 8 (a condition on b or h that
+#: tracing lost, such as b == 1, shows there; the kernels read only the traced condition).
+CHECK_GRID = (4, 4, 8, 8)
+
+
+def integer_relation(rel):
+    """`rel` with its rational coefficients cleared, when both sides are sums of rational multiples of integer
+    terms (indices, floor, Mod): each side times the least common denominator (positive, so the relation holds).
+    SymPy writes floor((i - j)/5) >= -1 as i/5 - j/5 >= -1; cleared, i - j >= -5 compares integers, exactly (the
+    kernels and the trace check). None where there is nothing to clear or a term is not of that form."""
+    import sympy
+    if not isinstance(rel, sympy.core.relational.Relational):
+        return None
+    diff = sympy.expand(rel.lhs - rel.rhs)
+    if diff.is_integer or not diff.free_symbols or not all(x.is_integer for x in diff.free_symbols):
+        return None
+    terms = sympy.Add.make_args(diff)
+    m = sympy.ilcm(*(sympy.fraction(t.as_coeff_Mul()[0])[1] for t in terms))
+    if m == 1 or not all((m * t).is_integer for t in terms):
+        return None
+    return rel.func(sympy.expand(m * rel.lhs), sympy.expand(m * rel.rhs))
+
+
+def _cleared(condition):
+    """`condition` with every comparison's coefficients cleared (integer_relation)."""
+    import sympy
+    return sympy.sympify(condition).replace(lambda e: integer_relation(e) is not None, integer_relation)
+
+
+def _disagreement(mod, condition, symbols) -> tuple | None:
+    """The first (b, h, q_idx, kv_idx) of CHECK_GRID where the traced condition and the function differ, or None:
+    both evaluated on NumPy index grids (the function as the reference evaluates it); a function that takes no
+    arrays is checked at b = h = 0 with ints."""
+    import sympy
+    grids = np.ix_(*(np.arange(n) for n in CHECK_GRID))
+    try:
+        want = np.broadcast_to(np.asarray(mod(*grids), dtype=bool), CHECK_GRID)
+        got = np.broadcast_to(np.asarray(sympy.lambdify(symbols, _cleared(condition), "numpy")(*grids), dtype=bool),
+                              CHECK_GRID)  # integers compared as integers, not as float quotients
+    except Exception:  # noqa: BLE001  (a function of ints only, or a condition NumPy cannot evaluate)
+        expr = sympy.sympify(condition)
+        for qi, kj in itertools.product(range(CHECK_GRID[2]), repeat=2):
+            if bool(expr.subs(dict(zip(symbols, (0, 0, qi, kj))))) != bool(mod(0, 0, qi, kj)):
+                return 0, 0, qi, kj
+        return None
+    wrong = np.argwhere(want != got)
+    return tuple(int(x) for x in wrong[0]) if len(wrong) else None
 
 
 def _user_description(condition, q, kv) -> str:
