@@ -291,27 +291,37 @@ def plot(rows: list[Row], path: Path) -> None:
               ("multi-head layer", lambda r: r.mode.startswith("layer")),
               ("variants", lambda r: r.mode.startswith(("variant", "score")))]
     panels = [(title, keep) for title, keep in panels if any(keep(r) for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), sharey=True, squeeze=False)
-    axes = axes[0]
+    cols = min(2, len(panels))  # two panels a row: the case labels need the width
+    grid_rows = -(-len(panels) // cols)
+    fig, grid = plt.subplots(grid_rows, cols, figsize=(8.5 * cols, 5.6 * grid_rows), sharey=True, squeeze=False)
+    axes = grid.ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    colors = {p: plt.get_cmap("tab10")(k % 10) for k, p in enumerate(others)}
+    labelled: set = set()
     for ax, (mode, keep) in zip(axes, panels):
         sel = [r for r in rows if keep(r)]
-        x = np.arange(len(sel))
-        width = 0.8 / max(1, len(others))
-        for k, p in enumerate(others):
-            ax.bar(x + k * width, [r.ratio(p) or 0 for r in sel], width, label=p)
+        for x, r in enumerate(sel):  # each case's bars side by side, centred on it: only the peers it has
+            present = [p for p in others if r.ratio(p)]
+            width = 0.8 / max(1, len(present))
+            for k, p in enumerate(present):
+                ax.bar(x + (k - (len(present) - 1) / 2) * width, r.ratio(p), width, color=colors[p],
+                       label=p if p not in labelled else None)
+                labelled.add(p)
         ax.axhline(1.0, color="black", lw=0.8)
         if mode == "variants":  # long names: one slanted line each
             labels = [f"({r.batch},{r.n},{r.d}) {r.mode.split(' ', 1)[1]}" for r in sel]
-            ax.set_xticks(x + width * (len(others) - 1) / 2, labels, fontsize=7, rotation=35, ha="right")
+            ax.set_xticks(range(len(sel)), labels, fontsize=7, rotation=35, ha="right")
         else:
-            labels = [r.label.replace(" ", "\n") + (f"\n{r.mode.split(' ', 1)[1]}" if r.mode.startswith("layer")
-                                                      else "") for r in sel]
-            ax.set_xticks(x + width * (len(others) - 1) / 2, labels, fontsize=7)
+            labels = [r.label.replace(" ", "\n") + ("\n" + r.mode.split(" ", 1)[1].replace(" forward", "\nforward")
+                                                      if r.mode.startswith("layer") else "") for r in sel]
+            ax.set_xticks(range(len(sel)), labels, fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{mode}: symattn speed-up (peer time / symattn time)", fontsize=9)
-    axes[0].set_ylabel("times faster than the peer (higher is better)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    for ax in grid[:, 0]:
+        ax.set_ylabel("times faster than the peer (higher is better)")
+    fig.legend(loc="upper center", ncol=len(others), fontsize=9, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))  # room for the legend above the panels
     save_figure(fig, path, dpi=110)
     plt.close(fig)
 
