@@ -186,3 +186,37 @@ def test_spans_hold_every_visible_key(mask):
             assert not np.any(visible[b, i] & ~inside), (mask.text, b, i, lo, hi)
             if mask.exact:
                 np.testing.assert_array_equal(visible[b, i], inside)
+
+
+def test_a_negated_mask_is_derived_as_it_reads():
+    """~ on a condition: called with Python ints, ~True is -2 (true), so the explicit weights kept every key and the
+    proof failed; visible() now calls the function with NumPy integers, as the reference's grids do."""
+    def blocks(b, h, q_idx, kv_idx):
+        return ~((q_idx // 2) > (kv_idx // 2))  # key j visible where i // 2 <= j // 2
+    spec = AttentionSpec(5, 5, 2, mask=blocks)
+    assert [[spec.mask.visible(i, j) for j in range(5)] for i in range(5)] == \
+        [[i // 2 <= j // 2 for j in range(5)] for i in range(5)]
+    assert symattn.derive(spec).proved
+    assert symattn.verify(spec).passed
+
+
+def test_a_nested_floor_is_checked_in_integers(rng):
+    """The trace check once evaluated floor(kv/3 + floor(q/2)/3) in floating point (5/3 + 1/3 = 2.0 there, so
+    (q, kv) = (2, 5) looked visible) and refused a correct mask, blaming ==."""
+    def nested(b, h, q_idx, kv_idx):
+        return ops.eq((q_idx // 2 + kv_idx) // 3, 1)
+    mask = masks.mask_of(nested)
+    assert not mask.visible(2, 5) and mask.visible(2, 4)
+    q, k, v = (rng.standard_normal((2, 12, 3)) for _ in range(3))
+    np.testing.assert_allclose(symattn.attention(q, k, v, mask_mod=nested, masked_rows="uniform"),
+                               reference.attention(q, k, v, mask_mod=nested, masked_rows="uniform"), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("fn, want", [(lambda b, h, q, kv: ops.abs(q - kv) // 2 <= 0, "(|i − j|)/2 < 1"),
+                                      (lambda b, h, q, kv: ops.eq(ops.abs(q - kv) % 2, 0), "|i − j| mod 2 = 0")])
+def test_a_user_masks_text_form_has_no_latex_left(fn, want):
+    """The plain-text derivation once printed 'frac|i − j|2 < 1' and 'bmod' (LaTeX commands it did not know)."""
+    text = symattn.derive(AttentionSpec(3, 3, 2, mask=fn), prove=False).to_text()
+    line = next(x for x in text.splitlines() if "visible to query i where" in x)
+    assert want in line and "frac" not in line and "bmod" not in line and "\\" not in line

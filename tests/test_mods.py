@@ -331,3 +331,40 @@ def test_a_mod_sympy_cannot_print_still_gets_a_description(monkeypatch):
     assert "cost5" in d.to_text() and "cost5" in d.to_latex() and "cost5" in d.to_markdown()
     printed = score_mod(lambda score, b, h, q_idx, kv_idx: 2 * score - kv_idx, name="printable_mod")
     assert printed.description.endswith("$f(s) = - j + 2 s$")  # the same expression, printed: mathematics
+
+
+def test_a_long_parameter_table_prints_its_ends():
+    """A 300-entry bias table (for n up to 300) printed whole made a 5617-character text line and ran 2900 pt off
+    the PDF page: vectors past VECTOR_SHOWN entries print their first and last ones around ⋮."""
+    from symattn.render.latex import VECTOR_SHOWN
+    bias = table("longbias", 300)
+    spec = AttentionSpec(3, 3, 2, score_mod=score_mod(lambda s, b, h, q, kv: s + bias[ops.abs(q - kv)], name="long"))
+    d = symattn.derive(spec, prove=False)
+    line = next(x for x in d.to_text().splitlines() if "thlongbias =" in x)
+    assert line.count("thlongbias_") == VECTOR_SHOWN - 1 and "⋮" in line and "thlongbias_{299}" in line
+    assert r"\vdots" in d.to_latex() and "thlongbias_{150}" not in line
+
+
+BLOCK_BIAS = table("blockbias", 8)
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("same block", lambda s, b, h, q, kv: s + ops.where(ops.eq(q // 2, kv // 2), 1.0, 0.0)),
+    ("bucketed table", lambda s, b, h, q, kv: s + BLOCK_BIAS[ops.minimum(ops.abs(q - kv) // 2, 7)]),
+    ("stride", lambda s, b, h, q, kv: s - 0.5 * ((q - kv) % 3))])
+def test_score_mods_take_integer_division_of_the_indices(rng, monkeypatch, name, fn):
+    """// and % of the indices (a bucketed relative-position table, T5-style) in a score_mod, as a mask_mod takes
+    them (they were refused: floor, Mod): derived and proven, four-way verified (the table's gradient included),
+    and the loop and tile kernels agree with the reference at n = 40."""
+    mod = score_mod(fn, name=f"int_{name.replace(' ', '_')}")
+    report = symattn.verify(AttentionSpec(3, 3, 2, score_mod=mod))
+    assert report.passed, report.failures()
+    params = {"blockbias": rng.standard_normal(8)} if "table" in name else None
+    q, k, v, dO = (rng.standard_normal((2, 40, 4)) for _ in range(4))
+    want = reference.gradients(q, k, v, dO, score_mod=mod, params=params)
+    for small in (1 << 62, 0):
+        monkeypatch.setattr(kernels, "SMALL", small)
+        O, pullback = symattn.attention_vjp(q, k, v, score_mod=mod, params=params)
+        np.testing.assert_allclose(O, reference.attention(q, k, v, score_mod=mod, params=params), rtol=1e-12)
+        for key, g in pullback(dO).items():
+            np.testing.assert_allclose(g, want[key], rtol=1e-9, atol=1e-12, err_msg=key)

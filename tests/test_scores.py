@@ -156,9 +156,7 @@ def test_adding_a_score_needs_only_its_formula_and_its_name(monkeypatch, tmp_pat
     (its new parameter too) and generated as kernels that agree with its exact symbolic values."""
     from symattn.check.verification import _unrolled_call, evaluate
     from symattn.numeric.kernels import load_unrolled
-    from symattn.symbolic import score as scores, spec as specs
     _add_biased(monkeypatch)
-
     spec = AttentionSpec(2, 3, 2, score="biased")
     d = symattn.derive(spec)
     assert d.proved and {"dWg", "dwb"} <= {p.step for p in d.proofs if p.kind == "gradient"}

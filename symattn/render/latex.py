@@ -94,13 +94,32 @@ def equation_parts(d: Derivation, step: Step, *, query: int | None = None, max_e
         yield "omitted", [omitted]
 
 
+class _Dots(sympy.Symbol):
+    """The entries a long vector's printed form leaves out: named "vdots" (a column: ⋮) or "cdots" (a row: …)."""
+
+    def _latex(self, printer):
+        return "\\" + self.name
+
+    def _sympystr(self, printer):
+        return "⋮" if self.name == "vdots" else "…"
+
+
+#: A vector input (a parameter table) longer than this prints its first and last entries with ⋯ between: a
+#: 300-entry bias table ran 2900 pt off the PDF page and made a 5617-character text line.
+VECTOR_SHOWN = 12
+
+
 def _input_matrix(d: Derivation, step: Step, query: int | None) -> sympy.Eq:
-    """`Q = [q_{0,0} ...]`, or the row of one query."""
+    """`Q = [q_{0,0} ...]`, or the row of one query; a long vector elided (VECTOR_SHOWN)."""
     tensor = TENSORS[step.tensor]
     matrix = as_matrix(step.symbols)
     if query is not None and tensor.dims[0] == "n_q":
         row = sympy.Symbol(f"{tensor.elem}_{query}")
         return sympy.Eq(row, matrix[query, :], evaluate=False)
+    if min(matrix.shape) == 1 and len(matrix) > VECTOR_SHOWN:
+        entries = list(matrix)
+        kept = entries[:VECTOR_SHOWN - 3] + [_Dots("vdots" if matrix.shape[1] == 1 else "cdots")] + entries[-2:]
+        matrix = sympy.Matrix(kept) if matrix.shape[1] == 1 else sympy.Matrix([kept])
     return sympy.Eq(tensor.matrix_symbol(), matrix, evaluate=False)
 
 

@@ -307,7 +307,8 @@ _UNICODE = [(r"\mathrm{d}", "d"), (r"\sqrt", "√"), (r"\sum", "Σ"), (r"\odot",
             (r"\operatorname{rowsum}", "rowsum"), (r"\mathbf{1}", "1"), (r"\quad", " "), (r"\,", " "), ("-", "−"),
             (r"\epsilon", "ε"), (r"\lVert", "‖"), (r"\rVert", "‖"), (r"\bar{S}", "S̄"), (r"\circ", "∘"),
             (r"\ell", "ℓ"), (r"\wedge", "∧"), (r"\vee", "∨"), (r"\neg", "¬"), (r"\eta", "η"), (r"\nu", "ν"),
-            (r"\lfloor", "⌊"), (r"\rfloor", "⌋"), (r"\max", "max")]
+            (r"\lfloor", "⌊"), (r"\rfloor", "⌋"), (r"\lceil", "⌈"), (r"\rceil", "⌉"), (r"\max", "max"),
+            (r"\min", "min"), (r"\bmod", "mod")]
 _ACCENTS = {"hat": "\u0302", "tilde": "\u0303", "bar": "\u0304"}
 
 
@@ -318,6 +319,7 @@ def tex_to_unicode(tex: str) -> str:
     out = re.sub(r"\\left\b|\s*\\right\b", "", out)  # \left( -> (, "x \right)" -> "x)"
     out = re.sub(r"\\sqrt\{([^{}]*)\}", r"√\1", out)
     out = re.sub(r"\\mathrm\{d\}", "d", out)
+    out = re.sub(r"\|\{([^{}|]*)\}\|", r"|\1|", out)  # |{i - j}| (an absolute value) -> |i - j|
     out = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", out)
     out = re.sub(r"\^\{([^{}]*[\s+\-/][^{}]*)\}", r"^(\1)", out)  # 2^{-8(h+1)/H} -> 2^(-8(h+1)/H)
     out = re.sub(r"\(([\w√]+)\)/", r"\1/", out)

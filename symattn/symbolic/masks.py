@@ -29,6 +29,9 @@ MaskMod = Callable[[object, object, object, object], object]  # (b, h, q_idx, kv
 Span = Callable[[object, object], tuple]  # (b, q_idx) -> (lo, hi): the visible keys lie in [lo, hi); None: open
 
 
+_ZERO = np.int64(0)
+
+
 @dataclass(frozen=True)
 class Mask:
     """One mask: `text` names it ("window:3"), `mod(b, h, q_idx, kv_idx)` decides."""
@@ -42,8 +45,9 @@ class Mask:
     kernel_text: str = field(default="", repr=False, compare=False)  # text without run-time data ("" = text)
 
     def visible(self, i: int, j: int) -> bool:
-        """True when query i may attend to key j."""
-        return bool(self.mod(0, 0, i, j))
+        """True when query i may attend to key j (the mod called with NumPy integers, as on the reference's grids:
+        with Python ints, a user's ~(i < j) would be ~False = -1, which is true)."""
+        return bool(self.mod(_ZERO, _ZERO, np.int64(i), np.int64(j)))
 
     def condition(self, i, j):
         """The predicate on symbolic indices (a SymPy Boolean); b and h stay symbols (b, h integer)."""
@@ -369,9 +373,10 @@ def traced(mod: MaskMod, name: str | None = None) -> Mask:
     return Mask(text, mod, _user_description(condition, q, kv))
 
 
-#: Where a traced mask is checked against its function: b, h < 4 and q_idx, kv_idx < 8 (a condition on b or h that
-#: tracing lost, such as b == 1, shows there; the kernels read only the traced condition).
-CHECK_GRID = (4, 4, 8, 8)
+#: Where a traced mask is checked against its function: b < 8, h < 64, q_idx, kv_idx < 16 (a condition on b or h
+#: that tracing lost, such as b == 1 or h == 5, shows there; the kernels read only the traced condition). 131072
+#: points: about 1 ms with NumPy.
+CHECK_GRID = (8, 64, 16, 16)
 
 
 def integer_relation(rel):
@@ -403,15 +408,18 @@ def _disagreement(mod, condition, symbols) -> tuple | None:
     both evaluated on NumPy index grids (the function as the reference evaluates it); a function that takes no
     arrays is checked at b = h = 0 with ints."""
     import sympy
+
+    from .usermods import lambdified
     grids = np.ix_(*(np.arange(n) for n in CHECK_GRID))
     try:
         want = np.broadcast_to(np.asarray(mod(*grids), dtype=bool), CHECK_GRID)
-        got = np.broadcast_to(np.asarray(sympy.lambdify(symbols, _cleared(condition), "numpy")(*grids), dtype=bool),
-                              CHECK_GRID)  # integers compared as integers, not as float quotients
+        got = np.broadcast_to(np.asarray(lambdified(symbols, _cleared(condition))(*grids), dtype=bool),
+                              CHECK_GRID)  # integers compared and divided as integers, exactly
     except Exception:  # noqa: BLE001  (a function of ints only, or a condition NumPy cannot evaluate)
         expr = sympy.sympify(condition)
         for qi, kj in itertools.product(range(CHECK_GRID[2]), repeat=2):
-            if bool(expr.subs(dict(zip(symbols, (0, 0, qi, kj))))) != bool(mod(0, 0, qi, kj)):
+            if bool(expr.subs(dict(zip(symbols, (0, 0, qi, kj))))) != bool(mod(_ZERO, _ZERO, np.int64(qi),
+                                                                               np.int64(kj))):
                 return 0, 0, qi, kj
         return None
     wrong = np.argwhere(want != got)

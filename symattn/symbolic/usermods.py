@@ -13,11 +13,34 @@ from dataclasses import dataclass
 
 from ..errors import SpecError
 
-SUPPORTED = ("+, -, *, /, ** and unary -; ops.exp, ops.exp2, ops.log, ops.tanh, ops.abs (or abs), "
-             "ops.where(condition, a, b), ops.minimum, ops.maximum; comparisons <, <=, >, >=, ops.eq, ops.ne, joined by &, |, ~; indexing a "
-             "symattn.mods.table")
+SUPPORTED = ("+, -, *, /, ** and unary -; // and % of the indices; ops.exp, ops.exp2, ops.log, ops.tanh, "
+             "ops.abs (or abs), ops.where(condition, a, b), ops.minimum, ops.maximum; comparisons <, <=, >, >=, "
+             "ops.eq, ops.ne, joined by &, |, ~; indexing a symattn.mods.table")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,23}")
 _RESERVED = {"q", "k", "v", "W_a", "U_a", "v_a", "b_a", "tau", "B_rel"}  # gradient keys of the library
+
+
+def _integer_floors(expr, floordiv):
+    """floor(p/q) and ceiling(p/q) of integer p and q > 0 as floordiv(p, q), inner ones too."""
+    import sympy
+    if not expr.args:
+        return expr
+    if isinstance(expr, (sympy.floor, sympy.ceiling)):
+        num, den = sympy.fraction(sympy.together(expr.args[0]))
+        if num.is_integer and den.is_Integer and den > 0:
+            num = _integer_floors(num, floordiv)
+            return floordiv(num, den) if isinstance(expr, sympy.floor) else -floordiv(-num, den)
+    return expr.func(*(_integer_floors(x, floordiv) for x in expr.args))
+
+
+def lambdified(args, expr):
+    """sympy.lambdify to NumPy (of a traced expression, never of user text), with floor and ceiling of integer
+    quotients as NumPy's exact integer floor division: p/q in floating point can land below an integer
+    (5·(1/3) + 1/3 < 2), and a float is no table index."""
+    import numpy as np
+    import sympy
+    return sympy.lambdify(args, _integer_floors(sympy.sympify(expr), sympy.Function("floordiv")),
+                          [{"floordiv": np.floor_divide}, "numpy"])
 
 
 def _is_symbolic(*xs) -> bool:
@@ -153,11 +176,10 @@ class Trace:
         held = {e: sympy.Dummy("u") for e in entries}
         frozen = expr.xreplace(held)
         leaves = tuple((e.base.label.name[len("table_"):],
-                        tuple(sympy.lambdify(self.symbols[1:], ix, "numpy") for ix in e.indices),
-                        sympy.lambdify(args, derivative(frozen, u).xreplace({v: k for k, v in held.items()}),
-                                       "numpy")) for e, u in held.items())
-        return (sympy.lambdify(args, expr, "numpy"),
-                sympy.lambdify(args, derivative(expr, self.symbols[0]), "numpy"), leaves)
+                        tuple(lambdified(self.symbols[1:], ix) for ix in e.indices),
+                        lambdified(args, derivative(frozen, u).xreplace({v: k for k, v in held.items()})))
+                       for e, u in held.items())
+        return lambdified(args, expr), lambdified(args, derivative(expr, self.symbols[0])), leaves
 
     @property
     def digest(self) -> str:
@@ -236,6 +258,13 @@ def _failing_line(error: Exception, fn) -> str:
     return f"at `{line}`: " if line else ""
 
 
+def _index_arithmetic(node) -> bool:
+    """Whether `node` (a floor, ceiling or Mod) is arithmetic of the indices b, h, q_idx, kv_idx only: no score,
+    no table entry inside."""
+    import sympy
+    return not node.atoms(sympy.Indexed) and all(x.is_integer for x in node.free_symbols)
+
+
 def _checked(expr, label: str, symbols, tables):
     """The traced result as an exact SymPy expression built from supported operations only."""
     import sympy
@@ -254,6 +283,8 @@ def _checked(expr, label: str, symbols, tables):
                sympy.IndexedBase, sympy.Tuple, sympy.core.relational.Relational, boolalg.And, boolalg.Or,
                boolalg.Not, boolalg.BooleanAtom, sympy.functions.elementary.piecewise.ExprCondPair)
     for node in sympy.preorder_traversal(expr):
+        if isinstance(node, (sympy.floor, sympy.ceiling, sympy.Mod)) and _index_arithmetic(node):
+            continue  # q_idx // 2, (q_idx - kv_idx) % 3: integers, constant in the score (below, all allowed)
         if node in (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
             raise SpecError(f"score_mod {label!r} gives {node}: mask keys with a mask_mod, not an infinite score")
         if not isinstance(node, allowed):
