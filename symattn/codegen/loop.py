@@ -16,7 +16,7 @@ import sympy
 
 from ..filestamp import stamp
 from ..symbolic.derive import Derivation, derive
-from ..symbolic.masks import integer_relation
+from ..symbolic.usermasks import integer_relation
 from ..symbolic.score import scale_symbolic
 from ..symbolic.spec import AttentionSpec
 from ..symbolic.tensors import INDEX_OF_DIM, TENSORS
