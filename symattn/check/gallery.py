@@ -7,7 +7,8 @@ attention-gym, https://github.com/pytorch-labs/attention-gym (BSD-3-Clause): att
 (generate_alibi_bias), attn_gym/mods/softcapping.py (generate_tanh_softcap), attn_gym/masks/sliding_window.py
 (generate_sliding_window), attn_gym/masks/prefix_lm.py (generate_prefix_lm_mask), attn_gym/masks/document_mask.py
 (generate_doc_mask_mod), attn_gym/masks/dilated_sliding_window.py (generate_dilated_sliding_window),
-attn_gym/masks/natten.py (generate_natten: integer division and remainder of the indices); the FlexAttention blog post, https://pytorch.org/blog/flexattention/ (relative_positional,
+attn_gym/masks/natten.py (generate_natten: integer division and remainder of the indices); the FlexAttention
+blog post, https://pytorch.org/blog/flexattention/ (relative_positional,
 and the learned bias a score_mod closes over).
 """
 from __future__ import annotations

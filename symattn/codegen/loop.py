@@ -17,6 +17,7 @@ import sympy
 from ..filestamp import stamp
 from ..symbolic.derive import Derivation, derive
 from ..symbolic.usermasks import integer_relation
+from ..symbolic.usermods import integer_quotient
 from ..symbolic.score import scale_symbolic
 from ..symbolic.spec import AttentionSpec
 from ..symbolic.tensors import INDEX_OF_DIM, TENSORS
@@ -156,20 +157,17 @@ class _VariantPrinter(NumbaPrinter):
         return super()._print_Relational(expr if cleared is None else cleared)
 
     # floor(i/4) (a mask's i // 4): integer division, exact and valid where no array is in scope (a row's span)
-    def _integer_division(self, expr) -> str | None:
-        num, den = sympy.fraction(sympy.together(expr.args[0]))
-        if num.is_integer and den.is_Integer and den > 0:
-            return f"({self._print(num)})" if den == 1 else f"(({self._print(num)}) // {den})"
-        return None
-
     def _print_floor(self, expr):
-        return self._integer_division(expr) or super()._print_floor(expr)
+        quotient = integer_quotient(expr)
+        if quotient is None:
+            return super()._print_floor(expr)
+        return f"(({self._print(quotient[0])}) // {quotient[1]})"
 
     def _print_ceiling(self, expr):
-        if self._integer_division(expr) is None:
+        quotient = integer_quotient(expr)
+        if quotient is None:
             return super()._print_ceiling(expr)
-        num, den = sympy.fraction(sympy.together(expr.args[0]))
-        return f"(-((-({self._print(num)})) // {den}))"
+        return f"(-((-({self._print(quotient[0])})) // {quotient[1]}))"
 
 
 def variant_params(mod) -> list[tuple[str, str]]:

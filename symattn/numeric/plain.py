@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from . import kernels
+from .kernels import identity_batch  # noqa: F401  (plain.identity_batch, as api knows it)
 from .arrays import _check_dO
 from .saved import read_only
 
@@ -17,20 +18,7 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 _NDARRAY, _MASKED_ROWS = np.ndarray, kernels.MASKED_ROWS  # (module globals: a lookup less per check)
 _PER_KEY = kernels.loops.BACKWARD_SCRATCH  # scratch entries per key of the serial backward
 NOBIAS = {_F32: np.zeros((0, 0, 0), np.float32), _F64: np.zeros((0, 0, 0), np.float64)}
-_BATCHES: dict[int, np.ndarray] = {}  # B -> identity batch rows (B, 4), read-only
 _SCALES: dict[int, float] = {}  # d_k -> 1/sqrt(d_k)
-
-
-def identity_batch(B: int) -> np.ndarray:
-    """Batch rows [z, z, z, 0] of B unbroadcast batch elements (no mask), cached."""
-    rows = _BATCHES.get(B)
-    if rows is None:
-        rows = np.zeros((B, 4), dtype=np.int64)
-        rows[:, :3] = np.arange(B)[:, None]
-        rows.setflags(write=False)
-        if len(_BATCHES) < 64:  # a program uses few batch sizes; the cache stays small whatever it does
-            _BATCHES[B] = rows
-    return rows
 
 
 def plain(q, k, v, mask, is_causal, scale, masked_rows):
@@ -59,13 +47,6 @@ def plain(q, k, v, mask, is_causal, scale, masked_rows):
 _ENTRIES: dict = {}
 
 
-def _record(kernel, dt, args: tuple) -> None:
-    """Run `kernel` through its dispatcher and keep its entry point for the next call of these types."""
-    entry = kernels.run_recording_entry(kernel, args)
-    if entry is not None:
-        _ENTRIES[kernel, dt] = entry
-
-
 _SMALL_SCRATCH: dict = {}  # (B, n_q, n_k, dtype) -> (LSE (B, n_q), row (n_k,)) of the serial forward kernel
 
 
@@ -89,11 +70,7 @@ def forward_plain(q, k, v, is_causal: bool, scale: float, keep_lse: bool = True)
     if B * n_q * n_k < kernels.SMALL:  # small: the serial kernel with the fewest arguments, called directly
         LSE, row = _small_scratch(B, n_q, n_k, dt)  # row: (n_k,) one row of scores
         LSE = np.empty((B, n_q), dt) if keep_lse else LSE
-        entry = _ENTRIES.get((kernels.loops.plain_forward, dt))
-        if entry is not None:
-            entry(Q, K, V, is_causal, scale, O, LSE, row)
-        else:
-            _record(kernels.loops.plain_forward, dt, (Q, K, V, is_causal, scale, O, LSE, row))
+        _run(kernels.loops.plain_forward, dt, (Q, K, V, is_causal, scale, O, LSE, row))
     else:
         LSE = np.empty((B, n_q), dt)
         kernels.forward_into(Q, K, V, NOBIAS[dt], identity_batch(B), is_causal, scale, 0, O, LSE)
@@ -113,37 +90,38 @@ def plain_vjp(q, k, v, is_causal: bool, scale: float):
         return read_only(O), plain_pullback(q, k, v, is_causal, scale, O, LSE)
     saved = np.empty(B * (n_q * (d_k + d_v + 1) + n_k * (d_k + d_v)) + _PER_KEY * n_k, dt)  # loops._saved_views
     O = np.empty((n_q, d_v) if flat else (B, n_q, d_v), dt)
-    O3 = O[None] if flat else O  # (B, n_q, d_v)
-    entry = _ENTRIES.get((kernels.loops.plain_vjp_forward, dt))
-    if entry is not None and not flat:
-        entry(q, k, v, is_causal, scale, O, saved)
-    else:
-        _run(kernels.loops.plain_vjp_forward, dt, (q[None], k[None], v[None]) if flat else (q, k, v),
-             is_causal, scale, O3, saved)
+    _run(kernels.loops.plain_vjp_forward, dt, (q[None], k[None], v[None], is_causal, scale, O[None], saved) if flat
+         else (q, k, v, is_causal, scale, O, saved))
     O.setflags(write=False)  # as on the large path (the pullback reads saved's copy: a view would cost 0.1 µs)
     out_shape = O.shape  # the output's shape, whatever the caller does to O
 
     def pullback(dO) -> dict:
-        if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != out_shape or not dO.flags.c_contiguous:
-            dO = _check_dO(dO, out_shape, dt)
+        dO = _plain_dO(dO, out_shape, dt)
         dq, dk, dv = np.empty(qs, dt), np.empty(ks, dt), np.empty(vs, dt)
-        entry = _ENTRIES.get((kernels.loops.plain_vjp_backward, dt))
-        if entry is not None and not flat:
-            entry(saved, is_causal, scale, dO, dq, dk, dv)
-        else:
-            _run(kernels.loops.plain_vjp_backward, dt, (saved, is_causal, scale),
-                 *((dO[None], dq[None], dk[None], dv[None]) if flat else (dO, dq, dk, dv)))
+        _run(kernels.loops.plain_vjp_backward, dt, (saved, is_causal, scale, dO[None], dq[None], dk[None], dv[None])
+             if flat else (saved, is_causal, scale, dO, dq, dk, dv))
         return {"q": dq, "k": dk, "v": dv}
     return O, pullback
 
 
-def _run(kernel, dt, head: tuple, *tail) -> None:
-    """kernel(*head, *tail) by its recorded entry point, or through its dispatcher, recording the entry point."""
+def _run(kernel, dt, args: tuple) -> None:
+    """kernel(*args) by its recorded entry point, or through its dispatcher, recording the entry point (the
+    caller checked the argument types: see `plain`)."""
     entry = _ENTRIES.get((kernel, dt))
     if entry is not None:
-        entry(*head, *tail)
-    else:
-        _record(kernel, dt, head + tail)
+        entry(*args)
+        return
+    entry = kernels.run_recording_entry(kernel, args)  # the first call of these types: through the dispatcher
+    if entry is not None:
+        _ENTRIES[kernel, dt] = entry
+
+
+def _plain_dO(dO, shape: tuple, dt) -> np.ndarray:
+    """dO as the kernels take it: an exact C-contiguous ndarray of the output's shape and dtype passes as it is,
+    anything else is checked and converted (_check_dO)."""
+    if type(dO) is not _NDARRAY or dO.dtype is not dt or dO.shape != shape or not dO.flags.c_contiguous:
+        return _check_dO(dO, shape, dt)
+    return dO
 
 
 def plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
@@ -153,8 +131,7 @@ def plain_pullback(q, k, v, is_causal: bool, scale: float, O, LSE):
     Q, K, V, O3 = (q[None], k[None], v[None], O[None]) if flat else (q, k, v, O)  # (B, n, d)
 
     def pullback(dO) -> dict:
-        if type(dO) is not np.ndarray or dO.dtype is not dt or dO.shape != O.shape or not dO.flags.c_contiguous:
-            dO = _check_dO(dO, O.shape, dt)
+        dO = _plain_dO(dO, O.shape, dt)
         dq, dk, dv = np.empty(q.shape, dt), np.empty(k.shape, dt), np.empty(v.shape, dt)
         kernels.backward_into(Q, K, V, NOBIAS[dt], identity_batch(Q.shape[0]), is_causal, scale, 0, O3, LSE,
                               *((dO[None], dq[None], dk[None], dv[None]) if flat else (dO, dq, dk, dv)))

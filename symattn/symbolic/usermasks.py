@@ -11,8 +11,6 @@ import numpy as np
 
 from ..errors import SpecError
 
-_ZERO = np.int64(0)
-
 
 def trace(mod, name: str | None = None) -> tuple[str, str]:
     """(text, description) of a user's mask_mod (masks.traced makes the Mask): its condition, traced with SymPy
@@ -82,8 +80,8 @@ def _disagreement(mod, condition, symbols) -> tuple | None:
     except Exception:  # noqa: BLE001  (a function of ints only, or a condition NumPy cannot evaluate)
         expr = sympy.sympify(condition)
         for qi, kj in itertools.product(range(CHECK_GRID[2]), repeat=2):
-            if bool(expr.subs(dict(zip(symbols, (0, 0, qi, kj))))) != bool(mod(_ZERO, _ZERO, np.int64(qi),
-                                                                               np.int64(kj))):
+            ints = (np.int64(0), np.int64(0), np.int64(qi), np.int64(kj))  # (~ on Python ints: ~True is -2)
+            if bool(expr.subs(dict(zip(symbols, (0, 0, qi, kj))))) != bool(mod(*ints)):
                 return 0, 0, qi, kj
         return None
     wrong = np.argwhere(want != got)

@@ -20,16 +20,23 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,23}")
 _RESERVED = {"q", "k", "v", "W_a", "U_a", "v_a", "b_a", "tau", "B_rel"}  # gradient keys of the library
 
 
+def integer_quotient(rounded):
+    """(p, q) when `rounded` is floor(p/q) or ceiling(p/q) of an integer p and an integer q > 0 (a user's i // 4),
+    else None: what NumPy and the kernels can compute as an exact integer floor division."""
+    import sympy
+    num, den = sympy.fraction(sympy.together(rounded.args[0]))
+    return (num, den) if num.is_integer and den.is_Integer and den > 0 else None
+
+
 def _integer_floors(expr, floordiv):
     """floor(p/q) and ceiling(p/q) of integer p and q > 0 as floordiv(p, q), inner ones too."""
     import sympy
     if not expr.args:
         return expr
-    if isinstance(expr, (sympy.floor, sympy.ceiling)):
-        num, den = sympy.fraction(sympy.together(expr.args[0]))
-        if num.is_integer and den.is_Integer and den > 0:
-            num = _integer_floors(num, floordiv)
-            return floordiv(num, den) if isinstance(expr, sympy.floor) else -floordiv(-num, den)
+    quotient = integer_quotient(expr) if isinstance(expr, (sympy.floor, sympy.ceiling)) else None
+    if quotient is not None:
+        num, den = _integer_floors(quotient[0], floordiv), quotient[1]
+        return floordiv(num, den) if isinstance(expr, sympy.floor) else -floordiv(-num, den)
     return expr.func(*(_integer_floors(x, floordiv) for x in expr.args))
 
 
